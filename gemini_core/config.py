@@ -1,0 +1,358 @@
+"""The config boundary: a user's ConfigDict becomes frozen, typed dataclasses exactly once.
+
+Library code takes `ExperimentConfig`, never a ConfigDict. Every user mistake found here is a
+`UserError` naming the full key path (`config.model.num_heads`) and the offending value, raised
+before any data is read or anything compiles.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Mapping
+
+import ml_collections
+
+from gemini_core.errors import UserError
+
+MISSING = dataclasses.MISSING
+DEFAULT_DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
+NAMED_WEIGHTS = ("natural", "uniform")  # resolved from the data: token shares, or 1/D each
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int = 1  # 1 = multi-query attention
+    head_dim: int = 0  # 0 = d_model // num_heads
+    mlp_dim: int = 0  # hidden width of the gated MLP; 0 = 4 * d_model
+    tie_embeddings: bool = True
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"  # activations / matmul inputs
+    param_dtype: str = "float32"
+    vocab_size: int = 0  # filled from data.tokenizer.vocab_size: one source of truth
+
+    @property
+    def qk_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def ffw_dim(self) -> int:
+        return self.mlp_dim or 4 * self.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int
+    model_type: str = "bpe"  # bpe | unigram
+    sample_chars: int = 5_000_000  # characters drawn from the training mix to train on
+    character_coverage: float = 0.9995
+    # which weights draw the training sample: the run's mixture averaged over training time
+    # ("mixture"), token-proportional ("natural"; byte shares, since no tokenizer exists yet),
+    # or equal ("uniform"). Sweeps fix it so all trials share one tokenizer.
+    sample_weights: str = "mixture"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    root: str
+    seq_len: int
+    tokenizer: TokenizerConfig
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
+    train_file: str = "train.jsonl.gz"
+    valid_file: str = "valid.jsonl.gz"
+    text_field: str = "text"
+    on_bad_record: str = "error"  # error | skip (skipped records are counted per file)
+    max_epochs: float = 4.0  # warn when a domain would repeat more often than this
+    schedule: str = ""  # path to a MixtureSchedule JSON; replaces mixture.stages when set
+    cache_dir: str = ""  # tokenizers and token arrays; "" = <runs root>/.cache
+    num_workers: int = 0  # encoding processes; 0 = all cores
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    start: float
+    weights: Any  # Mapping[str, float], or one of NAMED_WEIGHTS
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+    stages: Mapping[str, StageConfig]  # stage name -> stage; ordered by start
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: decay over the last fraction of steps
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 4  # fixed valid batches per domain
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    wandb: bool = True
+    project: str = "gemini-core"
+    job_type: str = "train"
+    tags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    mixture: MixtureConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ConfigDict -> dataclasses
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert_scalar(value: Any, tp: Any, path: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return _plain(value)
+    raise UserError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _to_dataclass(value, tp, path)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise UserError(f"{path}={value!r}: expected a tuple, got {type(value).__name__}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (collections.abc.Mapping, dict):
+        if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+            raise UserError(f"{path}={value!r}: expected a mapping, got {type(value).__name__}")
+        _, val_tp = typing.get_args(tp)
+        return types.MappingProxyType(
+            {str(k): _convert(v, val_tp, f"{path}.{k}") for k, v in _items(value)})
+    return _convert_scalar(value, tp, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        return types.MappingProxyType({str(k): _plain(v) for k, v in _items(value)})
+    return value
+
+
+def _items(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, ml_collections.ConfigDict):
+        return list(value.items())
+    return list(value.items())
+
+
+def _to_dataclass(value: Any, cls: type, path: str) -> Any:
+    if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        raise UserError(f"{path}={value!r}: expected a section of keys ({cls.__name__})")
+    given = dict(_items(value))
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in given if k not in fields or k == "vocab_size" and cls is ModelConfig]
+    if unknown:
+        known = ", ".join(k for k in fields if not (cls is ModelConfig and k == "vocab_size"))
+        raise UserError(f"{path}.{unknown[0]}: unknown key (known keys: {known})")
+    kwargs = {}
+    for name, field in fields.items():
+        if name not in given:
+            if field.default is MISSING and field.default_factory is MISSING:
+                if cls is ModelConfig and name == "vocab_size":
+                    continue
+                raise UserError(f"{path}.{name}: missing required field ({_type_name(hints[name])})")
+            continue
+        kwargs[name] = _convert(given[name], hints[name], f"{path}.{name}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# value checks: each names the full key path and the value
+
+
+def _positive(path: str, value: float) -> None:
+    if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise UserError(f"{path}={value!r}: must be > 0")
+
+
+def _non_negative(path: str, value: float) -> None:
+    if not value >= 0:
+        raise UserError(f"{path}={value!r}: must be >= 0")
+
+
+def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{path}={value!r}: must be one of {', '.join(allowed)}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    p = "config.model"
+    for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "rope_base", "norm_eps",
+                 "init_std"):
+        _positive(f"{p}.{name}", getattr(m, name))
+    for name in ("head_dim", "mlp_dim"):
+        _non_negative(f"{p}.{name}", getattr(m, name))
+    if not m.head_dim and m.d_model % m.num_heads:
+        raise UserError(f"{p}.num_heads={m.num_heads}: must divide config.model.d_model={m.d_model}")
+    if m.num_heads % m.num_kv_heads:
+        raise UserError(f"{p}.num_kv_heads={m.num_kv_heads}: must divide "
+                        f"config.model.num_heads={m.num_heads}")
+    if m.qk_dim % 2:
+        raise UserError(f"{p}.head_dim={m.qk_dim}: rotary embeddings need an even head dimension")
+    for name in ("dtype", "param_dtype"):
+        _one_of(f"{p}.{name}", getattr(m, name), ("float32", "bfloat16"))
+
+
+def _check_data(d: DataConfig) -> None:
+    p = "config.data"
+    if not d.root:
+        raise UserError(f"{p}.root='': set it to the corpus folder, e.g. "
+                        "--config.data.root=../shared/corpus")
+    _positive(f"{p}.seq_len", d.seq_len)
+    _positive(f"{p}.max_epochs", d.max_epochs)
+    _non_negative(f"{p}.num_workers", d.num_workers)
+    _one_of(f"{p}.on_bad_record", d.on_bad_record, ("error", "skip"))
+    if not d.domains:
+        raise UserError(f"{p}.domains=(): name at least one domain")
+    if len(set(d.domains)) != len(d.domains):
+        raise UserError(f"{p}.domains={d.domains!r}: a domain is named twice")
+    t, tp = d.tokenizer, f"{p}.tokenizer"
+    if t.vocab_size < 260:  # 256 byte-fallback pieces + specials must fit
+        raise UserError(f"{tp}.vocab_size={t.vocab_size}: must be at least 260 (byte fallback "
+                        "needs 256 pieces)")
+    _positive(f"{tp}.sample_chars", t.sample_chars)
+    _one_of(f"{tp}.model_type", t.model_type, ("bpe", "unigram"))
+    _one_of(f"{tp}.sample_weights", t.sample_weights, ("mixture",) + NAMED_WEIGHTS)
+    if not 0 < t.character_coverage <= 1:
+        raise UserError(f"{tp}.character_coverage={t.character_coverage}: must be in (0, 1]")
+
+
+def _check_optimizer(o: OptimizerConfig, train: TrainConfig) -> None:
+    p = "config.optimizer"
+    _positive(f"{p}.lr", o.lr)
+    _one_of(f"{p}.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    for name in ("warmup_steps", "weight_decay", "eps", "clip_norm", "min_lr_ratio"):
+        _non_negative(f"{p}.{name}", getattr(o, name))
+    if o.warmup_steps >= train.steps:
+        raise UserError(f"{p}.warmup_steps={o.warmup_steps}: must be below "
+                        f"config.train.steps={train.steps}")
+    for name in ("b1", "b2", "decay_fraction", "min_lr_ratio"):
+        value = getattr(o, name)
+        if not 0 <= value <= 1:
+            raise UserError(f"{p}.{name}={value}: must be in [0, 1]")
+
+
+def _check_train(t: TrainConfig) -> None:
+    p = "config.train"
+    for name in ("steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints"):
+        _positive(f"{p}.{name}", getattr(t, name))
+    for name in ("eval_every", "checkpoint_every"):
+        _non_negative(f"{p}.{name}", getattr(t, name))
+
+
+def check_weights(path: str, weights: Any, domains: tuple[str, ...]) -> None:
+    """Mixture weights: a named rule, or non-negative weights over known domains summing to 1."""
+    if isinstance(weights, str):
+        _one_of(path, weights, NAMED_WEIGHTS)
+        return
+    if not isinstance(weights, Mapping):
+        raise UserError(f"{path}={weights!r}: expected a mapping domain -> weight or one of "
+                        f"{', '.join(NAMED_WEIGHTS)}")
+    for domain, w in weights.items():
+        if domain not in domains:
+            raise UserError(f"{path}.{domain}: unknown domain (known: {', '.join(domains)})")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise UserError(f"{path}.{domain}={w!r}: expected a number")
+        if w < 0:
+            raise UserError(f"{path}.{domain}={w}: weights must be non-negative")
+    total = sum(weights.values())
+    if abs(total - 1.0) > 1e-6:
+        raise UserError(f"{path}: weights sum to {total:.8g}, not 1 (within 1e-6)")
+
+
+def _check_mixture(m: MixtureConfig, domains: tuple[str, ...]) -> None:
+    p = "config.mixture.stages"
+    if not m.stages:
+        raise UserError(f"{p}: declare at least one stage")
+    ordered = sorted(m.stages.items(), key=lambda kv: kv[1].start)
+    if ordered[0][1].start != 0.0:
+        name, stage = ordered[0]
+        raise UserError(f"{p}.{name}.start={stage.start}: the first stage must start at 0.0")
+    for (name_a, a), (name_b, b) in zip(ordered, ordered[1:]):
+        if b.start <= a.start:
+            raise UserError(f"{p}.{name_b}.start={b.start}: stage starts must be strictly "
+                            f"increasing (stage {name_a} also starts at {a.start})")
+    for name, stage in m.stages.items():
+        if not 0.0 <= stage.start < 1.0:
+            raise UserError(f"{p}.{name}.start={stage.start}: must be in [0, 1)")
+        check_weights(f"{p}.{name}.weights", stage.weights, domains)
+
+
+def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConfig:
+    """Validates and converts a user's experiment config; raises UserError on any mistake."""
+    exp = _to_dataclass(cfg, ExperimentConfig, "config")
+    if not exp.name:
+        raise UserError("config.name='': every experiment needs a name")
+    model = dataclasses.replace(exp.model, vocab_size=exp.data.tokenizer.vocab_size)
+    exp = dataclasses.replace(exp, model=model)
+    _check_model(exp.model)
+    _check_data(exp.data)
+    _check_train(exp.train)
+    _check_optimizer(exp.optimizer, exp.train)
+    _check_mixture(exp.mixture, exp.data.domains)
+    return exp
+
+
+def to_json_dict(obj: Any) -> Any:
+    """Plain JSON-able form of a config (dataclasses, mapping proxies and tuples unrolled)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_json_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_json_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_dict(v) for v in obj]
+    return obj

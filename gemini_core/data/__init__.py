@@ -1,0 +1,1 @@
+"""Data: sources, tokenizer, token arrays, mixture schedule and sampler."""
