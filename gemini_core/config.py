@@ -356,3 +356,20 @@ def to_json_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_json_dict(v) for v in obj]
     return obj
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """big_vision-style `get_config` argument: "size=nano,d=256" -> typed fields over defaults."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or key not in defaults:
+            raise UserError(f"experiment argument {item!r}: expected key=value with key one of "
+                            f"{', '.join(defaults)}")
+        kind = type(defaults[key])
+        try:
+            out[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+        except ValueError:
+            raise UserError(f"experiment argument {key}={raw!r}: expected "
+                            f"{kind.__name__}") from None
+    return out

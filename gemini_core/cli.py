@@ -1,0 +1,166 @@
+"""`gx`: the command line. Thin: parse, call the library, print; exit 0 ok, 2 user error, 1 bug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from gemini_core.errors import UserError
+
+EPILOG = """examples:
+  gx run experiments/quickstart.py --config.data.root=../shared/corpus
+  gx run experiments/pretrain.py:size=nano --dry-run
+  gx ls
+  gx show quickstart-1a2b3c4d
+  gx eval quickstart-1a2b3c4d --data ../shared/corpus --split valid.jsonl.gz
+Runs live in ./runs (or $GX_RUNS_ROOT, or --runs-root)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gx", description="Declarative LLM pretraining experiments on JAX.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs-root", default=None, help="where runs live (default: $GX_RUNS_ROOT or ./runs)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train an experiment (reuses a done run, resumes an interrupted one)",
+                         description="Train EXPERIMENT, a file path.py[:arg] defining get_config(arg). "
+                         "Override any field with --config.a.b=value (ml_collections syntax).")
+    run.add_argument("experiment", help="experiment file, e.g. experiments/quickstart.py or experiments/pretrain.py:size=nano")
+    run.add_argument("--force", action="store_true", help="rerun even if a done run with this fingerprint exists")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no data, compile nothing")
+
+    ls = sub.add_parser("ls", help="list runs with state, step and final eval/mean/loss")
+    ls.add_argument("experiment", nargs="?", help="only this experiment's runs")
+
+    show = sub.add_parser("show", help="a run's config differences from its experiment's defaults, and its summary")
+    show.add_argument("run", help="run id (a unique prefix is enough) or run directory")
+
+    ev = sub.add_parser("eval", help="per-domain loss and bpb of a run's final checkpoint on another data folder")
+    ev.add_argument("run", help="run id (a unique prefix is enough) or run directory")
+    ev.add_argument("--data", required=True, help="folder with the same <domain>/ layout as the training data")
+    ev.add_argument("--split", default=None, help="file name inside each domain folder (default: the run's valid file)")
+    ev.add_argument("--batches", type=int, default=None, help="batches per domain (default: the run's eval_batches)")
+    return p
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def cmd_run(args, overrides: list[str]) -> int:
+    from gemini_core import plan, train
+    from gemini_core.experiment import load_experiment
+    from gemini_core.rundir import runs_root
+
+    exp = load_experiment(args.experiment, overrides)
+    if args.dry_run:
+        print(plan.render(exp.config, train.declared_schedule(exp.config)))
+        return 0
+    train.run_experiment(exp.config, runs_root(args.runs_root), force=args.force,
+                         overrides=exp.overrides)
+    return 0
+
+
+def _last_step(run) -> int | None:
+    try:
+        with open(run.metrics_path, "rb") as f:
+            lines = f.read().splitlines()
+        for line in reversed(lines):
+            try:
+                return json.loads(line)["step"]
+            except (ValueError, KeyError):
+                continue
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def cmd_ls(args) -> int:
+    from gemini_core.rundir import iter_runs, runs_root
+
+    root = runs_root(args.runs_root)
+    rows = []
+    for run in iter_runs(root, args.experiment):
+        st, summary, cfg = run.status() or {}, run.summary() or {}, run.config() or {}
+        loss = summary.get("eval/mean/loss")
+        rows.append((run.run_id, st.get("state", "?"),
+                     f"{_last_step(run) or 0}/{cfg.get('train', {}).get('steps', '?')}",
+                     f"{loss:.4f}" if loss is not None else "-", st.get("end") or st.get("start", "")))
+    if not rows:
+        print(f"no runs under {root}")
+        return 0
+    head = ("run", "state", "step", "eval/mean/loss", "time")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for row in [head] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_show(args) -> int:
+    from gemini_core.evaluate import format_table
+    from gemini_core.rundir import find_run, runs_root
+
+    run = find_run(runs_root(args.runs_root), args.run)
+    cfg, st, summary = run.config() or {}, run.status() or {}, run.summary()
+    print(f"run       {run.run_id}   ({st.get('state', '?')})")
+    print(f"dir       {run.path}")
+    print(f"fingerprint {cfg.get('fingerprint')}")
+    overrides = cfg.get("overrides") or {}
+    print("config differences from the experiment's defaults:")
+    for key, value in sorted(overrides.items()):
+        print(f"  {key} = {value!r}")
+    if not overrides:
+        print("  (none)")
+    if st.get("error"):
+        print(f"error     {st['error']}")
+    if summary:
+        print(format_table(summary, summary.get("epochs")))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from gemini_core import evaluate_run
+    from gemini_core.rundir import find_run, runs_root
+
+    run = find_run(runs_root(args.runs_root), args.run)
+    evaluate_run.evaluate_run(run, Path(args.data), split=args.split, batches=args.batches)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from gemini_core.experiment import config_overrides
+
+    overrides, rest = config_overrides(argv)
+    args = _parser().parse_args(rest)
+    if overrides and args.command != "run":
+        print(f"gx: error: {overrides[0]}: --config.* overrides only apply to `gx run`",
+              file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    try:
+        if args.command == "run":
+            return cmd_run(args, overrides)
+        return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval}[args.command](args)
+    except UserError as e:
+        print(f"gx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gx: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("gx: internal error (a bug in gx, not in your config): the traceback is above",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The one in-process entry that trains an experiment: `run_experiment(config, runs_root)`.
+
+The CLI, each sweep trial in a Ray worker, and the recipe pipeline all call it. It prepares the
+data (cached), resolves the mixture schedule, derives the run id, then trains — or reuses a
+`done` run, or resumes an interrupted one from its last checkpoint — and returns the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+
+from gemini_core import config as config_lib
+from gemini_core import flops, steps
+from gemini_core.checkpoint import Checkpointer
+from gemini_core.config import ExperimentConfig
+from gemini_core.data.mixture import MixtureSchedule, Sampler, Stage
+from gemini_core.data.tokens import PreparedData, prepare_data
+from gemini_core.errors import UserError
+from gemini_core.evaluate import EvalSet, evaluate, format_table
+from gemini_core.progress import Progress
+from gemini_core.rundir import RunDir, fingerprint, run_id
+from gemini_core.tracking import Tracker
+
+Log = Callable[[str], None]
+
+
+def cache_root(cfg: ExperimentConfig, runs_root: Path) -> Path:
+    return Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else runs_root / ".cache"
+
+
+def enable_compilation_cache(root: Path) -> None:
+    """JAX's persistent cache: a second process (a resumed run, a sweep trial) skips compiling."""
+    jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mixture schedule
+
+
+def declared_schedule(cfg: ExperimentConfig) -> MixtureSchedule:
+    """The schedule as declared: from data.schedule (a JSON file) or config.mixture.stages.
+
+    Stage weights may still be the named rule "natural", resolved once token counts exist.
+    """
+    domains = cfg.data.domains
+    if cfg.data.schedule:
+        return MixtureSchedule.load(cfg.data.schedule).validate(domains, cfg.data.schedule)
+    stages = []
+    for stage in sorted(cfg.mixture.stages.values(), key=lambda s: s.start):
+        weights = stage.weights
+        if weights == "uniform":
+            weights = {d: 1.0 / len(domains) for d in domains}
+        stages.append(Stage(stage.start, weights))
+    return MixtureSchedule(tuple(stages))
+
+
+def tokenizer_sample_weights(cfg: ExperimentConfig, declared: MixtureSchedule):
+    rule = cfg.data.tokenizer.sample_weights
+    if rule != "mixture":
+        return rule
+    if any(isinstance(s.weights, str) for s in declared.stages):
+        return "natural"  # token shares are unknown before the tokenizer exists: byte shares
+    return declared.time_average(cfg.data.domains)
+
+
+def resolve_schedule(declared: MixtureSchedule, data: PreparedData,
+                     domains: tuple[str, ...]) -> MixtureSchedule:
+    """Replaces "natural" stages by each domain's share of training tokens."""
+    counts = {d: len(data.train[d]) for d in domains}
+    total = sum(counts.values())
+    natural = {d: counts[d] / total for d in domains}
+    stages = tuple(Stage(s.start, natural if s.weights == "natural" else
+                         {d: float(s.weights.get(d, 0.0)) for d in domains})
+                   for s in declared.stages)
+    return MixtureSchedule(stages).validate(domains)
+
+
+# ---------------------------------------------------------------------------------------------
+# identity
+
+
+def identity(cfg: ExperimentConfig, schedule: MixtureSchedule, manifest_hash: str) -> dict:
+    """What the fingerprint hashes: every field, with data by content and paths left out."""
+    resolved = config_lib.to_json_dict(cfg)
+    for path_field in ("root", "cache_dir", "schedule"):  # where things are, not what they are
+        resolved["data"].pop(path_field)
+    resolved["mixture"] = schedule.to_dict()
+    resolved["data"]["manifest"] = manifest_hash
+    return resolved
+
+
+@dataclasses.dataclass
+class Prepared:
+    cfg: ExperimentConfig
+    data: PreparedData
+    schedule: MixtureSchedule
+    identity: dict
+    fingerprint: str
+    run: RunDir
+
+
+def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print) -> Prepared:
+    """Data, tokenizer and schedule, then the run's identity; no training."""
+    declared = declared_schedule(cfg)
+    data = prepare_data(cfg.data, tokenizer_sample_weights(cfg, declared),
+                        cache_root(cfg, runs_root), log=log)
+    schedule = resolve_schedule(declared, data, cfg.data.domains)
+    ident = identity(cfg, schedule, data.manifest_hash)
+    fp = fingerprint(ident)
+    return Prepared(cfg, data, schedule, ident, fp, RunDir(runs_root, cfg.name, run_id(cfg.name, fp)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = False,
+                   overrides: Mapping | None = None, log: Log = print) -> dict:
+    """Trains `cfg` (or reuses a done run, or resumes an interrupted one); returns the summary."""
+    runs_root = Path(runs_root).absolute()
+    enable_compilation_cache(cache_root(cfg, runs_root))
+    p = prepare(cfg, runs_root, log)
+    run = p.run
+    status = run.status() or {}
+    if status.get("state") == "done" and not force:
+        log(f"{run.run_id} is already done: {run.path} (--force reruns it)")
+        return run.summary() or {}
+    if run.is_busy():
+        raise UserError(f"{run.run_id} is being run by pid {status['pid']} on {status['host']}: "
+                        f"{run.path}")
+    if force and run.path.exists():
+        shutil.rmtree(run.path)
+    run.write_config({**p.identity, "fingerprint": p.fingerprint, "run_id": run.run_id,
+                      "overrides": dict(overrides or {}),
+                      "paths": {"data_root": str(Path(cfg.data.root).absolute()),
+                                "schedule": cfg.data.schedule, "data_cache": str(p.data.dir)}})
+    run.set_status("running")
+    try:
+        summary = _train(p, log)
+    except BaseException as e:
+        run.set_status("failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    run.write_summary(summary)
+    run.set_status("done")
+    return summary
+
+
+def _train(p: Prepared, log: Log) -> dict:
+    cfg, run, tc = p.cfg, p.run, p.cfg.train
+    total, seq_len = tc.steps, cfg.data.seq_len
+    sampler = Sampler(p.schedule, cfg.data.domains, p.data.train, total_steps=total,
+                      batch_size=tc.batch_size, seq_len=seq_len, seed=cfg.seed)
+    for warning in sampler.repetition_warnings(cfg.data.max_epochs):
+        log(f"warning: {warning}")
+    evalset = EvalSet.build(p.data.valid, p.data.token_bytes, seq_len=seq_len,
+                            batch_size=tc.batch_size, batches=tc.eval_batches)
+
+    graphdef, state = steps.init_state(cfg.model, cfg.optimizer, total, cfg.seed)
+    ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state)
+        log(f"resuming {run.run_id} from step {start} ({run.checkpoints})")
+    train_step = steps.make_train_step(graphdef)
+    eval_step = steps.make_eval_step(graphdef)
+    tracker = Tracker(run.path, run_id=run.run_id, group=cfg.name, config=run.config(),
+                      tracking=cfg.tracking, resume_step=start or None, log=log)
+
+    tokens_per_step = tc.batch_size * seq_len
+    flops_per_step = flops.flops_per_token(cfg.model, seq_len) * tokens_per_step
+    peak = flops.device_peak_flops()
+    log(f"{run.run_id}: {flops.param_counts(cfg.model)['total']:,} params, {total} steps x "
+        f"{tokens_per_step:,} tokens -> {run.path}")
+    progress = Progress(total, start, log)
+    last_eval: dict[str, float] = {}
+    pending = None  # (step, metrics on device): fetched one step late so the host never stalls
+    t_window, steps_window = time.perf_counter(), 0
+    try:
+        for step in range(start, total):
+            state, metrics = train_step(state, sampler.batch(step))
+            if pending is not None:
+                _emit(pending, tracker, sampler, progress, tc, t_window, steps_window,
+                      tokens_per_step, flops_per_step, peak)
+                if (pending[0] + 1) % tc.log_every == 0:
+                    t_window, steps_window = time.perf_counter(), 0
+            pending = (step, metrics)
+            steps_window += 1
+            done = step + 1
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total:
+                ckpt.save(done, state)
+            if tc.eval_every and done % tc.eval_every == 0 and done < total:
+                last_eval = evaluate(eval_step, state, evalset, tc.batch_size)
+                tracker.log(done, last_eval)
+                progress.note(f"step {done}: eval/mean/loss {last_eval['eval/mean/loss']:.4f} "
+                              f"eval/mean/bpb {last_eval['eval/mean/bpb']:.4f}")
+        if pending is not None:
+            _emit(pending, tracker, sampler, progress, tc, t_window, steps_window,
+                  tokens_per_step, flops_per_step, peak, force=True)
+        ckpt.save(total, state)
+        last_eval = evaluate(eval_step, state, evalset, tc.batch_size)
+        tracker.log(total, last_eval)
+        ckpt.close()
+    finally:
+        progress.close()
+    epochs = sampler.epochs()
+    summary = {**last_eval, "run_id": run.run_id, "steps": total,
+               "tokens": total * tokens_per_step, "train/loss": progress.last_loss,
+               "train/first_loss": _first_loss(run), "params": flops.param_counts(cfg.model),
+               "epochs": epochs}
+    tracker.summary(last_eval)
+    tracker.finish()
+    log(format_table(last_eval, epochs))
+    log(f"run dir: {run.path}")
+    return summary
+
+
+def _emit(pending, tracker: Tracker, sampler: Sampler, progress: Progress, tc, t_window: float,
+          steps_window: int, tokens_per_step: int, flops_per_step: float, peak: float,
+          force: bool = False) -> None:
+    step, metrics_dev = pending
+    metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics_dev).items()}
+    progress.update(step + 1, metrics["train/loss"])
+    if not force and (step + 1) % tc.log_every:
+        return
+    elapsed = max(time.perf_counter() - t_window, 1e-9)
+    tok_s = steps_window * tokens_per_step / elapsed
+    metrics["perf/tokens_per_sec"] = tok_s
+    metrics["perf/mfu"] = flops_per_step * steps_window / elapsed / peak
+    for d, w in zip(sampler.domains, sampler.weights(step)):
+        metrics[f"mixture/{d}"] = w
+    tracker.log(step + 1, metrics)
+    progress.set_rate(tok_s)
+
+
+def _first_loss(run: RunDir) -> float | None:
+    import json
+    try:
+        with open(run.metrics_path) as f:
+            for line in f:
+                row = json.loads(line)
+                if "train/loss" in row:
+                    return row["train/loss"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    return None
