@@ -8,34 +8,21 @@ from __future__ import annotations
 
 from gemini_core import flops
 from gemini_core.config import ExperimentConfig
-from gemini_core.data.mixture import MixtureSchedule
+from gemini_core.data.mixture import MixtureSchedule, domain_counts
 
 
 def steps_per_stage(schedule: MixtureSchedule, total_steps: int) -> list[int]:
-    counts = [0] * len(schedule.stages)
-    for i, stage in enumerate(schedule.stages):
-        end = schedule.stages[i + 1].start if i + 1 < len(schedule.stages) else 1.0
-        # step s belongs to the stage with start <= s / total < end
-        first = _ceil_frac(stage.start, total_steps)
-        last = _ceil_frac(end, total_steps) if end < 1.0 else total_steps
-        counts[i] = max(0, last - first)
-    return counts
+    firsts = schedule.first_steps(total_steps) + [total_steps]
+    return [b - a for a, b in zip(firsts, firsts[1:])]
 
 
-def _ceil_frac(fraction: float, total: int) -> int:
-    s = int(fraction * total)
-    return s if s / total >= fraction else s + 1
-
-
-def tokens_per_domain(schedule: MixtureSchedule, domains, total_steps: int,
-                      tokens_per_step: int) -> dict[str, float] | None:
+def tokens_per_domain(schedule: MixtureSchedule, domains, total_steps: int, batch_size: int,
+                      seq_len: int) -> dict[str, int] | None:
+    """Exactly what the sampler will draw: its own per-step counts, summed."""
     if any(isinstance(s.weights, str) for s in schedule.stages):
         return None  # "natural" weights are only known once the data is tokenized
-    out = {d: 0.0 for d in domains}
-    for n, stage in zip(steps_per_stage(schedule, total_steps), schedule.stages):
-        for d in domains:
-            out[d] += n * tokens_per_step * float(stage.weights.get(d, 0.0))
-    return out
+    sequences = domain_counts(schedule, domains, total_steps, batch_size).sum(axis=0)
+    return {d: int(n) * seq_len for d, n in zip(domains, sequences)}
 
 
 def _si(x: float) -> str:
@@ -79,7 +66,7 @@ def render(cfg: ExperimentConfig, schedule: MixtureSchedule) -> str:
         weights = stage.weights if isinstance(stage.weights, str) else ", ".join(
             f"{d}={w:.3g}" for d, w in stage.weights.items() if w)
         lines.append(f"  from {stage.start:.3g} ({n:,} steps): {weights}")
-    per_domain = tokens_per_domain(schedule, cfg.data.domains, t.steps, tokens_per_step)
+    per_domain = tokens_per_domain(schedule, cfg.data.domains, t.steps, t.batch_size, seq)
     lines.append("tokens per domain")
     if per_domain is None:
         lines.append("  natural weights: token shares, known once the data is tokenized")
