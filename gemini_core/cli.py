@@ -55,7 +55,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args, overrides: list[str]) -> int:
-    from gemini_core import plan, train
+    from gemini_core import plan, steps, train
     from gemini_core.experiment import load_experiment
     from gemini_core.rundir import runs_root
 
@@ -63,6 +63,7 @@ def cmd_run(args, overrides: list[str]) -> int:
     if args.dry_run:
         print(plan.render(exp.config, train.declared_schedule(exp.config)))
         return 0
+    steps.tune_host_malloc()  # before JAX's first computation; see its docstring
     train.run_experiment(exp.config, runs_root(args.runs_root), force=args.force,
                          overrides=exp.overrides)
     return 0
@@ -121,7 +122,7 @@ def cmd_show(args) -> int:
     if st.get("error"):
         print(f"error     {st['error']}")
     if summary:
-        print(format_table(summary, summary.get("epochs")))
+        print(format_table(summary, summary.get("epochs"), cfg.get("data", {}).get("domains")))
     return 0
 
 

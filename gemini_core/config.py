@@ -247,11 +247,15 @@ def _check_model(m: ModelConfig) -> None:
         _one_of(f"{p}.{name}", getattr(m, name), ("float32", "bfloat16"))
 
 
+def require_data_root(d: DataConfig) -> None:
+    """Training needs the corpus; a --dry-run plan does not, so this is not in _check_data."""
+    if not d.root:
+        raise UserError("config.data.root='': set it to the corpus folder, e.g. "
+                        "--config.data.root=../shared/corpus")
+
+
 def _check_data(d: DataConfig) -> None:
     p = "config.data"
-    if not d.root:
-        raise UserError(f"{p}.root='': set it to the corpus folder, e.g. "
-                        "--config.data.root=../shared/corpus")
     _positive(f"{p}.seq_len", d.seq_len)
     _positive(f"{p}.max_epochs", d.max_epochs)
     _non_negative(f"{p}.num_workers", d.num_workers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -60,9 +60,12 @@ def evaluate(eval_fn: EvalFn, state, evalset: EvalSet, batch_size: int) -> dict[
     return metrics
 
 
-def format_table(metrics: Mapping[str, float], epochs: Mapping[str, float] | None = None) -> str:
-    """The per-domain table printed at the end of a run."""
-    domains = [k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/loss")]
+def format_table(metrics: Mapping[str, float], epochs: Mapping[str, float] | None = None,
+                 domains: Sequence[str] | None = None) -> str:
+    """The per-domain table printed at the end of a run, domains in config order if given."""
+    if domains is None:
+        domains = [k.split("/")[1] for k in metrics
+                   if k.startswith("eval/") and k.endswith("/loss")]
     domains = [d for d in domains if d != "mean"] + ["mean"]
     head = f"{'domain':<14}{'loss':>9}{'bpb':>9}" + (f"{'epochs':>9}" if epochs else "")
     rows = [head, "-" * len(head)]

@@ -67,7 +67,8 @@ def _call_get_config(module, path: Path, arg: str | None) -> ml_collections.Conf
     try:
         cfg = module.get_config(arg) if arg is not None else module.get_config()
     except Exception as e:
-        raise UserError(f"{_user_frame(e, path)}: get_config({arg!r}) failed: "
+        call = f"get_config({arg!r})" if arg is not None else "get_config()"
+        raise UserError(f"{_user_frame(e, path)}: {call} failed: "
                         f"{type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise UserError(f"{path}: get_config must return an ml_collections.ConfigDict, "

@@ -52,7 +52,7 @@ def render(cfg: ExperimentConfig, schedule: MixtureSchedule) -> str:
         f"params       {counts['total']:,} total ({_si(counts['total'])}); "
         f"{counts['non_embedding']:,} non-embedding; {counts['embedding']:,} embedding",
         f"FLOPs/token  {_si(fpt)} (6·N_nonembed + 12·L·H·K·T)  ->  "
-        f"{_si(fpt * total_tokens)} FLOPs for the run",
+        f"{fpt * total_tokens:.3g} FLOPs for the run",
         f"steps        {t.steps:,} x batch {t.batch_size} x seq {seq} = "
         f"{total_tokens:,} tokens ({_si(total_tokens)})",
         f"chinchilla   {_si(chinchilla)} tokens optimal for {_si(counts['total'])} params "

@@ -37,6 +37,7 @@ def run_id(experiment: str, fp: str) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write-then-rename: a killed process leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)

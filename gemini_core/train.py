@@ -8,9 +8,7 @@ data (cached), resolves the mixture schedule, derives the run id, then trains â€
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -111,6 +109,7 @@ class Prepared:
 
 def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print) -> Prepared:
     """Data, tokenizer and schedule, then the run's identity; no training."""
+    config_lib.require_data_root(cfg.data)
     declared = declared_schedule(cfg)
     data = prepare_data(cfg.data, tokenizer_sample_weights(cfg, declared),
                         cache_root(cfg, runs_root), log=log)
@@ -143,7 +142,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
     run.write_config({**p.identity, "fingerprint": p.fingerprint, "run_id": run.run_id,
                       "overrides": dict(overrides or {}),
                       "paths": {"data_root": str(Path(cfg.data.root).absolute()),
-                                "schedule": cfg.data.schedule, "data_cache": str(p.data.dir)}})
+                                "schedule": cfg.data.schedule, "data_cache": str(p.data.dir),
+                                "tokenizer": str(p.data.tokenizer.path)}})
     run.set_status("running")
     try:
         summary = _train(p, log)
@@ -155,6 +155,52 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
     return summary
 
 
+@dataclasses.dataclass
+class _Meter:
+    """Turns the one-step-late metrics into log rows, progress and throughput."""
+
+    tracker: Tracker
+    sampler: Sampler
+    progress: Progress
+    log_every: int
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float
+    t_window: float = dataclasses.field(default_factory=time.perf_counter)
+    steps_window: int = 0
+    # per-domain sums of row losses and row counts over the log window: train/<domain>/loss
+    # is the window mean, far less noisy than one step's few rows of a small domain
+    loss_sum_D: np.ndarray | None = None
+    rows_D: np.ndarray | None = None
+
+    def emit(self, step: int, metrics_dev, domain_B: np.ndarray, force: bool = False) -> None:
+        """Step `step` has finished; its metrics were left on device until now."""
+        self.steps_window += 1
+        fetched = jax.device_get(metrics_dev)
+        n = len(self.sampler.domains)
+        if self.loss_sum_D is None:
+            self.loss_sum_D, self.rows_D = np.zeros(n), np.zeros(n)
+        self.loss_sum_D += np.bincount(domain_B, weights=fetched.pop("row_loss"), minlength=n)
+        self.rows_D += np.bincount(domain_B, minlength=n)
+        metrics = {f"train/{k}": float(v) for k, v in fetched.items()}
+        self.progress.update(step + 1, metrics["train/loss"])
+        if not force and (step + 1) % self.log_every:
+            return
+        for d, name in enumerate(self.sampler.domains):
+            if self.rows_D[d]:
+                metrics[f"train/{name}/loss"] = float(self.loss_sum_D[d] / self.rows_D[d])
+        self.loss_sum_D, self.rows_D = None, None
+        elapsed = max(time.perf_counter() - self.t_window, 1e-9)
+        tok_s = self.steps_window * self.tokens_per_step / elapsed
+        metrics["perf/tokens_per_sec"] = tok_s
+        metrics["perf/mfu"] = self.steps_window * self.flops_per_step / elapsed / self.peak_flops
+        for d, w in zip(self.sampler.domains, self.sampler.weights(step)):
+            metrics[f"mixture/{d}"] = w
+        self.tracker.log(step + 1, metrics)
+        self.progress.set_rate(tok_s)
+        self.t_window, self.steps_window = time.perf_counter(), 0
+
+
 def _train(p: Prepared, log: Log) -> dict:
     cfg, run, tc = p.cfg, p.run, p.cfg.train
     total, seq_len = tc.steps, cfg.data.seq_len
@@ -164,92 +210,59 @@ def _train(p: Prepared, log: Log) -> dict:
         log(f"warning: {warning}")
     evalset = EvalSet.build(p.data.valid, p.data.token_bytes, seq_len=seq_len,
                             batch_size=tc.batch_size, batches=tc.eval_batches)
-
     graphdef, state = steps.init_state(cfg.model, cfg.optimizer, total, cfg.seed)
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, state)
         log(f"resuming {run.run_id} from step {start} ({run.checkpoints})")
+    n_params = flops.param_counts(cfg.model)["total"]
+    log(f"{run.run_id}: {n_params:,} params, {total} steps x {tc.batch_size * seq_len:,} tokens "
+        f"-> {run.path}")
+    with Tracker(run.path, run_id=run.run_id, group=cfg.name, config=run.config(),
+                 tracking=cfg.tracking, resume_step=start or None, log=log) as tracker:
+        progress = Progress(total, start, log)
+        meter = _Meter(tracker, sampler, progress, tc.log_every, tc.batch_size * seq_len,
+                       flops.flops_per_token(cfg.model, seq_len) * tc.batch_size * seq_len,
+                       flops.device_peak_flops())
+        try:
+            final_eval = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter)
+        finally:
+            progress.close()
+            ckpt.close()
+        tracker.summary(final_eval)
+    epochs = sampler.epochs()
+    log(format_table(final_eval, epochs))
+    log(f"run dir: {run.path}")
+    return {**final_eval, "run_id": run.run_id, "steps": total,
+            "tokens": total * tc.batch_size * seq_len, "train/loss": progress.last_loss,
+            "params": n_params, "epochs": epochs}
+
+
+def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: EvalSet,
+          ckpt: Checkpointer, meter: _Meter) -> dict[str, float]:
+    tc, total = p.cfg.train, p.cfg.train.steps
     train_step = steps.make_train_step(graphdef)
     eval_step = steps.make_eval_step(graphdef)
-    tracker = Tracker(run.path, run_id=run.run_id, group=cfg.name, config=run.config(),
-                      tracking=cfg.tracking, resume_step=start or None, log=log)
-
-    tokens_per_step = tc.batch_size * seq_len
-    flops_per_step = flops.flops_per_token(cfg.model, seq_len) * tokens_per_step
-    peak = flops.device_peak_flops()
-    log(f"{run.run_id}: {flops.param_counts(cfg.model)['total']:,} params, {total} steps x "
-        f"{tokens_per_step:,} tokens -> {run.path}")
-    progress = Progress(total, start, log)
-    last_eval: dict[str, float] = {}
     pending = None  # (step, metrics on device): fetched one step late so the host never stalls
-    t_window, steps_window = time.perf_counter(), 0
-    try:
-        for step in range(start, total):
-            state, metrics = train_step(state, sampler.batch(step))
-            if pending is not None:
-                _emit(pending, tracker, sampler, progress, tc, t_window, steps_window,
-                      tokens_per_step, flops_per_step, peak)
-                if (pending[0] + 1) % tc.log_every == 0:
-                    t_window, steps_window = time.perf_counter(), 0
-            pending = (step, metrics)
-            steps_window += 1
-            done = step + 1
-            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total:
-                ckpt.save(done, state)
-            if tc.eval_every and done % tc.eval_every == 0 and done < total:
-                last_eval = evaluate(eval_step, state, evalset, tc.batch_size)
-                tracker.log(done, last_eval)
-                progress.note(f"step {done}: eval/mean/loss {last_eval['eval/mean/loss']:.4f} "
-                              f"eval/mean/bpb {last_eval['eval/mean/bpb']:.4f}")
+    for step in range(start, total):
+        tokens_BxT1, domain_B = sampler.batch(step)
+        state, metrics = train_step(state, tokens_BxT1)
         if pending is not None:
-            _emit(pending, tracker, sampler, progress, tc, t_window, steps_window,
-                  tokens_per_step, flops_per_step, peak, force=True)
+            meter.emit(*pending)
+        pending = (step, metrics, domain_B)
+        done = step + 1
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total:
+            ckpt.save(done, state)
+        if tc.eval_every and done % tc.eval_every == 0 and done < total:
+            metrics_eval = evaluate(eval_step, state, evalset, tc.batch_size)
+            meter.tracker.log(done, metrics_eval)
+            meter.progress.note(f"step {done}: eval/mean/loss {metrics_eval['eval/mean/loss']:.4f}"
+                                f"  eval/mean/bpb {metrics_eval['eval/mean/bpb']:.4f}")
+    if pending is not None:
+        meter.emit(*pending, force=True)
+    if ckpt.latest_step() != total:
         ckpt.save(total, state)
-        last_eval = evaluate(eval_step, state, evalset, tc.batch_size)
-        tracker.log(total, last_eval)
-        ckpt.close()
-    finally:
-        progress.close()
-    epochs = sampler.epochs()
-    summary = {**last_eval, "run_id": run.run_id, "steps": total,
-               "tokens": total * tokens_per_step, "train/loss": progress.last_loss,
-               "train/first_loss": _first_loss(run), "params": flops.param_counts(cfg.model),
-               "epochs": epochs}
-    tracker.summary(last_eval)
-    tracker.finish()
-    log(format_table(last_eval, epochs))
-    log(f"run dir: {run.path}")
-    return summary
-
-
-def _emit(pending, tracker: Tracker, sampler: Sampler, progress: Progress, tc, t_window: float,
-          steps_window: int, tokens_per_step: int, flops_per_step: float, peak: float,
-          force: bool = False) -> None:
-    step, metrics_dev = pending
-    metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics_dev).items()}
-    progress.update(step + 1, metrics["train/loss"])
-    if not force and (step + 1) % tc.log_every:
-        return
-    elapsed = max(time.perf_counter() - t_window, 1e-9)
-    tok_s = steps_window * tokens_per_step / elapsed
-    metrics["perf/tokens_per_sec"] = tok_s
-    metrics["perf/mfu"] = flops_per_step * steps_window / elapsed / peak
-    for d, w in zip(sampler.domains, sampler.weights(step)):
-        metrics[f"mixture/{d}"] = w
-    tracker.log(step + 1, metrics)
-    progress.set_rate(tok_s)
-
-
-def _first_loss(run: RunDir) -> float | None:
-    import json
-    try:
-        with open(run.metrics_path) as f:
-            for line in f:
-                row = json.loads(line)
-                if "train/loss" in row:
-                    return row["train/loss"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        pass
-    return None
+    final_eval = evaluate(eval_step, state, evalset, tc.batch_size)
+    meter.tracker.log(total, final_eval)
+    return final_eval

@@ -1,0 +1,80 @@
+"""`gx eval RUN --data DIR`: a finished run's final checkpoint on another folder of domains.
+
+The folder is tokenized with the run's own tokenizer (from the data cache recorded in the
+run's config.json), into a temporary directory, and evaluated exactly as training evaluates:
+fixed windows of seq_len+1 tokens from the start of each domain file, loss and bits per byte.
+The result is printed and saved as `eval/<name>.json` in the run dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from gemini_core import steps
+from gemini_core.checkpoint import Checkpointer
+from gemini_core.config import ModelConfig, OptimizerConfig
+from gemini_core.data.tokenizer import Tokenizer
+from gemini_core.data.tokens import encode_split
+from gemini_core.errors import UserError
+from gemini_core.evaluate import EvalSet, evaluate, format_table
+from gemini_core.rundir import RunDir, write_json_atomic
+
+Log = Callable[[str], None]
+
+
+def _tokenizer(run: RunDir, cfg: dict) -> Tokenizer:
+    path = Path(cfg.get("paths", {}).get("tokenizer", ""))
+    if not (path / "spm.model").is_file():
+        raise UserError(f"{run.path}: the run's tokenizer {path} is gone (was the data cache "
+                        "deleted?); rerun the experiment to rebuild it")
+    return Tokenizer(path)
+
+
+def _restore(run: RunDir, cfg: dict):
+    model_cfg = ModelConfig(**cfg["model"])
+    opt_cfg = OptimizerConfig(**cfg["optimizer"])
+    ckpt = Checkpointer(run.checkpoints, keep=cfg["train"]["keep_checkpoints"])
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"{run.run_id} has no checkpoint yet ({run.checkpoints})")
+        graphdef, like = steps.init_state(model_cfg, opt_cfg, cfg["train"]["steps"], cfg["seed"])
+        return graphdef, ckpt.restore(step, like), step
+    finally:
+        ckpt.close()
+
+
+def evaluate_run(run: RunDir, data_dir: Path, *, split: str | None = None,
+                 batches: int | None = None, log: Log = print) -> dict[str, float]:
+    cfg = run.config()
+    if not cfg:
+        raise UserError(f"{run.path}: no config.json; not a run directory")
+    data, train = cfg["data"], cfg["train"]
+    split = split or data["valid_file"]
+    batches = batches or train["eval_batches"]
+    if batches <= 0:
+        raise UserError(f"--batches={batches}: must be positive")
+    tokenizer = _tokenizer(run, cfg)
+    graphdef, state, step = _restore(run, cfg)
+    with tempfile.TemporaryDirectory(dir=run.path) as tmp:
+        encoded = encode_split(tokenizer, data_dir, data["domains"], split, Path(tmp),
+                               split="eval", text_field=data["text_field"],
+                               on_bad_record=data["on_bad_record"],
+                               num_workers=data["num_workers"], log=log)
+        evalset = EvalSet.build({d: e.tokens for d, e in encoded.items()},
+                                tokenizer.token_bytes(), seq_len=data["seq_len"],
+                                batch_size=train["batch_size"], batches=batches)
+        metrics = evaluate(steps.make_eval_step(graphdef), state, evalset, train["batch_size"])
+        sources = {d: e.entry["sha256"] for d, e in encoded.items()}
+    log(f"{run.run_id} at step {step} on {data_dir} ({split}, {evalset.tokens:,} tokens):")
+    log(format_table(metrics))
+    name = hashlib.sha256(repr(sorted(sources.items())).encode()).hexdigest()[:12]
+    out = run.path / "eval" / f"{split.split('.')[0]}-{name}.json"
+    write_json_atomic(out, {"run_id": run.run_id, "step": step, "data": str(data_dir.absolute()),
+                            "split": split, "sources": sources, "batches": batches,
+                            "metrics": metrics})
+    log(f"saved {out}")
+    return metrics

@@ -1,0 +1,91 @@
+"""Parameter counts, training FLOPs, matmul peak and memory, by formula from the config.
+
+Conventions match the peers (/work/shared/peers), so MFU figures are comparable:
+  N_nonembed   = every parameter except the input embedding table. An untied output head is
+                 counted in it (it is a matmul); a tied head is the embedding itself.
+  FLOPs/token  = 6·N_nonembed + 12·L·(H·K)·T  (attention scores and values, no causal halving)
+                 + 6·D·V when the head is tied: the head matmul costs the same either way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gemini_core.config import ModelConfig
+
+# dense bf16 peaks (FLOP/s) per chip, by device_kind prefix: accelerator MFU is quoted against
+# these whatever the matmul dtype. CPU peaks are measured instead.
+KNOWN_PEAKS_BF16 = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12,
+                    "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+                    "NVIDIA A100": 312e12}
+
+
+def block_params(cfg: ModelConfig) -> int:
+    D, H, G, K, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.qk_dim, cfg.ffw_dim
+    attention = D * H * K + 2 * D * G * K + H * K * D  # q, k, v, o
+    mlp = 3 * D * F  # gate, up, down
+    norms = 2 * D
+    return attention + mlp + norms
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    D, V = cfg.d_model, cfg.vocab_size
+    embedding = V * D
+    head = 0 if cfg.tie_embeddings else D * V
+    non_embedding = cfg.num_layers * block_params(cfg) + D + head  # + final norm
+    return {"total": embedding + non_embedding, "embedding": embedding,
+            "non_embedding": non_embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    n = param_counts(cfg)["non_embedding"]
+    tied_head = cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.qk_dim * seq_len
+    return float(6 * (n + tied_head) + attention)
+
+
+def training_flops(cfg: ModelConfig, seq_len: int, tokens: int) -> float:
+    return flops_per_token(cfg, seq_len) * tokens
+
+
+def chinchilla_tokens(n_params: int) -> int:
+    return 20 * n_params
+
+
+def memory_bytes(cfg: ModelConfig) -> dict[str, int]:
+    """Params in param_dtype plus AdamW's two f32 moments; activations not included."""
+    n = param_counts(cfg)["total"]
+    return {"params": n * jnp.dtype(cfg.param_dtype).itemsize, "optimizer": 2 * n * 4}
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 20) -> float:
+    """Median f32 FLOP/s of an n×n×n jitted matmul on the default device."""
+    a_NxN = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b_NxN = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    for _ in range(3):
+        matmul(a_NxN, b_NxN).block_until_ready()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        matmul(a_NxN, b_NxN).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+_PEAK_CACHE: dict[str, float] = {}
+
+
+def device_peak_flops() -> float:
+    """Peak FLOP/s of one local device for MFU: a table for TPU/GPU, measured once on CPU."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in KNOWN_PEAKS_BF16.items():
+        if kind.startswith(name):
+            return peak
+    if kind not in _PEAK_CACHE:
+        _PEAK_CACHE[kind] = measure_matmul_peak(reps=10)
+    return _PEAK_CACHE[kind]

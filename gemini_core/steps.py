@@ -1,0 +1,125 @@
+"""The jitted functional core the trainer calls: init, train step, eval step.
+
+The train state is one NNX module (model + nnx.Optimizer + the lr schedule, which is static),
+split into a static `graphdef` and a pytree `state` of arrays: params, AdamW moments, step
+counts. `state` is what orbax saves and restores (an nnx.State: a nested mapping of arrays), and
+what the steps take and return; `graphdef` closes over the architecture, the optimizer
+transformation and the schedule, so `make_train_step(graphdef)` needs nothing else.
+
+Eval returns per-row summed NLL in nats; bits per byte is computed by the caller from a
+per-token byte-length table (gemini_core.evaluate), which keeps the tokenizer out of the jit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gemini_core.config import ModelConfig, OptimizerConfig
+from gemini_core.model import Transformer
+from gemini_core.optim import lr_schedule, make_optimizer
+
+State = Any  # nnx.State: a pytree of arrays
+Metrics = dict[str, jax.Array]
+TrainFn = Callable[[State, jax.Array], tuple[State, Metrics]]
+EvalFn = Callable[[State, jax.Array], jax.Array]
+
+
+class TrainState(nnx.Module):
+    def __init__(self, model: Transformer, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule):
+        self.model = model
+        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.schedule = schedule  # static: only used to report the lr of a step
+
+
+def build(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
+          seed: int) -> TrainState:
+    model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
+    tx = make_optimizer(opt_cfg, total_steps)
+    return TrainState(model, tx, lr_schedule(opt_cfg, total_steps))
+
+
+def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
+               seed: int) -> tuple[nnx.GraphDef, State]:
+    # initialised inside one jit: a single compiled program instead of one dispatch per tensor
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: build(model_cfg, opt_cfg, total_steps, seed)))
+    del abstract
+
+    @jax.jit
+    def init() -> State:
+        return nnx.split(build(model_cfg, opt_cfg, total_steps, seed))[1]
+
+    return graphdef, init()
+
+
+def count_params(state_or_cfg: State | ModelConfig) -> int:
+    """Number of model parameters (not optimizer state), from a state or by formula."""
+    if isinstance(state_or_cfg, ModelConfig):
+        from gemini_core.flops import param_counts
+        return param_counts(state_or_cfg)["total"]
+    return sum(int(x.size) for x in jax.tree.leaves(state_or_cfg["model"]))
+
+
+def mean_nll(model: Transformer, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean NLL over the batch, per-row mean NLL_B): the rows give per-domain train loss."""
+    nll_BxT = model.token_nll(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
+    return jnp.mean(nll_BxT), jnp.mean(nll_BxT, axis=-1)
+
+
+def make_train_step(graphdef: nnx.GraphDef) -> TrainFn:
+    """step_fn(state, tokens_Bx(T+1) int32) -> (state, {loss, grad_norm, lr, row_loss}).
+
+    Donates state. Metrics stay on device (the loop fetches them a step late). `loss` is the
+    loss of the parameters before this step's update, `row_loss` the same per row (B,), and
+    `lr` the rate this step applied.
+    """
+
+    def step(state: State, tokens_BxT1: jax.Array) -> tuple[State, Metrics]:
+        ts = nnx.merge(graphdef, state)
+        lr = ts.schedule(ts.optimizer.step[...])
+        (loss, row_loss_B), grads = nnx.value_and_grad(mean_nll, has_aux=True)(
+            ts.model, tokens_BxT1)
+        grad_norm = optax.tree.norm(grads)
+        ts.optimizer.update(ts.model, grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32),
+                   "row_loss": row_loss_B}
+        return nnx.state(ts), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> EvalFn:
+    """eval_fn(state, tokens_Bx(T+1)) -> nll_sum_B: per-row NLL summed over T targets (nats)."""
+
+    def evaluate(state: State, tokens_BxT1: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, state).model
+        nll_BxT = model.token_nll(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
+        return jnp.sum(nll_BxT, axis=-1)
+
+    return jax.jit(evaluate)
+
+
+def tune_host_malloc() -> bool:
+    """Makes glibc keep freed host memory for reuse; call before JAX's first computation.
+
+    XLA:CPU mallocs each execution's temporaries (about 1 GB for a V=8192 model) from its worker
+    threads. glibc serves blocks that large with mmap and munmaps them on free, so every step
+    page-faults the whole gigabyte again: 250k faults, a quarter of a CPU step. One arena (so
+    worker threads share the main heap), no mmap and no trimming make the blocks reused instead.
+    Process-wide, so entry points call it, not library code. False where not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0)
+                and mallopt(m_trim_threshold, 2**31 - 1))
