@@ -17,6 +17,7 @@ class Progress:
     def __init__(self, total: int, start: int, log: Callable[[str], None],
                  interactive: bool | None = None, every_s: float = 10.0):
         self.total, self.step, self.log = total, start, log
+        self.first_loss: float | None = None  # of the first step this process ran
         self.last_loss: float | None = None
         self.rate: float | None = None
         self._t0, self._start = time.perf_counter(), start
@@ -30,10 +31,13 @@ class Progress:
     def update(self, step: int, loss: float) -> None:
         if self._bar is not None:
             self._bar.update(step - self.step)
+        first = self.first_loss is None
+        if first:
+            self.first_loss = loss
         self.step, self.last_loss = step, loss
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
-        elif time.perf_counter() - self._last_line >= self._every_s or step == self.total:
+        elif first or time.perf_counter() - self._last_line >= self._every_s or step == self.total:
             self._last_line = time.perf_counter()
             self.log(f"step {step}/{self.total}  {self._postfix()}  eta {self._eta()}")
 

@@ -232,7 +232,10 @@ def _train(p: Prepared, log: Log) -> dict:
             ckpt.close()
         tracker.summary(final_eval)
     epochs = sampler.epochs()
-    log(format_table(final_eval, epochs))
+    log(format_table(final_eval, epochs, cfg.data.domains))
+    if progress.first_loss is not None:  # None when resumed from the final checkpoint
+        log(f"train/loss {progress.first_loss:.4f} at step {start + 1} -> "
+            f"{progress.last_loss:.4f} at step {total}")
     log(f"run dir: {run.path}")
     return {**final_eval, "run_id": run.run_id, "steps": total,
             "tokens": total * tc.batch_size * seq_len, "train/loss": progress.last_loss,

@@ -81,7 +81,9 @@ def test_run_end_to_end_then_reuse(tmp_path, cache_dir, corpus_root):
     rows = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses[-1] < losses[0]
-    assert {"mixture/math", "perf/tokens_per_sec", "perf/mfu", "train/lr"} <= set(rows[0])
+    assert {"mixture/math", "perf/tokens_per_sec", "perf/mfu", "train/lr",
+            "train/math/loss"} <= set(rows[0])
+    assert "train/loss" in proc.stdout and "-> " in proc.stdout  # first and last loss
     cfg = run.config()
     assert cfg["run_id"] == run.run_id == f"quickstart-{cfg['fingerprint'][:8]}"
     assert (run.path / "wandb").is_dir()
@@ -99,6 +101,11 @@ def test_run_end_to_end_then_reuse(tmp_path, cache_dir, corpus_root):
     ev = gx("eval", run.run_id, "--data", str(corpus_root), runs_root=runs, cache=cache_dir,
             corpus=corpus_root)
     assert "multilingual" in ev.stdout and "bpb" in ev.stdout
+    # the same valid files through the run's tokenizer and final checkpoint: the run's numbers
+    saved = json.loads(next((run.path / "eval").glob("valid-*.json")).read_text())
+    assert saved["step"] == 24
+    for key, value in saved["metrics"].items():
+        assert value == pytest.approx(summary[key], rel=1e-6), key
 
 
 def test_kill_then_resume_is_bit_identical(tmp_path, cache_dir, corpus_root):
