@@ -17,6 +17,8 @@ EPILOG = """examples:
   gx ls
   gx show quickstart-1a2b3c4d
   gx eval quickstart-1a2b3c4d --data ../shared/corpus --split valid.jsonl.gz
+  gx data prepare experiments/data_prep.py --config.data.root=../shared/corpus
+  gx data report runs/data/data_prep-1a2b3c4d
 Runs live in ./runs (or $GX_RUNS_ROOT, or --runs-root)."""
 
 
@@ -45,6 +47,27 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="folder with the same <domain>/ layout as the training data")
     ev.add_argument("--split", default=None, help="file name inside each domain folder (default: the run's valid file)")
     ev.add_argument("--batches", type=int, default=None, help="batches per domain (default: the run's eval_batches)")
+
+    data = sub.add_parser("data", help="data curation: prepare a cleaned data root, reports",
+                          description="Data curation (gemini_core/curation).")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prep = dsub.add_parser("prepare", help="filter, dedup and write a cleaned data root + report",
+                           description="Run the curation pipeline declared in EXPERIMENT "
+                           "(get_config -> a CurationConfig; see experiments/data_prep.py). "
+                           "Override any field with --config.a.b=value.")
+    prep.add_argument("experiment", help="e.g. experiments/data_prep.py")
+    prep.add_argument("--workers", type=int, default=0, help="Ray workers (default: config.workers, 0 = all cores)")
+    prep.add_argument("--strict", action="store_true", help="any bad record is an error (exit 2); nothing is written")
+    prep.add_argument("--force", action="store_true", help="redo even if this output is already prepared")
+    rep = dsub.add_parser("report", help="print the report of a prepared data root")
+    rep.add_argument("dir", help="the output dir printed by `gx data prepare`")
+    tc = dsub.add_parser("train-classifier", help="train (or reuse) the quality classifier and print its held-out metrics")
+    tc.add_argument("experiment", help="e.g. experiments/data_prep.py")
+    tr = dsub.add_parser("tokenizer-report", help="bytes/token per domain: tokenizer on the mix vs one domain vs raw bytes",
+                         description="Uses EXPERIMENT's data and tokenizer settings (a training experiment, "
+                         "e.g. experiments/quickstart.py).")
+    tr.add_argument("experiment", help="e.g. experiments/quickstart.py")
+    tr.add_argument("--single-domain", default="web", help="the one-domain tokenizer's domain (default: web)")
     return p
 
 
@@ -135,20 +158,60 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _load_curation(spec: str, overrides: list[str]):
+    from gemini_core.curation import config as curation_config
+    from gemini_core.experiment import load_experiment
+    return load_experiment(spec, overrides, schema=curation_config.CurationConfig,
+                           convert=curation_config.from_config_dict)
+
+
+def cmd_data(args, overrides: list[str]) -> int:
+    from gemini_core.rundir import runs_root
+
+    if args.data_command == "prepare":
+        from gemini_core.curation import pipeline
+        exp = _load_curation(args.experiment, overrides)
+        pipeline.prepare(exp.config, runs_root(args.runs_root), workers=args.workers,
+                         strict=args.strict, force=args.force)
+    elif args.data_command == "report":
+        from gemini_core.curation import pipeline
+        report = pipeline.read_report(Path(args.dir))
+        print(pipeline.format_report(report))
+    elif args.data_command == "train-classifier":
+        from gemini_core.curation import pipeline
+        exp = _load_curation(args.experiment, overrides)
+        pipeline.train_classifier(exp.config, runs_root(args.runs_root))
+    else:
+        from gemini_core import train
+        from gemini_core.curation.tokenizer_report import format_report, tokenizer_report
+        from gemini_core.experiment import load_experiment
+        cfg = load_experiment(args.experiment, overrides).config
+        from gemini_core.config import require_data_root
+        require_data_root(cfg.data)
+        report = tokenizer_report(cfg.data, single_domain=args.single_domain,
+                                  cache_root=train.cache_root(cfg, runs_root(args.runs_root)))
+        print(format_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from gemini_core.experiment import config_overrides
 
     overrides, rest = config_overrides(argv)
     args = _parser().parse_args(rest)
-    if overrides and args.command != "run":
-        print(f"gx: error: {overrides[0]}: --config.* overrides only apply to `gx run`",
-              file=sys.stderr)
+    takes_config = args.command == "run" or getattr(args, "data_command", "") in (
+        "prepare", "train-classifier", "tokenizer-report")
+    if overrides and not takes_config:
+        print(f"gx: error: {overrides[0]}: --config.* overrides only apply to commands that "
+              "take an EXPERIMENT", file=sys.stderr)
         return 2
     _quiet_libraries()
     try:
         if args.command == "run":
             return cmd_run(args, overrides)
+        if args.command == "data":
+            return cmd_data(args, overrides)
         return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval}[args.command](args)
     except UserError as e:
         print(f"gx: error: {e}", file=sys.stderr)

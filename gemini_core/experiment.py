@@ -13,7 +13,7 @@ import sys
 import traceback
 import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 from absl import flags
@@ -30,7 +30,7 @@ class Experiment:
     spec: str  # what the user typed: experiments/quickstart.py:size=tiny
     path: Path
     arg: str | None
-    config: config_lib.ExperimentConfig
+    config: Any  # config_lib.ExperimentConfig, or the schema given to load_experiment
     overrides: dict  # key path -> value, only what differs from the file's own defaults
 
 
@@ -76,12 +76,13 @@ def _call_get_config(module, path: Path, arg: str | None) -> ml_collections.Conf
     return cfg
 
 
-def with_schema_defaults(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+def with_schema_defaults(cfg: ml_collections.ConfigDict, name: str,
+                         schema: type = config_lib.ExperimentConfig) -> ml_collections.ConfigDict:
     """Adds every schema field the file left out, so `--config.x.y=v` can override it too."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     if not cfg.get("name"):
         cfg.name = name
-    _fill(cfg, config_lib.ExperimentConfig)
+    _fill(cfg, schema)
     return cfg
 
 
@@ -92,8 +93,10 @@ def _fill(cfg: ml_collections.ConfigDict, cls: type) -> None:
             continue  # comes from data.tokenizer.vocab_size
         tp = hints[field.name]
         if field.name not in cfg:
-            if field.default is not dataclasses.MISSING and not dataclasses.is_dataclass(tp):
-                cfg[field.name] = field.default
+            if _has_default(field) and not dataclasses.is_dataclass(tp):
+                default = (field.default if field.default is not dataclasses.MISSING
+                           else field.default_factory())
+                cfg[field.name] = dict(default) if isinstance(default, Mapping) else default
             elif dataclasses.is_dataclass(tp) and _all_default(tp):
                 cfg[field.name] = ml_collections.ConfigDict()
             else:
@@ -103,8 +106,13 @@ def _fill(cfg: ml_collections.ConfigDict, cls: type) -> None:
             _fill(value, tp)
 
 
+def _has_default(field: dataclasses.Field) -> bool:
+    return (field.default is not dataclasses.MISSING
+            or field.default_factory is not dataclasses.MISSING)
+
+
 def _all_default(cls: type) -> bool:
-    return all(f.default is not dataclasses.MISSING for f in dataclasses.fields(cls))
+    return all(_has_default(f) for f in dataclasses.fields(cls))
 
 
 def _key_exists(cfg: ml_collections.ConfigDict, dotted: str) -> str | None:
@@ -156,14 +164,20 @@ def _diff(base: dict, new: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_experiment(spec: str, overrides: Sequence[str] = ()) -> Experiment:
-    """`experiments/x.py:arg` + overrides -> a validated Experiment; UserError on any mistake."""
+def load_experiment(spec: str, overrides: Sequence[str] = (), *,
+                    schema: type = config_lib.ExperimentConfig,
+                    convert: Callable[[ml_collections.ConfigDict], Any] =
+                    config_lib.from_config_dict) -> Experiment:
+    """`experiments/x.py:arg` + overrides -> a validated Experiment; UserError on any mistake.
+
+    `schema`/`convert` name another typed config, e.g. a data-curation pipeline's.
+    """
     path, arg = split_spec(spec)
     module = _load_module(path)
-    defaults = with_schema_defaults(_call_get_config(module, path, arg), path.stem)
+    defaults = with_schema_defaults(_call_get_config(module, path, arg), path.stem, schema)
     cfg = ml_collections.ConfigDict(defaults.to_dict())
     apply_overrides(cfg, overrides)
-    exp_cfg = config_lib.from_config_dict(cfg)
+    exp_cfg = convert(cfg)
     return Experiment(spec=spec, path=path, arg=arg, config=exp_cfg,
                       overrides=_diff(defaults.to_dict(), cfg.to_dict()))
 

@@ -116,33 +116,33 @@ def file_sha256(path: Path) -> str:
 # records
 
 
-class _Bad(NamedTuple):
+class Bad(NamedTuple):
     kind: str
     message: str
 
 
-def _check_text(record: object, path: Path, line: int, text_field: str) -> str | _Bad:
+def check_text(record: object, path: Path, line: int, text_field: str) -> str | Bad:
     where = f"{path}:{line}"
     if not isinstance(record, dict):
-        return _Bad("invalid_record", f"{where}: expected a JSON object with a {text_field!r} "
+        return Bad("invalid_record", f"{where}: expected a JSON object with a {text_field!r} "
                     f"field, got {type(record).__name__}")
     if text_field not in record:
         keys = ", ".join(map(repr, list(record)[:8])) or "none"
-        return _Bad("invalid_record", f"{where}: record has no {text_field!r} field "
+        return Bad("invalid_record", f"{where}: record has no {text_field!r} field "
                     f"(its keys: {keys}; config.data.text_field)")
     text = record[text_field]
     if not isinstance(text, str):
-        return _Bad("invalid_record", f"{where}: field {text_field!r} is "
+        return Bad("invalid_record", f"{where}: field {text_field!r} is "
                     f"{type(text).__name__}, expected a string")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # JSON may escape a lone surrogate: not encodable text
-        return _Bad("invalid_utf8", f"{where}: field {text_field!r} holds a lone surrogate "
+        return Bad("invalid_utf8", f"{where}: field {text_field!r} holds a lone surrogate "
                     f"{text[e.start]!r} at character {e.start}: not valid UTF-8 text")
     return text
 
 
-def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | _Bad]]:
+def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | Bad]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     line = 0
     try:
@@ -155,22 +155,22 @@ def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | _Ba
                 try:
                     decoded = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield line, _Bad("invalid_utf8", f"{path}:{line}: invalid UTF-8 at byte "
+                    yield line, Bad("invalid_utf8", f"{path}:{line}: invalid UTF-8 at byte "
                                      f"{e.start} of the line ({e.reason})")
                     continue
                 try:
                     record = json.loads(decoded)
                 except json.JSONDecodeError as e:
-                    yield line, _Bad("invalid_json", f"{path}:{line}: not valid JSON "
+                    yield line, Bad("invalid_json", f"{path}:{line}: not valid JSON "
                                      f"({e.msg.removesuffix(' at')} at column {e.colno})")
                     continue
-                yield line, _check_text(record, path, line, text_field)
+                yield line, check_text(record, path, line, text_field)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        yield line + 1, _Bad("truncated", f"{path}: compressed data is truncated or corrupt "
+        yield line + 1, Bad("truncated", f"{path}: compressed data is truncated or corrupt "
                              f"after line {line} (the last complete line): {e}")
 
 
-def _parquet_records(path: Path, text_field: str) -> Iterator[tuple[int, str | _Bad]]:
+def _parquet_records(path: Path, text_field: str) -> Iterator[tuple[int, str | Bad]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -186,7 +186,27 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[tuple[int, str | _
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             row += 1
-            yield row, _check_text({text_field: value}, path, row, text_field)
+            yield row, check_text({text_field: value}, path, row, text_field)
+
+
+def _text_file(path: Path, text_field: str) -> Iterator[tuple[int, str | Bad]]:
+    del text_field  # a plain-text file is one document
+    raw = path.read_bytes()
+    try:
+        yield 1, raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        yield 1, Bad("invalid_utf8", f"{path}:1: invalid UTF-8 at byte {e.start} ({e.reason})")
+
+
+def records(path: Path, text_field: str) -> Iterator[tuple[int, str | Bad]]:
+    """(line or row, text or the problem) for each record of a .jsonl[.gz], .parquet or .txt
+    file (a .txt file is one document); problems are values, for callers that count them."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return _parquet_records(path, text_field)
+    if path.suffix == ".txt":
+        return _text_file(path, text_field)
+    return _jsonl_records(path, text_field)
 
 
 def iter_documents(path: Path, text_field: str, on_bad_record: str,
@@ -195,11 +215,9 @@ def iter_documents(path: Path, text_field: str, on_bad_record: str,
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    records = (_parquet_records if path.suffix == ".parquet" else _jsonl_records)(path,
-                                                                                 text_field)
     documents = 0
-    for line, item in records:
-        if isinstance(item, _Bad):
+    for line, item in records(path, text_field):
+        if isinstance(item, Bad):
             if on_bad_record != "skip":
                 hint = "" if item.kind == "truncated" else f" {SKIP_HINT}"
                 raise UserError(item.message + hint)

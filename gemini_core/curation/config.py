@@ -1,0 +1,183 @@
+"""The typed config of a data-curation pipeline (`gx data prepare EXPERIMENT`).
+
+Same boundary as training configs (gemini_core/config.py): the user's ConfigDict is validated
+once and becomes frozen dataclasses; every mistake is one UserError naming the key path.
+Each stage has `enabled` and its parameters; `quality.overrides.<domain>` adjusts rules per
+domain on top of the built-in per-domain defaults (code and math are not prose).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Mapping
+
+import ml_collections
+
+from gemini_core.config import DEFAULT_DOMAINS, _to_dataclass
+from gemini_core.errors import UserError
+
+SPLIT_FILES = types.MappingProxyType({"train": "train.jsonl.gz", "valid": "valid.jsonl.gz"})
+EMPTY: Mapping = types.MappingProxyType({})
+
+
+def _no_entries():
+    return dataclasses.field(default_factory=lambda: EMPTY)  # a dict default is not allowed
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where one domain's raw documents come from, when not `data.root/<domain>/<file>`."""
+
+    kind: str = "files"  # files | hf
+    # kind=files: split -> glob; relative globs are under data.root/<domain>/
+    files: Mapping[str, str] = _no_entries()
+    # kind=hf: datasets.load_dataset(hf_name, hf_config, split=hf_splits[split], streaming=True,
+    # data_files=hf_data_files or None): a hub dataset, or a builder ("json", "parquet") on files
+    hf_name: str = ""
+    hf_config: str = ""
+    # our split -> the dataset's split; default: same name
+    hf_splits: Mapping[str, str] = _no_entries()
+    # our split -> files, for builder datasets
+    hf_data_files: Mapping[str, str] = _no_entries()
+    text_field: str = ""  # "" = data.text_field
+
+
+@dataclasses.dataclass(frozen=True)
+class CurationDataConfig:
+    root: str
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
+    # split -> file name in each domain folder
+    files: Mapping[str, str] = dataclasses.field(default_factory=lambda: SPLIT_FILES)
+    text_field: str = "text"
+    # domain -> source, when not the default files
+    sources: Mapping[str, SourceConfig] = _no_entries()
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    dir: str = ""  # "" = <runs root>/data/<name>-<fingerprint[:8]>
+    examples: int = 3  # removed-text snippets kept per rule and domain for the report
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityConfig:
+    enabled: bool = True
+    # QualityParams fields for every domain
+    params: Mapping[str, Any] = _no_entries()
+    # domain -> {QualityParams field: value}
+    overrides: Mapping[str, Any] = _no_entries()
+
+
+@dataclasses.dataclass(frozen=True)
+class LangidConfig:
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    enabled: bool = True
+    positives: tuple[str, ...] = ("wiki", "books")  # domains whose train docs are "good"
+    negatives: tuple[str, ...] = ("web",)  # raw docs the classifier learns to tell apart
+    apply_to: tuple[str, ...] = ("web",)  # domains whose docs are dropped below the threshold
+    # drop this fraction of apply_to documents: the threshold is that quantile of the scores of
+    # the negatives' documents (a rank, as GPT-3 and DCLM filter), so it means the same
+    # whatever the classifier's calibration; a threshold > 0 replaces it with a fixed P(good)
+    drop_fraction: float = 0.1
+    threshold: float = 0.0
+    max_docs_per_class: int = 5000
+    model: str = ""  # a trained model (.npz); "" = train it (cached by content)
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyConfig:
+    enabled: bool = True
+    blocklist_dir: str = ""  # "" = <data.root>/_filters/ldnoobw
+    max_matches: int = 2  # documents with more blocklist matches than this are dropped
+    # matches are counted but never drop documents here: in code, "XXX" marks a to-do
+    exempt: tuple[str, ...] = ("code",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PiiConfig:
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    ngram: int = 5
+    num_perm: int = 128
+    bands: int = 16
+    threshold: float = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class CurationConfig:
+    name: str
+    data: CurationDataConfig
+    output: OutputConfig = OutputConfig()
+    quality: QualityConfig = QualityConfig()
+    langid: LangidConfig = LangidConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    safety: SafetyConfig = SafetyConfig()
+    pii: PiiConfig = PiiConfig()
+    dedup: DedupConfig = DedupConfig()
+    workers: int = 0  # Ray workers for the per-document stages; 0 = all cores
+    strict: bool = False  # any bad record is an error (exit 2) instead of counted
+    seed: int = 0
+
+
+def _check(c: CurationConfig) -> None:
+    if not c.name:
+        raise UserError("config.name='': every pipeline needs a name")
+    if not c.data.domains:
+        raise UserError("config.data.domains=(): name at least one domain")
+    if len(set(c.data.domains)) != len(c.data.domains):
+        raise UserError(f"config.data.domains={c.data.domains}: a domain is listed twice")
+    if not c.data.files:
+        raise UserError("config.data.files={}: name at least one split (e.g. train)")
+    for domain, source in c.data.sources.items():
+        p = f"config.data.sources.{domain}"
+        if domain not in c.data.domains:
+            raise UserError(f"{p}: {domain!r} is not in config.data.domains={c.data.domains}")
+        if source.kind not in ("files", "hf"):
+            raise UserError(f"{p}.kind={source.kind!r}: expected 'files' or 'hf'")
+        if source.kind == "hf" and not source.hf_name:
+            raise UserError(f"{p}.hf_name='': name the dataset (or a builder such as 'json')")
+        unknown = set(source.files) | set(source.hf_splits) | set(source.hf_data_files)
+        unknown -= set(c.data.files)
+        if unknown:
+            raise UserError(f"{p}: split {sorted(unknown)[0]!r} is not in config.data.files "
+                            f"({', '.join(c.data.files)})")
+    cl = c.classifier
+    for key in ("positives", "negatives", "apply_to") if cl.enabled else ():
+        for d in getattr(cl, key):
+            if d not in c.data.domains:
+                raise UserError(f"config.classifier.{key}: {d!r} is not in config.data.domains")
+    if cl.enabled and not cl.model and not (cl.positives and cl.negatives):
+        raise UserError("config.classifier: name positives and negatives, or a trained model")
+    if not 0.0 <= cl.threshold < 1.0:
+        raise UserError(f"config.classifier.threshold={cl.threshold}: must be in [0, 1)")
+    if not 0.0 <= cl.drop_fraction < 1.0:
+        raise UserError(f"config.classifier.drop_fraction={cl.drop_fraction}: must be in [0, 1)")
+    if c.safety.max_matches < 0:
+        raise UserError(f"config.safety.max_matches={c.safety.max_matches}: must be >= 0")
+    d = c.dedup
+    for key in ("ngram", "num_perm", "bands"):
+        if getattr(d, key) <= 0:
+            raise UserError(f"config.dedup.{key}={getattr(d, key)}: must be positive")
+    if d.num_perm % d.bands:
+        raise UserError(f"config.dedup.bands={d.bands}: must divide config.dedup.num_perm="
+                        f"{d.num_perm}")
+    if not 0.0 < d.threshold <= 1.0:
+        raise UserError(f"config.dedup.threshold={d.threshold}: must be in (0, 1]")
+    if c.workers < 0:
+        raise UserError(f"config.workers={c.workers}: must be >= 0 (0 = all cores)")
+
+
+def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> CurationConfig:
+    c = _to_dataclass(cfg, CurationConfig, "config")
+    _check(c)
+    return c
