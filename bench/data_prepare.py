@@ -103,6 +103,21 @@ def peer(corpus: str, work: Path) -> dict | None:
     return result
 
 
+def peer_kept(chain: dict | None) -> int | None:
+    """Documents datatrove's writer received: what its filter chain kept."""
+    if not chain:
+        return None
+    return chain["steps"][-1]["counters"].get("total", 0)
+
+
+def peer_dedup(p: dict | None) -> str:
+    if not p or "dedup" not in p:
+        return "—"
+    d = p["dedup"]
+    return ", ".join(f"{kind} {sum(v['removed'].values())} in {v['wall_s']:.1f}s"
+                     for kind, v in d.items())
+
+
 def table(o: dict, p: dict | None) -> str:
     lines = []
     one = o["runs"].get(1)
@@ -124,12 +139,17 @@ def table(o: dict, p: dict | None) -> str:
     if one and two:
         lines.append(f"2 workers: {two['mb_per_s']:.2f} MB/s ({two['mb_per_s'] / one['mb_per_s']:.2f}"
                      f"x of 1 worker); byte-identical output: {o.get('identical_1_vs_2_workers')}")
+    report = (one or two)["report"]
+    ours_dedup = {k: sum(d["removed"].get(f"dedup/{k}", {}).get("docs", 0)
+                         for d in report["domains"].values()) for k in ("exact", "near")}
+    lines.append(f"dedup removed: ours exact {ours_dedup['exact']}, near {ours_dedup['near']} "
+                 f"(MinHash 16x8 confirmed at Jaccard >= 0.8); datatrove {peer_dedup(p)}")
     lines += ["", "| domain | docs in | ours kept | datatrove kept (filters) | ours: top removal reasons |",
               "|---|---|---|---|---|"]
-    report = (one or two)["report"]
     chain = (p or {}).get("chain", {})
-    for domain, d in report["domains"].items():
-        kept_peer = chain.get(domain, {}).get("kept") if isinstance(chain.get(domain), dict) else None
+    for domain in report.get("domain_order") or report["domains"]:
+        d = report["domains"][domain]
+        kept_peer = peer_kept(chain.get(domain))
         reasons = sorted(d["rules_first"].items(), key=lambda kv: -kv[1])[:3]
         peer_cell = f"{kept_peer / d['docs_in']:.0%}" if kept_peer is not None else "—"
         lines.append(f"| {domain} | {d['docs_in']:,} | {d['docs_out'] / d['docs_in']:.0%} | "

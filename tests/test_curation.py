@@ -123,6 +123,10 @@ def test_prepare_removes_duplicates_masks_pii_and_reports(prepared, raw):
         assert d["docs_in"] == DOCS + 8 + (4 if domain == "web" else 0)
         assert 0 < d["docs_out"] <= d["docs_in"]
         assert d["output"]["valid"]["docs"] > 0
+        for split in ("train", "valid"):  # the report's counts are what was written
+            records = output_records(out, domain, split)
+            assert d["output"][split]["docs"] == len(records)
+            assert d["output"][split]["bytes"] == sum(len(r["text"].encode()) for r in records)
         for r in output_records(out, domain)[:3]:
             assert {"text", "id", "source", "lang", "blocklist_matches", "pii"} <= set(r)
     # code and math are judged by their own rules: most of them survive

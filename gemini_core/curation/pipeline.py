@@ -1,19 +1,22 @@
 """`gx data prepare`: raw domain files -> cleaned data root + report, on Ray Data.
 
-Three phases, so that the result is byte-identical with any number of workers and on a rerun:
+Two phases, so that the result is byte-identical with any number of workers and on a rerun:
   1. filter (parallel, one Ray Data task per input shard): normalize, language, quality rules,
-     safety, classifier, PII masking; kept documents go to a work file with their dedup
-     key and MinHash signature, and the shard returns its counts and removed-text examples;
+     safety, classifier, PII masking; kept documents are written as one gzip member (mtime 0)
+     per shard, with their dedup keys and MinHash signatures beside it, and the shard returns
+     its counts and removed-text examples;
   2. dedup (driver, sequential): shards in the global order (domain, split, file, line), so
-     "keep the first" is the same decision whoever processed which shard;
-  3. write (parallel): each shard's survivors become one gzip member (mtime 0); members are
-     concatenated per domain and split into `<out>/<domain>/<split>.jsonl.gz` (a valid gzip).
+     "keep the first" is the same decision whoever processed which shard; only the parts that
+     lost duplicates are rewritten (duplicates are rare: a second parallel pass over every part
+     would cost more than it saves); the parts are concatenated per domain and split into
+     `<out>/<domain>/<split>.jsonl.gz` (concatenated gzip members are one valid gzip file).
 Everything is written under a temporary directory renamed into place at the end, so an
 interrupted prepare never leaves an output that looks complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -39,7 +42,7 @@ from gemini_core.data.sources import Bad
 from gemini_core.errors import UserError
 from gemini_core.rundir import fingerprint, write_json_atomic
 
-FORMAT = 1  # bump when the output layout or any stage's behaviour changes
+FORMAT = 3  # bump when the output layout or any stage's behaviour changes
 BATCH_DOCS = 256  # documents per batch inside a shard: bounds memory, amortizes the classifier
 SNIPPET_CHARS = 240
 STAGES = ("quality", "safety", "classifier")  # the per-document stages that drop, in order
@@ -139,16 +142,20 @@ class FilterWorker:
         t0 = time.perf_counter()
         stats = _ShardStats(shard, self.cfg.output.examples)
         work = Path(self.plan.work_dir)
-        keys, sigs = [], []
-        with open(work / f"{shard.index:06d}.jsonl", "w", encoding="utf-8") as out:
+        keys, sigs, ids, sizes = [], [], [], []
+        with _gzip_writer(work / f"{shard.index:06d}.part.gz") as out:
             for batch in _batches(read_shard(shard), stats):
                 for record, key, sig in self._filter_batch(shard, batch, stats):
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
                     keys.append(key)
                     sigs.append(sig)
+                    ids.append(record["id"])
+                    sizes.append(len(record["text"].encode("utf-8")))
         np.savez(work / f"{shard.index:06d}.npz", keys=_stack(keys, (0, 16), np.uint8),
-                 sigs=_stack(sigs, (0, self.plan.dedup.num_perm), np.uint64))
-        if not stats.d["docs_in"] and not stats.d["bad"]:
+                 sigs=_stack(sigs, (0, self.plan.dedup.num_perm), np.uint64),
+                 ids=np.asarray(ids, dtype=str), sizes=np.asarray(sizes, np.int64))
+        whole_file = shard.first_line == 1 and not shard.end_line
+        if whole_file and not stats.d["docs_in"] and not stats.d["bad"]:
             stats.count("bad", "empty_file")
             stats.d["bad_examples"].append({"line": 0, "kind": "empty_file",
                                             "message": f"{shard.label}: no documents"})
@@ -230,6 +237,14 @@ def _batches(items: Iterable[tuple[int, str | Bad]], stats: _ShardStats):
         yield batch
 
 
+@contextlib.contextmanager
+def _gzip_writer(path: Path):
+    """A gzip member with mtime 0 and no file name in its header: the bytes never vary."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
+                                                compresslevel=6, filename="") as gz:
+        yield gz
+
+
 def _stack(rows: list, empty_shape: tuple[int, int], dtype) -> np.ndarray:
     rows = [r for r in rows if r is not None]
     if not rows:
@@ -254,64 +269,72 @@ def dedup_shards(plan: Plan, shards: list[Shard], log: Log) -> tuple[dict[int, s
     work = Path(plan.work_dir)
     for shard in shards:
         arrays = np.load(work / f"{shard.index:06d}.npz")
-        keys, sigs = arrays["keys"], arrays["sigs"]
-        with open(work / f"{shard.index:06d}.jsonl", encoding="utf-8") as f:
-            for row, line in enumerate(f):
-                doc_id = json.loads(line)["id"]
-                key = keys[row].tobytes() if p.exact else None
-                sig = sigs[row] if p.near else None
-                found = deduper.add(doc_id, key, sig)
-                if found is None:
-                    continue
-                kind, original = found
-                drops.setdefault(shard.index, set()).add(row)
-                entry = removed.setdefault(shard.domain, {}).setdefault(
-                    f"dedup/{kind}", {"docs": 0, "bytes": 0, "cross_domain": 0, "examples": []})
-                text = json.loads(line)["text"]
-                entry["docs"] += 1
-                entry["bytes"] += len(text.encode("utf-8"))
-                entry["cross_domain"] += original.split("/")[0] != shard.domain
-                if len(entry["examples"]) < plan.cfg_json["output"]["examples"]:
-                    entry["examples"].append({"where": doc_id, "duplicate_of": original,
-                                              "text": text[:SNIPPET_CHARS]})
+        keys, sigs, ids, sizes = arrays["keys"], arrays["sigs"], arrays["ids"], arrays["sizes"]
+        for row, doc_id in enumerate(ids.tolist()):
+            found = deduper.add(doc_id, keys[row].tobytes() if p.exact else None,
+                                sigs[row] if p.near else None)
+            if found is None:
+                continue
+            kind, original = found
+            drops.setdefault(shard.index, set()).add(row)
+            entry = removed.setdefault(shard.domain, {}).setdefault(
+                f"dedup/{kind}", {"docs": 0, "bytes": 0, "cross_domain": 0, "examples": [],
+                                  "rows": [], "split_docs": {}, "split_bytes": {}})
+            entry["docs"] += 1
+            entry["bytes"] += int(sizes[row])
+            entry["split_docs"][shard.split] = entry["split_docs"].get(shard.split, 0) + 1
+            entry["split_bytes"][shard.split] = (entry["split_bytes"].get(shard.split, 0)
+                                                 + int(sizes[row]))
+            entry["cross_domain"] += original.split("/")[0] != shard.domain
+            if len(entry["examples"]) < plan.cfg_json["output"]["examples"]:
+                entry["examples"].append({"where": doc_id, "duplicate_of": original,
+                                          "shard": shard.index, "row": row})
+    _fill_dedup_examples(work, removed)
     log(f"dedup: {sum(len(v) for v in drops.values()):,} duplicates removed")
     return drops, removed
 
 
-# ---------------------------------------------------------------------------------------------
-# phase 3: write (Ray workers) and assemble (driver)
+def _fill_dedup_examples(work: Path, removed: dict) -> None:
+    """The text of each example duplicate, read back from its shard's part."""
+    wanted: dict[int, list[dict]] = {}
+    for kinds in removed.values():
+        for entry in kinds.values():
+            entry.pop("rows")
+            for ex in entry["examples"]:
+                wanted.setdefault(ex.pop("shard"), []).append(ex)
+    for index, examples in wanted.items():
+        rows = {ex.pop("row"): ex for ex in examples}
+        with gzip.open(work / f"{index:06d}.part.gz", "rt", encoding="utf-8") as f:
+            for row, line in enumerate(f):
+                if row in rows:
+                    rows[row]["text"] = json.loads(line)["text"][:SNIPPET_CHARS]
 
 
-def write_part(work_dir: str, index: int, drop_rows: list[int]) -> str:
-    """The survivors of one shard as one gzip member; mtime 0 so the bytes never vary."""
-    work, drop = Path(work_dir), set(drop_rows)
-    part = work / f"{index:06d}.part.gz"
-    with open(work / f"{index:06d}.jsonl", "rb") as src, open(part, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
-            for row, line in enumerate(src):
-                if row not in drop:
-                    gz.write(line)
-    return str(part)
+def drop_rows(part: Path, rows: set[int]) -> None:
+    """Rewrites a part without the given rows."""
+    tmp = part.with_suffix(".tmp")
+    with gzip.open(part, "rb") as src, _gzip_writer(tmp) as dst:
+        for row, line in enumerate(src):
+            if row not in rows:
+                dst.write(line)
+    os.replace(tmp, part)
 
 
-def _write_batch(batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
-    out = []
-    for item in batch["job"]:
-        job = json.loads(item)
-        out.append(write_part(job["work_dir"], job["index"], job["drop"]))
-    return {"part": out}
-
-
-def assemble(plan: Plan, shards: list[Shard], out_tmp: Path) -> dict[tuple[str, str], Path]:
-    files: dict[tuple[str, str], Path] = {}
-    for shard in shards:  # global order: parts of a domain/split concatenate in file order
+def assemble(work: Path, shards: list[Shard], drops: dict[int, set[int]],
+             out_tmp: Path) -> list[tuple[str, str]]:
+    """Concatenates the parts per domain and split, in the global order."""
+    written = []
+    for shard in shards:
+        part = work / f"{shard.index:06d}.part.gz"
+        if shard.index in drops:
+            drop_rows(part, drops[shard.index])
         target = out_tmp / shard.domain / f"{shard.split}.jsonl.gz"
         target.parent.mkdir(parents=True, exist_ok=True)
-        part = Path(plan.work_dir) / f"{shard.index:06d}.part.gz"
         with open(target, "ab") as dst, open(part, "rb") as src:
             shutil.copyfileobj(src, dst)
-        files[(shard.domain, shard.split)] = target
-    return files
+        if (shard.domain, shard.split) not in written:
+            written.append((shard.domain, shard.split))
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,8 +417,8 @@ def identity(cfg: CurationConfig, shards: list[Shard], blocklist_fp: str | None,
     resolved["classifier"].pop("model")
     return {"format": FORMAT, "config": resolved, "blocklist": blocklist_fp,
             "classifier": classifier_fp,
-            "inputs": [[s.domain, s.split, Path(s.path).name if s.kind == "files" else s.label,
-                        s.sha256] for s in shards]}
+            "inputs": sorted({(s.domain, s.split, Path(s.path).name if s.kind == "files"
+                               else s.label, s.sha256) for s in shards})}
 
 
 def _sample_docs(shards: list[Shard], domains: tuple[str, ...], limit: int,
@@ -537,13 +560,10 @@ def _run(cfg: CurationConfig, shards: list[Shard], plan: Plan, tmp: Path, worker
         raise UserError(f"{first['message']} (--strict: {sum(sum(s['bad'].values()) for s in stats):,}"
                         " bad records in all; nothing was written)")
     drops, dup_removed = dedup_shards(plan, shards, log)
+    written = assemble(Path(plan.work_dir), shards, drops, tmp)
     t_dedup = time.perf_counter() - t0 - t_filter
-    jobs = [{"work_dir": plan.work_dir, "index": s.index, "drop": sorted(drops.get(s.index, ()))}
-            for s in shards]
-    _ray_map(jobs, "job", _write_batch, workers, Progress("write", len(jobs), 0, log), "part")
-    files = assemble(plan, shards, tmp)
     t_total = time.perf_counter() - t0
-    return build_report(cfg, stats, dup_removed, files, tmp,
+    return build_report(cfg, stats, dup_removed, written,
                         {"filter": t_filter, "dedup": t_dedup, "total": t_total})
 
 
@@ -583,8 +603,19 @@ def _merge_counts(into: dict, counts: dict) -> None:
         into[k] = into.get(k, 0) + v
 
 
+def _written(stats: list[dict], dup_removed: dict, domain: str, split: str) -> dict:
+    """Documents and text bytes of one output file: the filters' survivors less duplicates."""
+    shards = [s for s in stats if (s["domain"], s["split"]) == (domain, split)]
+    dups = dup_removed.get(domain, {}).values()
+    return {"file": f"{domain}/{split}.jsonl.gz",
+            "docs": sum(s["docs_out"] for s in shards)
+            - sum(v["split_docs"].get(split, 0) for v in dups),
+            "bytes": sum(s["bytes_out"] for s in shards)
+            - sum(v["split_bytes"].get(split, 0) for v in dups)}
+
+
 def build_report(cfg: CurationConfig, stats: list[dict], dup_removed: dict,
-                 files: dict[tuple[str, str], Path], out_tmp: Path, seconds: dict) -> dict:
+                 written: list[tuple[str, str]], seconds: dict) -> dict:
     domains: dict[str, dict] = {}
     for s in stats:
         d = domains.setdefault(s["domain"], {
@@ -597,8 +628,7 @@ def build_report(cfg: CurationConfig, stats: list[dict], dup_removed: dict,
             _merge_counts(d["removed"].setdefault(stage, {"docs": 0, "bytes": 0}), r)
         for key in ("rules_any", "pii", "languages", "bad"):
             _merge_counts(d[key], s[key])
-        d["rules_first"] = d.get("rules_first", {})
-        _merge_counts(d["rules_first"], s["rules_first"])
+        _merge_counts(d.setdefault("rules_first", {}), s["rules_first"])
         for rule, ex in s["examples"].items():
             kept = d["examples"].setdefault(rule, [])
             kept += ex[: cfg.output.examples - len(kept)]
@@ -611,26 +641,16 @@ def build_report(cfg: CurationConfig, stats: list[dict], dup_removed: dict,
                                   "cross_domain": entry["cross_domain"]}
             d["rules_first"][kind] = entry["docs"]
             d["examples"][kind] = entry["examples"]
-    for (domain, split), path in files.items():
-        docs, n_bytes = _count_output(path)
-        d = domains[domain]
-        d.setdefault("output", {})[split] = {"file": str(path.relative_to(out_tmp)),
-                                             "docs": docs, "bytes": n_bytes}
+    for domain, split in written:
+        domains[domain].setdefault("output", {})[split] = _written(stats, dup_removed, domain,
+                                                                   split)
     for d in domains.values():
         d["docs_out"] = sum(o["docs"] for o in d.get("output", {}).values())
         d["bytes_out"] = sum(o["bytes"] for o in d.get("output", {}).values())
     total_in = sum(d["bytes_in"] for d in domains.values())
-    return {"name": cfg.name, "domains": domains, "seconds": seconds,
+    return {"name": cfg.name, "domain_order": list(cfg.data.domains), "domains": domains,
+            "seconds": seconds,
             "mb_per_s": total_in / 1e6 / seconds["total"] if seconds["total"] else None}
-
-
-def _count_output(path: Path) -> tuple[int, int]:
-    docs = n_bytes = 0
-    with gzip.open(path, "rb") as f:
-        for line in f:
-            docs += 1
-            n_bytes += len(json.loads(line)["text"].encode("utf-8"))
-    return docs, n_bytes
 
 
 def format_report(report: dict) -> str:
@@ -638,7 +658,10 @@ def format_report(report: dict) -> str:
     lines = [f"{'domain':<14}{'docs in':>10}{'docs out':>10}{'kept':>7}{'MB in':>9}{'MB out':>9}"
              + "".join(f"{s:>12}" for s in (*STAGES, "dedup"))]
     lines.append("-" * len(lines[0]))
-    for domain, d in report["domains"].items():
+    # report.json is written with sorted keys; show domains in the config's order
+    order = report.get("domain_order") or list(report["domains"])
+    domains = {d: report["domains"][d] for d in order if d in report["domains"]}
+    for domain, d in domains.items():
         removed = d["removed"]
         dedup = sum(v["docs"] for k, v in removed.items() if k.startswith("dedup/"))
         kept = d["docs_out"] / d["docs_in"] if d["docs_in"] else 0.0
@@ -649,7 +672,7 @@ def format_report(report: dict) -> str:
     lines.append("")
     lines.append("removed by rule (first rule that dropped the document; any = every failing "
                  "document)")
-    for domain, d in report["domains"].items():
+    for domain, d in domains.items():
         rules = sorted(d["rules_first"].items(), key=lambda kv: -kv[1])
         if not rules:
             continue
@@ -659,7 +682,7 @@ def format_report(report: dict) -> str:
             for ex in d["examples"].get(rule, [])[:1]:
                 snippet = " ".join(ex["text"].split())[:100]
                 lines.append(f"      {rule} e.g. {ex['where']}: {snippet!r}")
-    for domain, d in report["domains"].items():
+    for domain, d in domains.items():
         if d["pii"]:
             lines.append(f"  {domain}: PII masked: " + ", ".join(
                 f"{k} {n:,}" for k, n in sorted(d["pii"].items())))

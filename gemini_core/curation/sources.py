@@ -1,7 +1,7 @@
 """Raw documents for curation: local files by glob, or a Hugging Face dataset, as shards.
 
-A shard is one unit of parallel work: one input file of one domain and split, or one split of
-a HF dataset (streamed: it cannot be cut without reading it). Shards are planned on the driver,
+A shard is one unit of parallel work: a range of lines of one input file of one domain and
+split, or one split of a HF dataset (streamed: it cannot be cut without reading it). Shards are planned on the driver,
 in a fixed order (config domain order, split order, sorted paths), so output and the "keep the
 first" rule of dedup never depend on how many workers there are.
 """
@@ -17,10 +17,13 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from gemini_core.curation.config import CurationConfig, SourceConfig
-from gemini_core.data.sources import Bad, check_text, file_sha256, records
+from gemini_core.data.sources import Bad, check_text, file_sha256, line_chunks, records
 from gemini_core.errors import UserError
 
 BUILDERS = ("json", "parquet", "csv", "text", "arrow")  # datasets' local-file builders
+# a large file is cut into line ranges of about this many bytes, so that workers finish
+# together; the cut depends only on the file, never on the number of workers
+CHUNK_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,8 @@ class Shard:
     hf_split: str = ""
     hf_data_files: str = ""
     sha256: str = ""  # of the file: identifies the content (HF: name/config/split instead)
+    first_line: int = 1  # this shard's [first_line, end_line) of the file; end 0 = to its end
+    end_line: int = 0
 
     @property
     def label(self) -> str:
@@ -59,8 +64,14 @@ def _file_shards(cfg: CurationConfig, domain: str, split: str, source: SourceCon
             raise UserError(f"{root / domain}: no such domain folder (config.data.root="
                             f"{cfg.data.root!r}, domain {domain!r})")
         raise UserError(f"{where}: no file matches (domain {domain!r}, split {split!r})")
-    return [Shard(domain, split, start + i, "files", str(Path(p).absolute()), text_field,
-                  sha256=file_sha256(Path(p))) for i, p in enumerate(paths)]
+    shards = []
+    for p in paths:
+        sha = file_sha256(Path(p))
+        for first, end in line_chunks(Path(p), CHUNK_BYTES):
+            shards.append(Shard(domain, split, start + len(shards), "files",
+                                str(Path(p).absolute()), text_field, sha256=sha,
+                                first_line=first, end_line=end))
+    return shards
 
 
 def plan_shards(cfg: CurationConfig) -> list[Shard]:
@@ -130,4 +141,4 @@ def read_shard(shard: Shard) -> Iterator[tuple[int, str | Bad]]:
         return _hf_records(shard)
     if not os.path.isfile(shard.path):
         raise UserError(f"{shard.path}: no such file")
-    return records(Path(shard.path), shard.text_field)
+    return records(Path(shard.path), shard.text_field, (shard.first_line, shard.end_line))

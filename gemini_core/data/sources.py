@@ -142,12 +142,18 @@ def check_text(record: object, path: Path, line: int, text_field: str) -> str | 
     return text
 
 
-def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str | Bad]]:
+def _jsonl_records(path: Path, text_field: str, lines: tuple[int, int] = (1, 0)
+                   ) -> Iterator[tuple[int, str | Bad]]:
     opener = gzip.open if path.name.endswith(".gz") else open
+    first, end = lines
     line = 0
     try:
         with opener(path, "rb") as f:
             for line, raw in enumerate(f, 1):
+                if line < first:
+                    continue  # before this reader's range: not even decoded
+                if end and line >= end:
+                    return
                 if line == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
                 if not raw.strip():
@@ -198,15 +204,38 @@ def _text_file(path: Path, text_field: str) -> Iterator[tuple[int, str | Bad]]:
         yield 1, Bad("invalid_utf8", f"{path}:1: invalid UTF-8 at byte {e.start} ({e.reason})")
 
 
-def records(path: Path, text_field: str) -> Iterator[tuple[int, str | Bad]]:
+def records(path: Path, text_field: str, lines: tuple[int, int] = (1, 0)
+            ) -> Iterator[tuple[int, str | Bad]]:
     """(line or row, text or the problem) for each record of a .jsonl[.gz], .parquet or .txt
-    file (a .txt file is one document); problems are values, for callers that count them."""
+    file (a .txt file is one document); problems are values, for callers that count them.
+    `lines` = [first, end) limits a .jsonl file to a range of its lines (end 0 = to the end)."""
     path = Path(path)
     if path.suffix == ".parquet":
         return _parquet_records(path, text_field)
     if path.suffix == ".txt":
         return _text_file(path, text_field)
-    return _jsonl_records(path, text_field)
+    return _jsonl_records(path, text_field, lines)
+
+
+def line_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[first, end) line ranges of about `chunk_bytes` uncompressed each, covering a .jsonl
+    file; one range (1, 0) for other formats or a small file. A truncated .gz ends the last
+    range at the end of the file (0), so its reader still meets the error."""
+    path = Path(path)
+    if not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return [(1, 0)]
+    opener = gzip.open if path.name.endswith(".gz") else open
+    starts, size = [1], 0
+    try:
+        with opener(path, "rb") as f:
+            for line, raw in enumerate(f, 1):
+                if size >= chunk_bytes:
+                    starts.append(line)
+                    size = 0
+                size += len(raw)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        pass
+    return [(a, b) for a, b in zip(starts, starts[1:] + [0])]
 
 
 def iter_documents(path: Path, text_field: str, on_bad_record: str,
