@@ -42,7 +42,7 @@ from gemini_core.data.sources import Bad
 from gemini_core.errors import UserError
 from gemini_core.rundir import fingerprint, write_json_atomic
 
-FORMAT = 3  # bump when the output layout or any stage's behaviour changes
+FORMAT = 4  # bump when the output layout or any stage's behaviour changes
 BATCH_DOCS = 256  # documents per batch inside a shard: bounds memory, amortizes the classifier
 SNIPPET_CHARS = 240
 STAGES = ("quality", "safety", "classifier")  # the per-document stages that drop, in order
@@ -423,14 +423,21 @@ def identity(cfg: CurationConfig, shards: list[Shard], blocklist_fp: str | None,
 
 def _sample_docs(shards: list[Shard], domains: tuple[str, ...], limit: int,
                  seed: int) -> list[str]:
-    """Up to `limit` normalized train documents of `domains`, spread over the domains."""
-    docs = []
-    for domain in domains:
-        texts = [normalize(t) for s in shards if s.domain == domain and s.split == "train"
-                 for _, t in read_shard(s) if not isinstance(t, Bad)]
-        docs += texts
-    random.Random(seed).shuffle(docs)
-    return docs[:limit]
+    """A uniform sample of at most `limit` normalized train documents of `domains`
+    (reservoir sampling: memory holds `limit` documents, whatever the corpus size)."""
+    rng, sample, seen = random.Random(seed), [], 0
+    for shard in shards:
+        if shard.domain not in domains or shard.split != "train":
+            continue
+        for _, text in read_shard(shard):
+            if isinstance(text, Bad):
+                continue
+            seen += 1
+            if len(sample) < limit:
+                sample.append(normalize(text))
+            elif (j := rng.randrange(seen)) < limit:
+                sample[j] = normalize(text)
+    return sample
 
 
 def classifier_path(cfg: CurationConfig, shards: list[Shard], cache: Path, log: Log) -> Path:
