@@ -128,7 +128,8 @@ def test_prepare_removes_duplicates_masks_pii_and_reports(prepared, raw):
             assert d["output"][split]["docs"] == len(records)
             assert d["output"][split]["bytes"] == sum(len(r["text"].encode()) for r in records)
         for r in output_records(out, domain)[:3]:
-            assert {"text", "id", "source", "lang", "blocklist_matches", "pii"} <= set(r)
+            assert {"text", "id", "source", "lang", "blocklist_matches", "pii",
+                    "quality_score"} <= set(r)
     # code and math are judged by their own rules: most of them survive
     assert report["domains"]["code"]["docs_out"] >= DOCS * 0.6
     assert report["domains"]["math"]["docs_out"] >= DOCS * 0.6

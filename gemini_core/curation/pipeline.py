@@ -188,10 +188,11 @@ class FilterWorker:
                 stats.removed("safety", "safety/blocklist", text, n_bytes, where)
                 continue
             survivors.append((line, text, lang, matches, n_bytes))
-        scores = self._scores(domain, [s[1] for s in survivors])
+        scores = self._scores([s[1] for s in survivors])
+        drops_low = domain in cfg.classifier.apply_to
         kept = []
         for (line, text, lang, matches, n_bytes), score in zip(survivors, scores):
-            if score is not None and score < plan.classifier_threshold:
+            if drops_low and score is not None and score < plan.classifier_threshold:
                 stats.count("rules_any", "classifier/low_score")
                 stats.removed("classifier", "classifier/low_score", text, n_bytes,
                               f"{shard.label}:{line}")
@@ -216,9 +217,9 @@ class FilterWorker:
             stats.d["bytes_out"] += len(record["text"].encode("utf-8"))
             yield record, key, sig
 
-    def _scores(self, domain: str, texts: list[str]) -> list[float | None]:
-        cl = self.cfg.classifier
-        if self.classifier is None or domain not in cl.apply_to or not texts:
+    def _scores(self, texts: list[str]) -> list[float | None]:
+        """Every document's score is kept (it ranks any domain); only apply_to ones drop."""
+        if self.classifier is None or not texts:
             return [None] * len(texts)
         return [float(s) for s in self.classifier.score(texts)]
 
