@@ -19,7 +19,20 @@ EPILOG = """examples:
   gx eval quickstart-1a2b3c4d --data ../shared/corpus --split valid.jsonl.gz
   gx data prepare experiments/data_prep.py --config.data.root=../shared/corpus
   gx data report runs/data/data_prep-1a2b3c4d
+  gx sweep experiments/mixture_sweep.py:size=tiny --config.proxy.data.root=../shared/corpus
+  gx compare mixture_sweep_tiny
+  gx fit results.csv --holdout heldout.csv
 Runs live in ./runs (or $GX_RUNS_ROOT, or --runs-root)."""
+
+
+def _plugins():
+    """Commands other packages add to gx (entry point group "gx.commands"): `gx sweep`, `gx fit`
+    and `gx compare` come from sweeps/, which gemini_core never imports by name."""
+    from importlib.metadata import entry_points
+    return [ep.load() for ep in entry_points(group="gx.commands")]
+
+
+handlers: dict = {}  # command -> fn(args, overrides) -> exit code, from plugins
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                          "e.g. experiments/quickstart.py).")
     tr.add_argument("experiment", help="e.g. experiments/quickstart.py")
     tr.add_argument("--single-domain", default="web", help="the one-domain tokenizer's domain (default: web)")
+
+    for add_commands in _plugins():
+        handlers.update(add_commands(sub))
     return p
 
 
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides, rest = config_overrides(argv)
     args = _parser().parse_args(rest)
-    takes_config = args.command == "run" or getattr(args, "data_command", "") in (
+    takes_config = args.command in ("run", *handlers) or getattr(args, "data_command", "") in (
         "prepare", "train-classifier", "tokenizer-report")
     if overrides and not takes_config:
         print(f"gx: error: {overrides[0]}: --config.* overrides only apply to commands that "
@@ -212,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, overrides)
         if args.command == "data":
             return cmd_data(args, overrides)
+        if args.command in handlers:
+            return handlers[args.command](args, overrides)
         return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval}[args.command](args)
     except UserError as e:
         print(f"gx: error: {e}", file=sys.stderr)

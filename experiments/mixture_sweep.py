@@ -1,0 +1,53 @@
+"""Mixture sweep (RegMix-style): proxy runs over sampled two-stage schedules, a regression per
+domain, and the mixture it predicts best, written as winner.json.
+
+    gx sweep experiments/mixture_sweep.py --config.proxy.data.root=../shared/corpus
+    gx sweep experiments/mixture_sweep.py:size=tiny --config.proxy.data.root=../shared/corpus
+    gx run experiments/pretrain.py:size=nano,d=256 --config.data.root=../shared/corpus \\
+        --config.data.schedule=runs/sweeps/<sweep>/winner.json
+
+`size=small` (default): 24 trials of a 2-layer d=64 proxy; `size=tiny`: 8 trials of a
+1-layer d=32 proxy for a test-scale run in a few minutes.
+"""
+
+import ml_collections
+
+from gemini_core.config import parse_arg
+
+PROXIES = {  # d_model, layers, heads, steps, batch, seq, vocab, trials
+    "small": (64, 2, 2, 150, 16, 128, 2048, 24),
+    "tiny": (32, 1, 2, 24, 4, 32, 384, 8),
+}
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, size="small")
+    if a.size not in PROXIES:
+        raise ValueError(f"size={a.size!r}: one of {', '.join(PROXIES)}")
+    d, layers, heads, steps, batch, seq, vocab, trials = PROXIES[a.size]
+    proxy = ml_collections.ConfigDict()
+    proxy.name = "proxy"
+    proxy.model = dict(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=1,
+                       mlp_dim=4 * d, tie_embeddings=True)
+    proxy.data = dict(root="", seq_len=seq, schedule="", cache_dir="",
+                      tokenizer=dict(vocab_size=vocab, sample_chars=500_000,
+                                     sample_weights="natural"))
+    proxy.mixture = dict(stages=dict(base=dict(start=0.0, weights="natural")))
+    proxy.optimizer = dict(lr=3e-3, warmup_steps=max(steps // 10, 1), schedule="wsd",
+                           decay_fraction=0.2)
+    proxy.train = dict(steps=steps, batch_size=batch, log_every=10, eval_every=0,
+                       eval_batches=2, checkpoint_every=max(steps // 3, 1))
+    proxy.tracking = dict(wandb=True, project="gemini-core", job_type="proxy", tags=())
+
+    c = ml_collections.ConfigDict()
+    c.name = f"mixture_sweep_{a.size}"
+    c.proxy = proxy
+    c.target_tokens = 0  # 0 = 4x the proxy's tokens
+    c.space = dict(trials=trials, prior="natural", prior_power=0.5, concentration=(0.3, 5.0),
+                   min_weight=0.02, max_epochs=4.0, anneal=True, anneal_start=(0.8, 0.9),
+                   seed=0)
+    c.objective = dict(targets={}, max_worse_than_baseline=0.0)
+    c.fit = dict(folds=4, regressors=("linear", "loglinear", "lightgbm"),
+                 holdout_fraction=0.25, method="search", samples=50_000)
+    c.resources = dict(cpus_per_trial=1, max_concurrent=0, max_failures=1)
+    return c

@@ -1,0 +1,74 @@
+"""`gx sweep`, `gx fit`, `gx compare`: added to gx through the "gx.commands" entry point."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gemini_core.errors import UserError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> dict:
+    sw = sub.add_parser("sweep", help="mixture sweep: proxy runs on Ray Tune, fit, winner.json",
+                        description="Run the mixture sweep declared in EXPERIMENT (see "
+                        "experiments/mixture_sweep.py). Override any field with "
+                        "--config.a.b=value. Running it again resumes it: finished trials are "
+                        "not rerun.")
+    sw.add_argument("experiment", help="e.g. experiments/mixture_sweep.py:size=tiny")
+    ft = sub.add_parser("fit", help="fit and choose a mixture from any table of runs (CSV or parquet)",
+                        description="Per-domain regressors (linear, Data Mixing Laws log-linear, "
+                        "LightGBM) chosen by K-fold CV on TABLE, then the mixture they predict "
+                        "best. Columns: <weight-prefix><stage>/<domain> (or "
+                        "<weight-prefix><domain>) and <loss-prefix><domain>.")
+    ft.add_argument("table", help="CSV or parquet, one row per run")
+    ft.add_argument("--holdout", default=None, help="a second table of rows never used in fitting: Spearman and regret")
+    ft.add_argument("--weight-prefix", default="weight/")
+    ft.add_argument("--loss-prefix", default="loss/")
+    ft.add_argument("--folds", type=int, default=5)
+    ft.add_argument("--out", default=None, help="write the chosen mixture here as winner.json")
+    cmp_ = sub.add_parser("compare", help="a sweep's trials, fit and winner")
+    cmp_.add_argument("sweep", help="a sweep dir, or a sweep name (prefix) under <runs root>/sweeps")
+    return {"sweep": cmd_sweep, "fit": cmd_fit, "compare": cmd_compare}
+
+
+def _no_overrides(overrides: list[str], command: str) -> None:
+    if overrides:
+        raise UserError(f"{overrides[0]}: `gx {command}` takes no --config overrides")
+
+
+def cmd_sweep(args, overrides: list[str]) -> int:
+    from gemini_core.experiment import load_experiment
+    from gemini_core.rundir import runs_root
+    from sweeps import config as sweep_config
+    from sweeps.runner import run_sweep
+
+    exp = load_experiment(args.experiment, overrides, schema=sweep_config.SweepConfig,
+                          convert=sweep_config.from_config_dict)
+    run_sweep(exp.config, runs_root(args.runs_root))
+    return 0
+
+
+def cmd_fit(args, overrides: list[str]) -> int:
+    from gemini_core.data.mixture import MixtureSchedule
+    from sweeps import fit as fit_lib
+    from sweeps import optimize, table
+
+    _no_overrides(overrides, "fit")
+    result = table.fit_table(Path(args.table), Path(args.holdout) if args.holdout else None,
+                             weight_prefix=args.weight_prefix, loss_prefix=args.loss_prefix,
+                             objective=fit_lib.Objective(), folds=args.folds, seed=0)
+    print(table.format_fit_report(result))
+    if args.out:
+        optimize.write_winner(Path(args.out), MixtureSchedule.from_dict(result["winner"]),
+                              result["predicted"], {"table": str(Path(args.table).absolute())})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_compare(args, overrides: list[str]) -> int:
+    from gemini_core.rundir import runs_root
+    from sweeps.runner import find_sweep, format_sweep
+
+    _no_overrides(overrides, "compare")
+    print(format_sweep(find_sweep(runs_root(args.runs_root), args.sweep)))
+    return 0

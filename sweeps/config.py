@@ -1,0 +1,104 @@
+"""The typed config of a mixture sweep (`gx sweep EXPERIMENT`).
+
+A sweep experiment's get_config returns a ConfigDict with the proxy training experiment under
+`proxy` (a full gemini_core experiment: every trial is that run with its own mixture), the
+search space, the objective, the fit and the resources. It is validated once, like every
+config: one UserError naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Mapping
+
+import ml_collections
+
+from gemini_core import config as gc_config
+from gemini_core.config import ExperimentConfig, _to_dataclass
+from gemini_core.errors import UserError
+from sweeps.space import SpaceConfig
+
+EMPTY: Mapping = types.MappingProxyType({})
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    # domain -> weight of its held-out loss; empty = the mean over all domains
+    targets: Mapping[str, float] = dataclasses.field(default_factory=lambda: EMPTY)
+    # > 0: no domain's predicted loss may be worse than the natural mixture's by more than this
+    max_worse_than_baseline: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    folds: int = 5
+    regressors: tuple[str, ...] = ("linear", "loglinear", "lightgbm")
+    holdout_fraction: float = 0.25  # trials never used in fitting: Spearman and regret
+    method: str = "search"  # search | topk
+    samples: int = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesConfig:
+    cpus_per_trial: int = 1  # XLA is pinned to this many threads in each trial
+    max_concurrent: int = 0  # 0 = as many as the CPUs allow
+    max_failures: int = 1  # retries of a failing trial
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    proxy: Any  # the proxy's experiment ConfigDict; converted below to an ExperimentConfig
+    target_tokens: int = 0  # token budget of the target run, for the repetition caps; 0 = 4x proxy
+    space: SpaceConfig = SpaceConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    fit: FitConfig = FitConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+def proxy_config(sweep: SweepConfig) -> ExperimentConfig:
+    """The proxy experiment, named after the sweep (the W&B group), job_type proxy."""
+    cfg = ml_collections.ConfigDict(gc_config.to_json_dict(sweep.proxy))
+    cfg.name = sweep.name
+    cfg.tracking.job_type = "proxy"
+    try:
+        return gc_config.from_config_dict(cfg)
+    except UserError as e:
+        raise UserError(str(e).replace("config.", "config.proxy.", 1)) from None
+
+
+def _check(s: SweepConfig) -> None:
+    f = s.fit
+    if f.folds < 2:
+        raise UserError(f"config.fit.folds={f.folds}: cross-validation needs at least 2")
+    if not 0.0 <= f.holdout_fraction < 1.0:
+        raise UserError(f"config.fit.holdout_fraction={f.holdout_fraction}: must be in [0, 1)")
+    if f.method not in ("search", "topk"):
+        raise UserError(f"config.fit.method={f.method!r}: expected 'search' or 'topk'")
+    unknown = set(f.regressors) - {"linear", "loglinear", "lightgbm"}
+    if unknown or not f.regressors:
+        raise UserError(f"config.fit.regressors={f.regressors}: choose from linear, loglinear, "
+                        "lightgbm")
+    r = s.resources
+    if r.cpus_per_trial < 1 or r.max_concurrent < 0 or r.max_failures < 0:
+        raise UserError(f"config.resources={dataclasses.asdict(r)}: cpus_per_trial >= 1, "
+                        "max_concurrent >= 0, max_failures >= 0")
+    if s.target_tokens < 0:
+        raise UserError(f"config.target_tokens={s.target_tokens}: must be >= 0")
+
+
+def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> SweepConfig:
+    sweep = _to_dataclass(cfg, SweepConfig, "config")
+    if not sweep.name:
+        raise UserError("config.name='': every sweep needs a name")
+    if not isinstance(sweep.proxy, Mapping) or not sweep.proxy:
+        raise UserError("config.proxy: the proxy training experiment (a section of keys, e.g. "
+                        "an experiment's get_config())")
+    _check(sweep)
+    proxy = proxy_config(sweep)
+    domains = proxy.data.domains
+    for d in sweep.objective.targets:
+        if d not in domains:
+            raise UserError(f"config.objective.targets.{d}: not in config.proxy.data.domains")
+    return sweep

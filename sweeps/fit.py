@@ -1,0 +1,426 @@
+"""Per-domain regressors from a mixture schedule to held-out loss, chosen by K-fold CV.
+
+A trial's features (`features`) are its schedule's weights, stage by stage in domain order, plus
+each non-first stage's start fraction. Three regressors compete per domain:
+
+- `linear`: least squares on the features (minimum norm: weights within a stage sum to 1, so
+  the columns are collinear with the intercept and there is no unique solution to pick).
+- `loglinear`: the Data Mixing Laws form L = c + k * exp(t . w) (Ye et al. 2024), fitted by
+  `scipy.optimize.least_squares` from a closed-form start (a grid over c; log|L - c| is linear
+  in w). Falls back to linear, and says so in `fallback`, when the fit fails.
+- `lightgbm`: small trees (few leaves, leaves sized to N) for the few trials a sweep affords;
+  a fixed number of rounds — no early stopping, so no held-out trial ever steers the fit.
+
+`fit` scores each on out-of-fold MSE and keeps, per domain, the simplest one whose CV error is
+within one standard error (paired over rows) of the best: with a few dozen trials a more
+flexible model "winning" by less than the noise is not evidence. `cv_mse` holds the raw figures.
+
+The objective (`Objective`) is the mean of domain losses, or a weighted mean over target
+domains, optionally with "no domain predicted worse than the baseline (natural mixture) by more
+than x" — the constraint is applied by `sweeps.optimize.choose`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import warnings
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from gemini_core.data.mixture import MixtureSchedule
+from gemini_core.errors import UserError
+
+REGRESSORS = ("linear", "loglinear", "lightgbm")  # also the order of simplicity for CV ties
+MIN_TRIALS = 4
+
+
+def features(schedule: MixtureSchedule, domains: Sequence[str]) -> np.ndarray:
+    """(F,) = stage weights in domain order, stage after stage, then non-first stage starts."""
+    weights_SxD = schedule.weight_matrix(domains)
+    starts = np.array([st.start for st in schedule.stages[1:]], np.float64)
+    return np.concatenate([weights_SxD.reshape(-1), starts])
+
+
+def feature_names(n_stages: int, domains: Sequence[str]) -> list[str]:
+    return ([f"stage{s}/{d}" for s in range(n_stages) for d in domains]
+            + [f"stage{s}/start" for s in range(1, n_stages)])
+
+
+# ---------------------------------------------------------------------------------------------
+# objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    targets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # {} = mean of all
+    max_worse_than_baseline: float = 0.0  # > 0: no domain predicted worse than baseline * (1+x)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", types.MappingProxyType(dict(self.targets)))
+
+    def check(self, domains: Sequence[str], where: str = "objective") -> "Objective":
+        for d, w in self.targets.items():
+            if d not in domains:
+                raise UserError(f"{where}.targets.{d}: unknown domain (known: "
+                                f"{', '.join(domains)})")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) \
+                    or w < 0:
+                raise UserError(f"{where}.targets.{d}={w!r}: expected a non-negative number")
+        if self.targets and sum(self.targets.values()) <= 0:
+            raise UserError(f"{where}.targets: weights sum to 0; give some target a weight > 0")
+        x = self.max_worse_than_baseline
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise UserError(f"{where}.max_worse_than_baseline={x!r}: expected a fraction >= 0 "
+                            "(0.02 = no domain more than 2% worse than the baseline)")
+        return self
+
+    def weight_vector(self, domains: Sequence[str]) -> np.ndarray:
+        """(D,) weights summing to 1: the objective is weight_D . loss_D."""
+        self.check(domains)
+        if not self.targets:
+            return np.full(len(domains), 1.0 / len(domains))
+        w_D = np.array([float(self.targets.get(d, 0.0)) for d in domains])
+        return w_D / w_D.sum()
+
+    def describe(self) -> str:
+        text = ("mean loss over all domains" if not self.targets else "weighted mean loss of "
+                + ", ".join(f"{d}×{w:g}" for d, w in self.targets.items()))
+        if self.max_worse_than_baseline > 0:
+            text += (f"; no domain more than {self.max_worse_than_baseline:.1%} worse than the "
+                     "baseline")
+        return text
+
+
+def objective_values(Y_MxD: np.ndarray, domains: Sequence[str], objective: Objective
+                     ) -> np.ndarray:
+    """(M,) the objective (lower is better) of each row of per-domain losses."""
+    Y_MxD = np.asarray(Y_MxD, np.float64).reshape(-1, len(domains))
+    return Y_MxD @ objective.weight_vector(domains)
+
+
+# ---------------------------------------------------------------------------------------------
+# regressors
+
+
+class Regressor(Protocol):
+    name: str
+
+    def fit(self, X_NxF: np.ndarray, y_N: np.ndarray) -> "Regressor": ...
+
+    def predict(self, X_MxF: np.ndarray) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Basis:
+    """Whitened coordinates of the rows' span: z = (x - mean) @ V / scale, unit variance each.
+
+    Simplex weights and constant start columns make raw features rank-deficient; in z every
+    direction is identifiable, which least_squares needs and which makes one step size fit all.
+    """
+    mean_F: np.ndarray
+    proj_FxR: np.ndarray  # V / scale
+
+    @classmethod
+    def of(cls, X_NxF: np.ndarray) -> "_Basis":
+        mean_F = X_NxF.mean(0)
+        _, s_R, vt_RxF = np.linalg.svd(X_NxF - mean_F, full_matrices=False)
+        keep = s_R > max(s_R[:1].max(initial=0.0) * 1e-8, 1e-12)
+        scale_R = s_R[keep] / math.sqrt(len(X_NxF))
+        return cls(mean_F, vt_RxF[keep].T / scale_R)
+
+    def __call__(self, X_MxF: np.ndarray) -> np.ndarray:
+        return (X_MxF - self.mean_F) @ self.proj_FxR
+
+
+def _as_2d(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, np.float64)
+    return X.reshape(len(X), -1)
+
+
+class LinearRegressor:
+    name = "linear"
+
+    def fit(self, X_NxF: np.ndarray, y_N: np.ndarray) -> "LinearRegressor":
+        X_NxF, y_N = _as_2d(X_NxF), np.asarray(y_N, np.float64)
+        self.mean_F, self.y_mean = X_NxF.mean(0), float(y_N.mean())
+        self.coef_F = np.linalg.lstsq(X_NxF - self.mean_F, y_N - self.y_mean, rcond=None)[0]
+        return self
+
+    def predict(self, X_MxF: np.ndarray) -> np.ndarray:
+        return self.y_mean + (_as_2d(X_MxF) - self.mean_F) @ self.coef_F
+
+
+class LogLinearRegressor:
+    """y = c + k * exp(t . x) (Data Mixing Laws), fitted in whitened coordinates.
+
+    `params` gives (c, k, t_F) in the original feature space; t is the representative orthogonal
+    to directions the trials never vary (so within a stage t sums to 0: only differences of t
+    between domains are identifiable when weights sum to 1, the rest is absorbed by k).
+    """
+    name = "loglinear"
+    ridge = 1e-4  # on t in whitened units: keeps an underdetermined fit (N < F + 2) finite
+    max_exponent = 50.0
+
+    def __init__(self) -> None:
+        self.fallback: str | None = None
+
+    def fit(self, X_NxF: np.ndarray, y_N: np.ndarray) -> "LogLinearRegressor":
+        from scipy import optimize
+
+        X_NxF, y_N = _as_2d(X_NxF), np.asarray(y_N, np.float64)
+        self.fallback, self._linear = None, None
+        self.basis = _Basis.of(X_NxF)
+        z_NxR = self.basis(X_NxF)
+        self.y_mean, self.y_std = float(y_N.mean()), float(y_N.std())
+        if self.y_std == 0 or z_NxR.shape[1] == 0:
+            return self._fall_back(X_NxF, y_N, "nothing to fit (constant loss or features)")
+        ys_N = (y_N - self.y_mean) / self.y_std
+        p0 = self._initial_guess(z_NxR, ys_N)
+        R = z_NxR.shape[1]
+
+        def residuals(p: np.ndarray) -> np.ndarray:
+            fit_N = p[0] + p[1] * np.exp(np.clip(z_NxR @ p[2:], -self.max_exponent,
+                                                 self.max_exponent))
+            return np.concatenate([fit_N - ys_N, math.sqrt(self.ridge) * p[2:]])
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                sol = optimize.least_squares(residuals, p0, method="trf", x_scale="jac",
+                                             max_nfev=200 * (R + 2))
+            p = sol.x
+        except (ValueError, np.linalg.LinAlgError) as e:  # scipy's ways of saying "no fit"
+            return self._fall_back(X_NxF, y_N, f"least_squares failed: {e}")
+        self.c, self.k, self.t_R = float(p[0]), float(p[1]), p[2:].copy()
+        train_N = self.predict(X_NxF)
+        if not np.all(np.isfinite(p)) or not np.all(np.isfinite(train_N)):
+            return self._fall_back(X_NxF, y_N, "non-finite parameters")
+        # exp can mimic a line only in a limit the optimizer may not reach: never be worse
+        # on the training rows than the linear model it generalises
+        linear = LinearRegressor().fit(X_NxF, y_N)
+        sse, sse_linear = (float(np.sum((f - y_N) ** 2))
+                           for f in (train_N, linear.predict(X_NxF)))
+        if sse > sse_linear * (1 + 1e-6) + 1e-12 * len(y_N):
+            return self._fall_back(X_NxF, y_N, f"no better than linear on the training rows "
+                                               f"(SSE {sse:.3g} vs {sse_linear:.3g})", linear)
+        return self
+
+    def _initial_guess(self, z_NxR: np.ndarray, ys_N: np.ndarray) -> np.ndarray:
+        """Grid over c below (k > 0) and above (k < 0) the data: log|y - c| is linear in z,
+        so each c gives k and t in closed form; keep the one with least squared error."""
+        A_NxR1 = np.column_stack([np.ones(len(z_NxR)), z_NxR])
+        lo, hi = float(ys_N.min()), float(ys_N.max())
+        span = hi - lo
+        best, best_sse = None, math.inf
+        for sign in (1.0, -1.0):
+            for gap in np.geomspace(0.02, 20.0, 12) * span:
+                c = lo - gap if sign > 0 else hi + gap
+                coef = np.linalg.lstsq(A_NxR1, np.log(sign * (ys_N - c)), rcond=None)[0]
+                k, t_R = sign * math.exp(coef[0]), coef[1:]
+                fit_N = c + k * np.exp(np.clip(z_NxR @ t_R, -self.max_exponent,
+                                               self.max_exponent))
+                sse = float(np.sum((fit_N - ys_N) ** 2))
+                if sse < best_sse:
+                    best, best_sse = np.concatenate([[c, k], t_R]), sse
+        return best
+
+    def _fall_back(self, X_NxF: np.ndarray, y_N: np.ndarray, why: str,
+                   linear: LinearRegressor | None = None) -> "LogLinearRegressor":
+        self.fallback = f"fell back to linear: {why}"
+        self._linear = linear or LinearRegressor().fit(X_NxF, y_N)
+        return self
+
+    def predict(self, X_MxF: np.ndarray) -> np.ndarray:
+        if self._linear is not None:
+            return self._linear.predict(X_MxF)
+        u_M = np.clip(self.basis(_as_2d(X_MxF)) @ self.t_R, -self.max_exponent, self.max_exponent)
+        return self.y_mean + self.y_std * (self.c + self.k * np.exp(u_M))
+
+    @property
+    def params(self) -> tuple[float, float, np.ndarray]:
+        """(c, k, t_F) with y = c + k * exp(t_F . x) in the original features."""
+        if self._linear is not None:
+            raise ValueError(f"loglinear regressor has no law: {self.fallback}")
+        t_F = self.basis.proj_FxR @ self.t_R
+        c = self.y_mean + self.y_std * self.c
+        k = self.y_std * self.k * math.exp(-float(self.basis.mean_F @ t_F))
+        return c, k, t_F
+
+
+class LightGBMRegressor:
+    name = "lightgbm"
+
+    def __init__(self, num_leaves: int = 6, rounds: int = 300, learning_rate: float = 0.05,
+                 seed: int = 0):
+        self.num_leaves, self.rounds, self.learning_rate, self.seed = (
+            num_leaves, rounds, learning_rate, seed)
+
+    def params(self, n_rows: int) -> dict:
+        return {
+            "objective": "regression", "num_leaves": self.num_leaves,
+            "learning_rate": self.learning_rate,
+            # a leaf needs enough trials to mean something, but a sweep has only a few dozen
+            "min_data_in_leaf": max(2, min(20, n_rows // 10)), "min_data_in_bin": 1,
+            "min_sum_hessian_in_leaf": 0.0, "lambda_l2": 1.0,
+            "deterministic": True, "force_col_wise": True, "num_threads": 1, "verbose": -1,
+            "seed": self.seed,
+        }
+
+    def fit(self, X_NxF: np.ndarray, y_N: np.ndarray) -> "LightGBMRegressor":
+        import lightgbm
+
+        X_NxF, y_N = _as_2d(X_NxF), np.asarray(y_N, np.float64)
+        params = self.params(len(y_N))
+        data = lightgbm.Dataset(X_NxF, y_N, params={"feature_pre_filter": False,
+                                                    "min_data_in_bin": 1, "verbose": -1})
+        self.booster = lightgbm.train(params, data, num_boost_round=self.rounds)
+        return self
+
+    def predict(self, X_MxF: np.ndarray) -> np.ndarray:
+        return self.booster.predict(_as_2d(X_MxF), num_threads=1)
+
+
+def make_regressor(name: str, seed: int = 0) -> Regressor:
+    if name == "linear":
+        return LinearRegressor()
+    if name == "loglinear":
+        return LogLinearRegressor()
+    if name == "lightgbm":
+        return LightGBMRegressor(seed=seed)
+    raise UserError(f"regressor {name!r}: unknown (known: {', '.join(REGRESSORS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# fit and choose by cross-validation
+
+
+@dataclasses.dataclass
+class FitResult:
+    domains: tuple[str, ...]
+    chosen: dict[str, str]  # domain -> regressor picked by K-fold CV
+    cv_mse: dict[str, dict[str, float]]  # domain -> {regressor: out-of-fold MSE}
+    models: dict[str, Regressor]  # domain -> chosen regressor, fitted on all training rows
+    n_features: int = 0
+    n_rows: int = 0
+    folds: int = 0
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)  # domain -> fallback note
+
+    def predict(self, X_MxF: np.ndarray) -> np.ndarray:
+        """(M, D) predicted per-domain losses."""
+        X_MxF = _as_2d(X_MxF)
+        if self.n_features and X_MxF.shape[1] != self.n_features:
+            raise ValueError(f"{X_MxF.shape[1]} features given; the fit used {self.n_features}")
+        return np.column_stack([self.models[d].predict(X_MxF) for d in self.domains])
+
+
+def fold_ids(n_rows: int, folds: int, seed: int) -> np.ndarray:
+    """(N,) fold of each row: a seeded shuffle dealt round-robin, so fold sizes differ by <= 1."""
+    perm_N = np.random.default_rng(seed).permutation(n_rows)
+    ids_N = np.empty(n_rows, np.int64)
+    ids_N[perm_N] = np.arange(n_rows) % folds
+    return ids_N
+
+
+def _oof_predictions(name: str, X_NxF: np.ndarray, y_N: np.ndarray, ids_N: np.ndarray,
+                     folds: int, seed: int) -> np.ndarray:
+    pred_N = np.empty(len(y_N))
+    for k in range(folds):
+        test = ids_N == k
+        model = make_regressor(name, seed).fit(X_NxF[~test], y_N[~test])
+        pred_N[test] = model.predict(X_NxF[test])
+    return pred_N
+
+
+def _pick(sq_err: dict[str, np.ndarray]) -> str:
+    """The simplest regressor within one paired standard error of the lowest CV MSE."""
+    mse = {name: float(e.mean()) for name, e in sq_err.items()}
+    best = min(mse, key=lambda n: (mse[n], REGRESSORS.index(n)))
+    for name in sorted(sq_err, key=REGRESSORS.index):
+        diff_N = sq_err[name] - sq_err[best]
+        se = float(diff_N.std(ddof=1)) / math.sqrt(len(diff_N)) if len(diff_N) > 1 else 0.0
+        if name == best or diff_N.mean() <= se:
+            return name
+    return best
+
+
+def check_trials(n_rows: int, folds: int, where: str = "fit") -> None:
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise UserError(f"{where}: folds={folds!r}: expected an integer >= 2")
+    need = max(folds, MIN_TRIALS)
+    if n_rows < need:
+        raise UserError(f"{where}: {n_rows} trials are fewer trials than the fit needs "
+                        f"({need}: at least {MIN_TRIALS} and at least one per fold, "
+                        f"folds={folds}); run more trials or lower folds")
+
+
+def fit(X_NxF: np.ndarray, Y_NxD: np.ndarray, domains: Sequence[str], *, folds: int = 5,
+        seed: int = 0, regressors: Sequence[str] = REGRESSORS, prefer_simpler: bool = True
+        ) -> FitResult:
+    """Fits every regressor per domain, keeps the one K-fold CV prefers (module docstring)."""
+    domains = tuple(domains)
+    X_NxF = _as_2d(X_NxF)
+    Y_NxD = np.asarray(Y_NxD, np.float64).reshape(len(X_NxF), -1)
+    if Y_NxD.shape[1] != len(domains):
+        raise ValueError(f"{Y_NxD.shape[1]} loss columns for {len(domains)} domains")
+    if not regressors:
+        raise UserError("fit: no regressors given (known: " + ", ".join(REGRESSORS) + ")")
+    for name in regressors:
+        make_regressor(name)  # unknown names fail before any fitting
+    if not (np.all(np.isfinite(X_NxF)) and np.all(np.isfinite(Y_NxD))):
+        raise UserError("fit: features or losses contain NaN or infinity")
+    check_trials(len(X_NxF), folds)
+    ids_N = fold_ids(len(X_NxF), folds, seed)
+    chosen, cv_mse, models, notes = {}, {}, {}, {}
+    for d, domain in enumerate(domains):
+        y_N = Y_NxD[:, d]
+        sq_err = {name: (_oof_predictions(name, X_NxF, y_N, ids_N, folds, seed) - y_N) ** 2
+                  for name in regressors}
+        cv_mse[domain] = {name: float(e.mean()) for name, e in sq_err.items()}
+        chosen[domain] = (_pick(sq_err) if prefer_simpler
+                          else min(cv_mse[domain], key=cv_mse[domain].get))
+        models[domain] = make_regressor(chosen[domain], seed).fit(X_NxF, y_N)
+        if getattr(models[domain], "fallback", None):
+            notes[domain] = models[domain].fallback
+    return FitResult(domains, chosen, cv_mse, models, n_features=X_NxF.shape[1],
+                     n_rows=len(X_NxF), folds=folds, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out evaluation
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation (ties averaged); NaN when either side is constant or has < 2 values."""
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def regret(pred_M: np.ndarray, actual_M: np.ndarray) -> float:
+    """Actual objective of the row the model ranks best, minus the best actual (>= 0)."""
+    pred_M, actual_M = np.asarray(pred_M, np.float64), np.asarray(actual_M, np.float64)
+    return float(actual_M[int(np.argmin(pred_M))] - actual_M.min())
+
+
+def evaluate_holdout(result: FitResult, X_hold: np.ndarray, Y_hold: np.ndarray,
+                     objective: Objective) -> dict:
+    """Spearman and regret of the objective on rows never used in fitting, plus per domain."""
+    Y_MxD = np.asarray(Y_hold, np.float64).reshape(len(X_hold), -1)
+    pred_MxD = result.predict(X_hold)
+    pred_M = objective_values(pred_MxD, result.domains, objective)
+    actual_M = objective_values(Y_MxD, result.domains, objective)
+    return {
+        "n": len(Y_MxD),
+        "spearman": spearman(pred_M, actual_M),
+        "regret": regret(pred_M, actual_M) if len(Y_MxD) else math.nan,
+        "per_domain_spearman": {d: spearman(pred_MxD[:, i], Y_MxD[:, i])
+                                for i, d in enumerate(result.domains)},
+        "per_domain_mse": {d: float(np.mean((pred_MxD[:, i] - Y_MxD[:, i]) ** 2))
+                           for i, d in enumerate(result.domains)},
+    }

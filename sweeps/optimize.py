@@ -1,0 +1,249 @@
+"""Choose the winning mixture: search the (capped) simplex of every stage under a fitted model.
+
+`choose` samples many schedules — Dirichlet draws around the template's weights at several
+concentrations, from near-vertices to near-centre, each stage independently, projected onto
+{min_weight <= w_d <= cap_d, sum w = 1} — scores them with the fit's predicted objective, and
+then either refines the best few by random local steps that are kept when they improve
+("search"), or averages the top k ("topk", as RegMix does: an average of good mixtures is less
+tied to one model's quirks than the argmin). Stage starts are fixed from the template: the
+sweep varies what each stage feeds, not when the anneal begins.
+
+The baseline constraint ("no domain predicted worse than the baseline by more than x") ranks
+every feasible schedule before any infeasible one; among infeasible ones the least violation
+wins, with a warning, so a sweep always ends with a usable winner.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from gemini_core.data.mixture import MixtureSchedule
+from gemini_core.errors import UserError
+from sweeps.fit import FitResult, Objective, features
+
+INFEASIBLE = 1e9  # score offset of a schedule that breaks the baseline constraint
+_CONCENTRATIONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # Dirichlet total concentration / D
+_CHUNK = 20_000  # rows scored at once: bounds the feature matrix's memory
+
+
+def project_capped_simplex(v_NxD: np.ndarray, lower_D: np.ndarray, upper_D: np.ndarray,
+                           iters: int = 64) -> np.ndarray:
+    """Euclidean projection of each row onto {lower <= w <= upper, sum w = 1}.
+
+    The projection is clip(v - tau, lower, upper) for the one tau that makes the row sum to 1;
+    the sum is monotone in tau, so bisection finds it (vectorised over rows).
+    """
+    v_NxD = np.asarray(v_NxD, np.float64)
+    tau_lo_N = (v_NxD - upper_D).min(1)  # every coordinate at its upper bound: sum >= 1
+    tau_hi_N = (v_NxD - lower_D).max(1)  # every coordinate at its lower bound: sum <= 1
+    for _ in range(iters):
+        tau_N = 0.5 * (tau_lo_N + tau_hi_N)
+        above_N = np.clip(v_NxD - tau_N[:, None], lower_D, upper_D).sum(1) > 1.0
+        tau_lo_N = np.where(above_N, tau_N, tau_lo_N)
+        tau_hi_N = np.where(above_N, tau_hi_N, tau_N)
+    w_NxD = np.clip(v_NxD - (0.5 * (tau_lo_N + tau_hi_N))[:, None], lower_D, upper_D)
+    # the last ulps of the sum go to the coordinates with room to take them
+    free_NxD = (w_NxD > lower_D) & (w_NxD < upper_D)
+    n_free_N = free_NxD.sum(1)
+    fix_N = np.where(n_free_N > 0, (1.0 - w_NxD.sum(1)) / np.maximum(n_free_N, 1), 0.0)
+    return np.clip(w_NxD + free_NxD * fix_N[:, None], lower_D, upper_D)
+
+
+def _bounds(domains: Sequence[str], caps: Mapping[str, float], min_weight: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    for d, cap in caps.items():
+        if d not in domains:
+            raise UserError(f"caps.{d}: unknown domain (known: {', '.join(domains)})")
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap <= 1:
+            raise UserError(f"caps.{d}={cap!r}: expected a weight in [0, 1]")
+    if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) \
+            or not 0 <= min_weight < 1:
+        raise UserError(f"min_weight={min_weight!r}: expected a weight in [0, 1)")
+    lower_D = np.full(len(domains), float(min_weight))
+    upper_D = np.array([float(caps.get(d, 1.0)) for d in domains])
+    for d, cap in zip(domains, upper_D):
+        if cap < min_weight:
+            raise UserError(f"caps.{d}={cap:g}: below min_weight={min_weight:g}")
+    if lower_D.sum() > 1 + 1e-9:
+        raise UserError(f"min_weight={min_weight:g}: {len(domains)} domains at that minimum "
+                        f"already sum to {lower_D.sum():g} > 1")
+    if upper_D.sum() < 1 - 1e-9:
+        raise UserError(f"caps: sum to {upper_D.sum():g} < 1, so no mixture fits under them "
+                        f"({', '.join(f'{d}={c:g}' for d, c in zip(domains, upper_D))})")
+    return lower_D, upper_D
+
+
+class _Scorer:
+    """Scores (M, S, D) stage weights: the predicted objective, or INFEASIBLE + violation."""
+
+    def __init__(self, result: FitResult, starts: Sequence[float], objective: Objective,
+                 baseline_losses: Mapping[str, float] | None):
+        self.result, self.starts = result, np.asarray(starts[1:], np.float64)
+        self.weight_D = objective.weight_vector(result.domains)
+        self.limit_D = None
+        if objective.max_worse_than_baseline > 0:
+            if baseline_losses is None:
+                raise UserError(f"objective.max_worse_than_baseline="
+                                f"{objective.max_worse_than_baseline:g} needs the baseline's "
+                                "per-domain losses (the natural mixture's run)")
+            missing = [d for d in result.domains if d not in baseline_losses]
+            if missing:
+                raise UserError(f"baseline losses: no value for domain(s) {', '.join(missing)}")
+            self.limit_D = (np.array([float(baseline_losses[d]) for d in result.domains])
+                            * (1 + objective.max_worse_than_baseline))
+
+    def features(self, W_MxSxD: np.ndarray) -> np.ndarray:
+        M = len(W_MxSxD)
+        return np.concatenate([W_MxSxD.reshape(M, -1), np.broadcast_to(self.starts,
+                                                                        (M, len(self.starts)))], 1)
+
+    def __call__(self, W_MxSxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, preds = [], []
+        for i in range(0, len(W_MxSxD), _CHUNK):
+            pred_MxD = self.result.predict(self.features(W_MxSxD[i:i + _CHUNK]))
+            score_M = pred_MxD @ self.weight_D
+            if self.limit_D is not None:
+                violation_M = np.maximum(pred_MxD / self.limit_D - 1, 0).max(1)
+                score_M = np.where(violation_M > 0, INFEASIBLE + violation_M, score_M)
+            scores.append(score_M)
+            preds.append(pred_MxD)
+        return np.concatenate(scores), np.concatenate(preds)
+
+
+def _template(stage_template: MixtureSchedule | None, domains: Sequence[str]
+              ) -> tuple[list[float], np.ndarray | None]:
+    """Stage starts, and the template's (S, D) weights when it has concrete ones."""
+    if stage_template is None or not stage_template.stages:
+        return [0.0], None
+    starts = [st.start for st in stage_template.stages]
+    if not all(isinstance(st.weights, Mapping) for st in stage_template.stages):
+        return starts, None  # named weights ("natural") unresolved: sample around uniform
+    return starts, stage_template.weight_matrix(domains)
+
+
+def _sample(rng: np.random.Generator, n: int, center_SxD: np.ndarray) -> np.ndarray:
+    """(n, S, D) Dirichlet draws around each stage's centre at mixed concentrations."""
+    S, D = center_SxD.shape
+    conc_N = rng.choice(_CONCENTRATIONS, size=n) * D
+    # half the centre, half uniform: a domain the centre leaves at 0 can still be drawn
+    alpha_NxSxD = conc_N[:, None, None] * (0.5 * center_SxD + 0.5 / D)[None]
+    g_NxSxD = rng.gamma(alpha_NxSxD)
+    total_NxS = g_NxSxD.sum(-1, keepdims=True)
+    return np.where(total_NxS > 0, g_NxSxD / np.where(total_NxS > 0, total_NxS, 1), 1.0 / D)
+
+
+def _project(W_MxSxD: np.ndarray, lower_D: np.ndarray, upper_D: np.ndarray) -> np.ndarray:
+    M, S, D = W_MxSxD.shape
+    return project_capped_simplex(W_MxSxD.reshape(M * S, D), lower_D, upper_D).reshape(M, S, D)
+
+
+def _refine(W_KxSxD: np.ndarray, score_K: np.ndarray, scorer: _Scorer, rng: np.random.Generator,
+            lower_D: np.ndarray, upper_D: np.ndarray, steps: int, proposals: int = 32
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(1+P) evolution strategy from each of K starts: Gaussian steps, projected back onto the
+    capped simplex, kept when better; the step grows after a success and shrinks after a miss."""
+    K, S, D = W_KxSxD.shape
+    sigma_K = np.full(K, 0.05)
+    W_KxSxD, score_K = W_KxSxD.copy(), score_K.copy()
+    for _ in range(steps):
+        noise = rng.normal(size=(K, proposals, S, D)) * sigma_K[:, None, None, None]
+        cand = _project((W_KxSxD[:, None] + noise).reshape(K * proposals, S, D), lower_D, upper_D)
+        cand_score = scorer(cand)[0].reshape(K, proposals)
+        best_P = cand_score.argmin(1)
+        new_K = cand_score[np.arange(K), best_P]
+        better_K = new_K < score_K
+        W_KxSxD[better_K] = cand.reshape(K, proposals, S, D)[better_K, best_P[better_K]]
+        score_K = np.where(better_K, new_K, score_K)
+        sigma_K = np.clip(np.where(better_K, sigma_K * 1.3, sigma_K * 0.8), 1e-4, 0.3)
+    return W_KxSxD, score_K
+
+
+def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSchedule | None,
+           caps: Mapping[str, float], min_weight: float, objective: Objective,
+           baseline_losses: Mapping[str, float] | None = None, *, samples: int = 100_000,
+           refine_steps: int = 200, seed: int = 0, method: str = "search", top_k: int = 100,
+           refine_starts: int = 8) -> tuple[MixtureSchedule, dict[str, float]]:
+    """The schedule minimising the predicted objective, and its predicted per-domain losses."""
+    domains = tuple(domains)
+    if domains != tuple(result.domains):
+        raise ValueError(f"domains {domains} differ from the fit's {result.domains}")
+    if method not in ("search", "topk"):
+        raise UserError(f"method={method!r}: expected search or topk")
+    if samples < 1:
+        raise UserError(f"samples={samples}: expected >= 1")
+    objective.check(domains)
+    lower_D, upper_D = _bounds(domains, caps, min_weight)
+    starts, template_SxD = _template(stage_template, domains)
+    S, D = len(starts), len(domains)
+    scorer = _Scorer(result, starts, objective, baseline_losses)
+    if result.n_features and result.n_features != S * D + S - 1:
+        raise ValueError(f"the template's {S} stage(s) x {D} domains give {S * D + S - 1} "
+                         f"features; the fit used {result.n_features}")
+    rng = np.random.default_rng(seed)
+    center_SxD = template_SxD if template_SxD is not None else np.full((S, D), 1.0 / D)
+    W_MxSxD = _sample(rng, samples, center_SxD)
+    # the template itself and the uniform mixture are always candidates: the baseline is
+    # feasible by construction when the model predicts it well
+    fixed = [np.full((S, D), 1.0 / D)] + ([template_SxD] if template_SxD is not None else [])
+    W_MxSxD = _project(np.concatenate([np.stack(fixed), W_MxSxD]), lower_D, upper_D)
+    score_M, _ = scorer(W_MxSxD)
+    order_M = np.argsort(score_M, kind="stable")
+    if method == "topk":
+        top = order_M[:max(1, min(top_k, len(order_M)))]
+        feasible = top[score_M[top] < INFEASIBLE]
+        best_SxD = W_MxSxD[feasible if len(feasible) else top].mean(0)
+        best_SxD = _project(best_SxD[None], lower_D, upper_D)[0]  # convex: only float dust
+    else:
+        starts_K = order_M[:max(1, min(refine_starts, len(order_M)))]
+        W_KxSxD, score_K = _refine(W_MxSxD[starts_K], score_M[starts_K], scorer, rng,
+                                   lower_D, upper_D, refine_steps)
+        best_SxD = W_KxSxD[int(np.argmin(score_K))]
+    best_score, pred_1xD = scorer(best_SxD[None])
+    if best_score[0] >= INFEASIBLE:
+        warnings.warn(f"no mixture found meets the constraint "
+                      f"(max_worse_than_baseline={objective.max_worse_than_baseline:g}); the "
+                      f"winner breaks it least (by {best_score[0] - INFEASIBLE:.3%})",
+                      stacklevel=2)
+    schedule = MixtureSchedule.from_stage_weights(
+        [(start, {d: float(w) for d, w in zip(domains, w_D)})
+         for start, w_D in zip(starts, best_SxD)]).validate(domains, where="winner")
+    return schedule, {d: float(v) for d, v in zip(domains, pred_1xD[0])}
+
+
+def predict_schedule(result: FitResult, schedule: MixtureSchedule) -> dict[str, float]:
+    """Predicted per-domain losses of one schedule."""
+    pred_D = result.predict(features(schedule, result.domains)[None])[0]
+    return {d: float(v) for d, v in zip(result.domains, pred_D)}
+
+
+def _plain(obj):
+    """JSON-ready: numpy scalars and arrays to Python, NaN to null (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_winner(path: Path, schedule: MixtureSchedule, predicted: Mapping[str, float],
+                 extra: dict) -> None:
+    """winner.json: the MixtureSchedule JSON plus "predicted" and "fit" (load ignores them)."""
+    path = Path(path)
+    obj = schedule.to_dict()
+    obj["predicted"] = _plain(dict(predicted))
+    obj["fit"] = _plain(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a winner

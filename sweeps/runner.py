@@ -1,0 +1,373 @@
+"""`gx sweep`: proxy runs over sampled mixture schedules, fanned out by Ray Tune, then fit + choose.
+
+Every trial is a real `gemini_core.train.run_experiment` of the proxy experiment with its own
+schedule: its own run dir and fingerprint, W&B group = the sweep, job_type = proxy. So a trial
+whose fingerprint already has a done run costs nothing, and an interrupted one resumes from its
+checkpoints; `Tuner.restore` brings back the sweep itself after the driver is killed. The data
+and the tokenizer are prepared once on the driver (trials share one tokenizer: it must not
+depend on the trial's mixture), and the JAX compilation cache is shared by all trials.
+
+Sweep dir: <runs root>/sweeps/<name>-<fingerprint[:8]>/ with sweep.json, schedules/, tune/,
+trials.csv (one row per trial, the `gx fit` table format), fit.json, winner.json, report.txt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gemini_core import config as gc_config
+from gemini_core.data.mixture import MixtureSchedule, Stage
+from gemini_core.errors import UserError
+from gemini_core.rundir import fingerprint, write_json_atomic
+from sweeps import fit as fit_lib
+from sweeps import optimize, space as space_lib
+from sweeps.config import SweepConfig, proxy_config
+
+Log = Callable[[str], None]
+WEIGHT, LOSS = "weight/", "loss/"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    sweep: SweepConfig
+    proxy: gc_config.ExperimentConfig
+    domains: tuple[str, ...]
+    tokens: dict[str, int]
+    target_tokens: int
+    schedules: list[MixtureSchedule]
+    dir: Path
+    runs_root: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# plan: data once, the space, the sweep's identity
+
+
+def _shared_tokenizer(proxy: gc_config.ExperimentConfig) -> gc_config.ExperimentConfig:
+    """Trials differ in mixture only: a tokenizer drawn by the mixture would differ per trial."""
+    tok = proxy.data.tokenizer
+    if tok.sample_weights != "mixture":
+        return proxy
+    data = dataclasses.replace(proxy.data, tokenizer=dataclasses.replace(
+        tok, sample_weights="natural"))
+    return dataclasses.replace(proxy, data=data)
+
+
+def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPlan:
+    from gemini_core import train
+    from gemini_core.data.tokens import prepare_data
+
+    runs_root = Path(runs_root).absolute()
+    proxy = _shared_tokenizer(proxy_config(sweep))
+    gc_config.require_data_root(proxy.data)
+    cache = train.cache_root(proxy, runs_root)
+    data = prepare_data(proxy.data, proxy.data.tokenizer.sample_weights, cache, log=log)
+    domains = proxy.data.domains
+    tokens = {d: int(len(data.train[d])) for d in domains}
+    proxy_tokens = proxy.train.steps * proxy.train.batch_size * proxy.data.seq_len
+    target = sweep.target_tokens or 4 * proxy_tokens
+    space_lib.check_space(sweep.space, domains, tokens, target)
+    schedules = space_lib.sample_schedules(sweep.space, domains, tokens, target)
+    ident = gc_config.to_json_dict(sweep)
+    for path_field in ("root", "cache_dir", "schedule"):  # where things are, not what
+        ident["proxy"]["data"].pop(path_field, None)
+    fp = fingerprint({"sweep": ident, "manifest": data.manifest_hash,
+                      "schedules": [s.to_dict() for s in schedules]})
+    out = runs_root / "sweeps" / f"{sweep.name}-{fp[:8]}"
+    return SweepPlan(sweep, proxy, domains, tokens, target, schedules, out, runs_root)
+
+
+def _write_plan(plan: SweepPlan) -> None:
+    (plan.dir / "schedules").mkdir(parents=True, exist_ok=True)
+    for i, schedule in enumerate(plan.schedules):
+        path = plan.dir / "schedules" / f"trial-{i:03d}.json"
+        if not path.exists():
+            schedule.dump(path)
+    write_json_atomic(plan.dir / "sweep.json", {
+        "sweep": gc_config.to_json_dict(plan.sweep), "proxy": gc_config.to_json_dict(plan.proxy),
+        "domains": list(plan.domains), "tokens": plan.tokens, "target_tokens": plan.target_tokens,
+        "runs_root": str(plan.runs_root)})
+
+
+# ---------------------------------------------------------------------------------------------
+# one trial (runs in a Ray worker process)
+
+
+def _pin_threads(cpus: int) -> None:
+    """Before JAX starts in this worker: XLA uses the trial's CPUs, not the whole machine."""
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f"--xla_cpu_multi_thread_eigen={'true' if cpus > 1 else 'false'} "
+                               f"intra_op_parallelism_threads={cpus}").strip()
+
+
+def _tags(index: int, schedule: MixtureSchedule) -> tuple[str, ...]:
+    tags = [f"trial-{index:03d}"]
+    for k, stage in enumerate(schedule.stages):
+        tags += [f"s{k}:{d}={w:.3f}" for d, w in stage.weights.items()]
+    return tuple(tags)
+
+
+def trial_config(sweep_dir: Path, index: int) -> gc_config.ExperimentConfig:
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    path = sweep_dir / "schedules" / f"trial-{index:03d}.json"
+    proxy = meta["proxy"]
+    proxy["data"]["schedule"] = str(path)
+    proxy["tracking"]["tags"] = list(_tags(index, MixtureSchedule.load(path)))
+    return gc_config.from_config_dict({**proxy, "model": {
+        k: v for k, v in proxy["model"].items() if k != "vocab_size"}})
+
+
+def run_trial(config: dict, sweep_dir: str, cpus: int) -> None:
+    """The Ray Tune function trainable: one proxy run, reported once at its end."""
+    _pin_threads(cpus)
+    from ray import tune
+
+    from gemini_core import steps, train
+    steps.tune_host_malloc()
+    index = int(config["trial"])
+    cfg = trial_config(Path(sweep_dir), index)
+    meta = json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    summary = train.run_experiment(cfg, Path(meta["runs_root"]), log=lambda _: None)
+    losses = {d: float(summary[f"eval/{d}/loss"]) for d in cfg.data.domains}
+    bad = [d for d, v in losses.items() if not math.isfinite(v)]
+    tune.report({"trial": index, "run_id": summary["run_id"],
+                 "failed": f"non-finite loss on {', '.join(bad)}" if bad else "",
+                 **{f"{LOSS}{d}": v for d, v in losses.items()},
+                 f"{LOSS}mean": float(summary["eval/mean/loss"])})
+
+
+# ---------------------------------------------------------------------------------------------
+# fan-out
+
+
+def _init_ray(log: Log) -> None:
+    import logging
+    import tempfile
+
+    import ray
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"ray: connecting to {address}")
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return
+    # short: Ray's unix sockets live under it; GX_RAY_TEMP_DIR gives a sweep a cluster of its own
+    temp = Path(os.environ.get("GX_RAY_TEMP_DIR") or
+                Path(tempfile.gettempdir()) / f"gx-ray-{os.getuid()}")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _temp_dir=str(temp))
+
+
+def _live_table(total: int, log: Log):
+    """A Tune callback printing a line per finished trial on the driver: the live table."""
+    from ray import tune
+
+    class LiveTable(tune.Callback):
+        def __init__(self):
+            self.done, self.t0 = 0, time.perf_counter()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.done += 1
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / self.done * (total - self.done)
+            failed = f"  FAILED: {result['failed']}" if result.get("failed") else ""
+            log(f"trial {result['trial']:>3} ({self.done}/{total}, eta {eta:.0f}s): "
+                f"mean loss {result[LOSS + 'mean']:.4f}  {result['run_id']}{failed}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log(f"trial {trial.config.get('trial')}: error (retried up to max_failures)")
+
+    return LiveTable()
+
+
+def run_trials(plan: SweepPlan, log: Log) -> list[dict]:
+    from ray import tune
+
+    _init_ray(log)
+    res = plan.sweep.resources
+    cpus = res.cpus_per_trial
+    import ray
+    concurrent = res.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep_dir=str(plan.dir), cpus=cpus), {"cpu": cpus})
+    storage = plan.dir / "tune"
+    callbacks = [_live_table(len(plan.schedules), log)]
+    if tune.Tuner.can_restore(str(storage / "trials")):
+        log(f"sweep: resuming {storage / 'trials'} (finished trials are not rerun)")
+        tuner = tune.Tuner.restore(str(storage / "trials"), trainable, resume_errored=True,
+                                   param_space=None)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(list(range(len(plan.schedules))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(
+                name="trials", storage_path=str(storage), callbacks=callbacks, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=res.max_failures)))
+    log(f"sweep: {len(plan.schedules)} proxy trials, {concurrent} at a time, {cpus} CPU each")
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        index = int(result.config["trial"])
+        metrics = result.metrics or {}
+        failed = metrics.get("failed") or (f"{type(result.error).__name__}: {result.error}"
+                                           if result.error else "")
+        rows.append({"trial": index, "run_id": metrics.get("run_id", ""), "failed": failed,
+                     **{k: v for k, v in metrics.items() if k.startswith(LOSS)}})
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+# ---------------------------------------------------------------------------------------------
+# table, fit, choose
+
+
+def trials_table(plan: SweepPlan, rows: list[dict]):
+    """One row per trial in the `gx fit` table format: weight/<stage>/<domain>, loss/<domain>."""
+    import pandas as pd
+    records = []
+    for row in rows:
+        schedule = plan.schedules[row["trial"]]
+        record = {"trial": row["trial"], "run_id": row["run_id"], "failed": row["failed"]}
+        for k, stage in enumerate(schedule.stages):
+            record[f"start/s{k}"] = stage.start
+            for d in plan.domains:
+                record[f"{WEIGHT}s{k}/{d}"] = stage.weights.get(d, 0.0)
+        for d in plan.domains:
+            record[f"{LOSS}{d}"] = row.get(f"{LOSS}{d}", float("nan"))
+        record[f"{LOSS}mean"] = row.get(f"{LOSS}mean", float("nan"))
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _objective(sweep: SweepConfig) -> fit_lib.Objective:
+    o = sweep.objective
+    return fit_lib.Objective(targets=dict(o.targets),
+                             max_worse_than_baseline=o.max_worse_than_baseline)
+
+
+def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
+    ok = table[table["failed"] == ""].sort_values("trial")
+    failed = table[table["failed"] != ""]
+    if len(ok) < 4:
+        first = failed["failed"].iloc[0] if len(failed) else ""
+        raise UserError(f"sweep: only {len(ok)} of {len(table)} trials finished; the fit needs "
+                        f"at least 4" + (f" (first failure: {first[:500]})" if first else ""))
+    for _, row in failed.iterrows():
+        log(f"sweep: trial {row['trial']} left out of the fit: {row['failed']}")
+    f = plan.sweep.fit
+    # every k-th trial after the prior (trial 0) is held out: never seen by the fit
+    n_hold = int(round(f.holdout_fraction * (len(ok) - 1)))
+    hold_idx = set(ok["trial"].iloc[1:].iloc[::max(1, (len(ok) - 1) // max(n_hold, 1))]
+                   .iloc[:n_hold]) if n_hold else set()
+    train_rows = ok[~ok["trial"].isin(hold_idx)]
+    hold_rows = ok[ok["trial"].isin(hold_idx)]
+    X = np.stack([fit_lib.features(plan.schedules[t], plan.domains) for t in train_rows["trial"]])
+    Y = train_rows[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64)
+    result = fit_lib.fit(X, Y, plan.domains, folds=min(f.folds, len(train_rows)),
+                         seed=plan.sweep.space.seed, regressors=f.regressors)
+    objective = _objective(plan.sweep)
+    holdout = None
+    if len(hold_rows):
+        Xh = np.stack([fit_lib.features(plan.schedules[t], plan.domains)
+                       for t in hold_rows["trial"]])
+        Yh = hold_rows[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64)
+        holdout = fit_lib.evaluate_holdout(result, Xh, Yh, objective)
+    natural = space_lib.prior_weights(dataclasses.replace(plan.sweep.space, prior_power=1.0),
+                                      plan.domains, plan.tokens)
+    template = plan.schedules[0]
+    baseline = MixtureSchedule(tuple(Stage(s.start, dict(natural)) for s in template.stages))
+    baseline_pred = dict(zip(plan.domains, result.predict(
+        fit_lib.features(baseline, plan.domains)[None, :])[0]))
+    caps = space_lib.caps(plan.sweep.space, plan.domains, plan.tokens, plan.target_tokens)
+    winner, predicted = optimize.choose(
+        result, plan.domains, template, caps, plan.sweep.space.min_weight, objective,
+        baseline_pred if objective.max_worse_than_baseline > 0 else None,
+        samples=f.samples, seed=plan.sweep.space.seed, method=f.method)
+    best = ok.loc[ok[f"{LOSS}mean"].idxmin()]
+    return {"chosen": result.chosen, "cv_mse": result.cv_mse, "holdout": holdout,
+            "n_fit": len(train_rows), "n_holdout": len(hold_rows), "n_failed": len(failed),
+            "winner": winner.to_dict(), "predicted": {d: float(v) for d, v in predicted.items()},
+            "natural_predicted": {d: float(v) for d, v in baseline_pred.items()},
+            "best_trial": {"trial": int(best["trial"]), "run_id": best["run_id"],
+                           "loss/mean": float(best[f"{LOSS}mean"])}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+
+
+def run_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> Path:
+    t0 = time.perf_counter()
+    plan = plan_sweep(sweep, runs_root, log)
+    _write_plan(plan)
+    log(f"sweep {plan.dir.name}: {len(plan.schedules)} mixtures over {', '.join(plan.domains)}; "
+        f"caps at {plan.target_tokens:,} target tokens -> {plan.dir}")
+    rows = run_trials(plan, log)
+    t_trials = time.perf_counter() - t0
+    table = trials_table(plan, rows)
+    table.to_csv(plan.dir / "trials.csv", index=False)
+    result = fit_and_choose(plan, table, log)
+    result["seconds"] = {"trials": t_trials, "total": time.perf_counter() - t0}
+    write_json_atomic(plan.dir / "fit.json", result)
+    optimize.write_winner(plan.dir / "winner.json", MixtureSchedule.from_dict(result["winner"]),
+                          result["predicted"], {"sweep": plan.dir.name})
+    text = format_sweep(plan.dir)
+    (plan.dir / "report.txt").write_text(text + "\n")
+    log(text)
+    log(f"winner: {plan.dir / 'winner.json'}  (gx run experiments/pretrain.py "
+        f"--config.data.schedule={plan.dir / 'winner.json'} ...)")
+    return plan.dir
+
+
+def find_sweep(root: Path, name: str) -> Path:
+    """A sweep dir by path, by full name, or by its unique prefix (the newest if several)."""
+    if (Path(name) / "sweep.json").is_file():
+        return Path(name)
+    found = sorted((root / "sweeps").glob(f"{name}*/fit.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"no finished sweep named {name!r} under {root / 'sweeps'}")
+    return found[-1].parent
+
+
+def format_sweep(sweep_dir: Path) -> str:
+    """`gx compare SWEEP`: the trials, the fit's choices, the winner against natural."""
+    import pandas as pd
+    table = pd.read_csv(sweep_dir / "trials.csv", keep_default_na=False)
+    result = json.loads((sweep_dir / "fit.json").read_text())
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    domains = meta["domains"]
+    lines = [f"sweep {sweep_dir.name}: {len(table)} trials "
+             f"({result['n_fit']} fitted, {result['n_holdout']} held out, "
+             f"{result['n_failed']} failed)", ""]
+    head = f"{'trial':>5}  {'mean':>7}  " + "  ".join(f"{d[:6]:>6}" for d in domains) + "  weights (base stage)"
+    lines.append(head)
+    table = table.sort_values(f"{LOSS}mean")
+    for _, row in table.iterrows():
+        losses = "  ".join(f"{float(row[f'{LOSS}{d}']):>6.3f}" for d in domains)
+        weights = " ".join(f"{d[:4]}={float(row[f'{WEIGHT}s0/{d}']):.2f}" for d in domains)
+        mark = "  FAILED" if row["failed"] else ""
+        lines.append(f"{int(row['trial']):>5}  {float(row[f'{LOSS}mean']):>7.4f}  {losses}  "
+                     f"{weights}{mark}")
+    lines += ["", "fit: " + ", ".join(f"{d} {m}" for d, m in result["chosen"].items())]
+    if result["holdout"]:
+        h = result["holdout"]
+        lines.append(f"held-out trials: Spearman {h['spearman']:.3f}, regret {h['regret']:.4f} "
+                     f"(n={h['n']})")
+    lines.append("winner (predicted loss per domain, natural mixture's predicted in brackets):")
+    for k, stage in enumerate(result["winner"]["stages"]):
+        lines.append(f"  stage {k} from {stage['start']:.2f}: " + ", ".join(
+            f"{d}={w:.3f}" for d, w in stage["weights"].items()))
+    lines.append("  " + ", ".join(f"{d} {result['predicted'][d]:.4f} "
+                                   f"({result['natural_predicted'][d]:.4f})" for d in domains))
+    return "\n".join(lines)

@@ -1,0 +1,376 @@
+"""Mixture regression fits, the choice of the winner, and `gx fit TABLE`, on synthetic laws.
+
+Every law here is known in closed form, so each regressor is judged on recovering it (held-out
+rank correlation, parameters) and `choose` on finding its true optimum (scipy's SLSQP on the
+law itself).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import optimize
+
+from gemini_core.data.mixture import MixtureSchedule
+from gemini_core.errors import UserError
+from sweeps import fit as fitmod
+from sweeps.fit import (LightGBMRegressor, LinearRegressor, LogLinearRegressor, Objective,
+                        evaluate_holdout, features, fit, objective_values, regret, spearman)
+from sweeps.optimize import choose, project_capped_simplex, write_winner
+from sweeps.table import fit_table, format_fit_report, parse_columns, read_table
+
+DOMAINS = ("web", "code", "math")
+# a Data Mixing Laws law per domain: L_d = c_d + k_d exp(t_d . w); more of a domain lowers its
+# own loss (t_dd < 0), so the mean loss is convex in w with an interior optimum
+C_D = np.array([2.0, 1.0, 1.5])
+K_D = np.array([1.0, 1.5, 2.0])
+T_DxD = np.array([[-3.0, 0.5, 0.2], [0.3, -2.0, 0.1], [0.2, 0.6, -4.0]])
+
+
+def law(W_NxD: np.ndarray) -> np.ndarray:
+    return C_D + K_D * np.exp(W_NxD @ T_DxD.T)
+
+
+def dirichlet(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).dirichlet(np.ones(d), n)
+
+
+def true_optimum(objective_D: np.ndarray, upper_D=(1.0, 1.0, 1.0), lower: float = 0.0
+                 ) -> np.ndarray:
+    res = optimize.minimize(lambda w: law(w[None])[0] @ objective_D, np.full(3, 1 / 3),
+                            method="SLSQP", bounds=[(lower, u) for u in upper_D],
+                            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+                            options={"ftol": 1e-12})
+    assert res.success
+    return res.x
+
+
+@pytest.fixture(scope="module")
+def law_fit() -> fitmod.FitResult:
+    X_NxF = dirichlet(40, seed=1)
+    Y_NxD = law(X_NxF) + np.random.default_rng(2).normal(0, 0.002, (40, 3))
+    return fit(X_NxF, Y_NxD, DOMAINS, regressors=("loglinear",))
+
+
+# ---------------------------------------------------------------------------------------------
+# features and the objective
+
+
+def test_features_are_stage_weights_then_starts():
+    sched = MixtureSchedule.from_stage_weights([
+        (0.0, {"web": 0.5, "code": 0.3, "math": 0.2}), (0.9, {"web": 0.3, "math": 0.7})])
+    np.testing.assert_array_equal(features(sched, DOMAINS),
+                                  [0.5, 0.3, 0.2, 0.3, 0.0, 0.7, 0.9])
+    assert features(MixtureSchedule.constant({"code": 1.0}), DOMAINS).tolist() == [0, 1, 0]
+
+
+def test_objective_mean_targets_and_errors():
+    Y = np.array([[1.0, 2.0, 3.0], [3.0, 0.0, 3.0]])
+    np.testing.assert_allclose(objective_values(Y, DOMAINS, Objective()), [2.0, 2.0])
+    np.testing.assert_allclose(objective_values(Y, DOMAINS, Objective({"web": 3, "code": 1})),
+                               [1.25, 2.25])
+    with pytest.raises(UserError, match=r"objective.targets.wiki: unknown domain"):
+        Objective({"wiki": 1.0}).check(DOMAINS)
+    with pytest.raises(UserError, match=r"objective.targets.web=-1"):
+        Objective({"web": -1}).check(DOMAINS)
+    with pytest.raises(UserError, match=r"max_worse_than_baseline=-0.1"):
+        Objective(max_worse_than_baseline=-0.1).check(DOMAINS)
+
+
+def test_spearman_and_regret():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    # the model ranks row 2 best; it actually scores 0.5 against the best 0.1
+    assert regret([3.0, 2.0, 1.0], [0.1, 0.3, 0.5]) == pytest.approx(0.4)
+    assert regret([1.0, 2.0], [0.1, 0.3]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# each regressor recovers a known law
+
+
+def test_linear_recovers_linear_law():
+    X = dirichlet(80, d=4, seed=3)
+    b_F = np.array([0.4, -0.2, 1.0, 0.1])
+    y = 2.0 + X @ b_F + np.random.default_rng(4).normal(0, 0.005, 80)
+    model = LinearRegressor().fit(X[:50], y[:50])
+    pred = model.predict(X[50:])
+    assert np.mean((pred - y[50:]) ** 2) < 1e-4
+    assert spearman(pred, y[50:]) > 0.95
+    # within a stage only differences of coefficients are identified (weights sum to 1)
+    np.testing.assert_allclose(model.coef_F - model.coef_F.mean(), b_F - b_F.mean(), atol=0.02)
+
+
+def test_loglinear_recovers_data_mixing_law():
+    X = dirichlet(60, seed=5)
+    c, k, t_F = 2.0, 1.5, np.array([-2.0, 0.5, -1.0])
+    y = c + k * np.exp(X @ t_F) + np.random.default_rng(6).normal(0, 0.002, 60)
+    model = LogLinearRegressor().fit(X[:40], y[:40])
+    assert model.fallback is None
+    c_hat, k_hat, t_hat = model.params
+    # t is identified up to a constant (absorbed by k): compare the zero-mean representative
+    assert c_hat == pytest.approx(c, abs=0.03)
+    np.testing.assert_allclose(t_hat, t_F - t_F.mean(), atol=0.05)
+    assert k_hat == pytest.approx(k * np.exp(t_F.mean()), rel=0.03)
+    pred = model.predict(X[40:])
+    assert spearman(pred, y[40:]) > 0.99
+    assert np.max(np.abs(pred - y[40:])) < 0.01
+
+
+def test_loglinear_falls_back_to_linear_and_says_so():
+    X = dirichlet(10, seed=7)
+    model = LogLinearRegressor().fit(X, np.full(10, 3.0))
+    assert model.fallback and "fell back to linear" in model.fallback
+    np.testing.assert_allclose(model.predict(X[:3]), 3.0)
+    with pytest.raises(ValueError, match="no law"):
+        model.params
+
+
+def test_lightgbm_recovers_smooth_nonlinear_law():
+    X = dirichlet(100, seed=8)
+    y = 1.0 + np.sin(4 * X[:, 0]) + 5 * (X[:, 1] - 0.3) ** 2
+    model = LightGBMRegressor().fit(X[:60], y[:60])
+    assert spearman(model.predict(X[60:]), y[60:]) > 0.8
+    again = LightGBMRegressor().fit(X[:60], y[:60])
+    np.testing.assert_array_equal(model.predict(X[60:]), again.predict(X[60:]))  # deterministic
+
+
+def test_cv_picks_loglinear_for_curved_law_and_linear_for_linear_law():
+    X = dirichlet(40, seed=9)
+    rng = np.random.default_rng(10)
+    Y = np.column_stack([1.0 + 2.0 * np.exp(-4 * X[:, 0] + 1.5 * X[:, 1]),
+                         0.5 + X @ np.array([0.3, 0.9, -0.4]),
+                         1.0 + np.sin(6 * X[:, 0]) * np.cos(5 * X[:, 1])])
+    Y += rng.normal(0, 0.003, Y.shape)
+    result = fit(X, Y, ("curved", "flat", "wavy"), folds=5)
+    assert result.chosen["curved"] == "loglinear"
+    assert result.chosen["flat"] == "linear"
+    assert result.cv_mse["curved"]["loglinear"] < result.cv_mse["curved"]["linear"] / 10
+    assert set(result.cv_mse["wavy"]) == {"linear", "loglinear", "lightgbm"}
+    assert result.predict(X[:5]).shape == (5, 3)
+
+
+def test_fit_refuses_too_few_trials_and_unknown_regressors():
+    X = dirichlet(4, seed=11)
+    with pytest.raises(UserError, match=r"4 trials are fewer trials than the fit needs \(5"):
+        fit(X, law(X), DOMAINS, folds=5)
+    with pytest.raises(UserError, match=r"3 trials are fewer trials than the fit needs \(4"):
+        fit(X[:3], law(X[:3]), DOMAINS, folds=2)
+    with pytest.raises(UserError, match=r"regressor 'xgb': unknown"):
+        fit(X, law(X), DOMAINS, folds=2, regressors=("xgb",))
+
+
+def test_evaluate_holdout_reports_spearman_and_regret(law_fit):
+    X = dirichlet(30, seed=12)
+    report = evaluate_holdout(law_fit, X, law(X), Objective())
+    assert report["n"] == 30
+    assert report["spearman"] > 0.95
+    assert 0 <= report["regret"] < 0.01
+    assert set(report["per_domain_spearman"]) == set(DOMAINS)
+
+
+# ---------------------------------------------------------------------------------------------
+# choose
+
+
+def test_projection_onto_capped_simplex():
+    rng = np.random.default_rng(13)
+    lower, upper = np.full(4, 0.05), np.array([0.5, 0.3, 1.0, 0.2])
+    W = project_capped_simplex(rng.normal(0, 1, (500, 4)), lower, upper)
+    assert np.all(W >= lower - 1e-12) and np.all(W <= upper + 1e-12)
+    np.testing.assert_allclose(W.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(project_capped_simplex(W, lower, upper), W, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,tol", [("search", 0.05), ("topk", 0.1)])
+def test_choose_finds_the_true_optimum(law_fit, method, tol):
+    sched, predicted = choose(law_fit, DOMAINS, None, {}, 0.0, Objective(), samples=20_000,
+                              refine_steps=60, method=method)
+    w = sched.weight_matrix(DOMAINS)[0]
+    best = true_optimum(np.full(3, 1 / 3))
+    assert np.abs(w - best).sum() < tol
+    np.testing.assert_allclose([predicted[d] for d in DOMAINS], law(w[None])[0], atol=0.01)
+
+
+def test_choose_respects_caps_and_min_weight(law_fit):
+    caps = {"math": 0.2, "code": 0.35}
+    sched, _ = choose(law_fit, DOMAINS, None, caps, 0.1, Objective(), samples=20_000,
+                      refine_steps=60)
+    w = sched.weight_matrix(DOMAINS)[0]
+    assert w[2] <= 0.2 + 1e-9 and w[1] <= 0.35 + 1e-9 and w.min() >= 0.1 - 1e-9
+    best = true_optimum(np.full(3, 1 / 3), upper_D=(1.0, 0.35, 0.2), lower=0.1)
+    assert np.abs(w - best).sum() < 0.05
+    with pytest.raises(UserError, match=r"caps: sum to 0.6 < 1"):
+        choose(law_fit, DOMAINS, None, {"web": 0.2, "code": 0.2, "math": 0.2}, 0.0, Objective())
+    with pytest.raises(UserError, match=r"caps.wiki: unknown domain"):
+        choose(law_fit, DOMAINS, None, {"wiki": 0.2}, 0.0, Objective())
+
+
+def test_choose_respects_the_baseline_constraint(law_fit):
+    uniform = np.full((1, 3), 1 / 3)
+    baseline = dict(zip(DOMAINS, law_fit.predict(uniform)[0]))
+    target_math = Objective({"math": 1.0})
+    free, free_pred = choose(law_fit, DOMAINS, None, {}, 0.0, target_math, samples=10_000,
+                             refine_steps=40)
+    assert max(free_pred[d] / baseline[d] for d in DOMAINS) > 1.05  # the constraint will bind
+    bound = Objective({"math": 1.0}, max_worse_than_baseline=0.05)
+    sched, pred = choose(law_fit, DOMAINS, None, {}, 0.0, bound, baseline, samples=10_000,
+                         refine_steps=40)
+    assert all(pred[d] <= baseline[d] * 1.05 + 1e-9 for d in DOMAINS)
+    assert pred["math"] < baseline["math"] - 0.05  # and it still improves the target
+    assert pred["math"] > free_pred["math"]
+    with pytest.raises(UserError, match="needs the baseline"):
+        choose(law_fit, DOMAINS, None, {}, 0.0, bound)
+
+
+def test_two_stage_winner_json_loads_and_validates(tmp_path):
+    rng = np.random.default_rng(14)
+    W = rng.dirichlet(np.ones(3), (40, 2))
+    # the end-of-training stage counts for less: the law sees a 0.8/0.2 time average
+    X = np.concatenate([W.reshape(40, 6), np.full((40, 1), 0.8)], 1)
+    Y = law(0.8 * W[:, 0] + 0.2 * W[:, 1]) + rng.normal(0, 0.002, (40, 3))
+    result = fit(X, Y, DOMAINS, regressors=("linear", "loglinear"))
+    template = MixtureSchedule.from_stage_weights([
+        (0.0, dict.fromkeys(DOMAINS, 1 / 3)), (0.8, dict.fromkeys(DOMAINS, 1 / 3))])
+    sched, predicted = choose(result, DOMAINS, template, {}, 0.0, Objective(), samples=5_000,
+                              refine_steps=20)
+    assert [st.start for st in sched.stages] == [0.0, 0.8]
+    write_winner(tmp_path / "out" / "winner.json", sched, predicted,
+                 {"chosen": result.chosen, "cv_mse": result.cv_mse, "nan": np.float64("nan")})
+    loaded = MixtureSchedule.load(tmp_path / "out" / "winner.json").validate(DOMAINS)
+    assert loaded == sched
+    obj = json.loads((tmp_path / "out" / "winner.json").read_text())
+    assert obj["predicted"] == predicted and obj["fit"]["chosen"] == result.chosen
+    assert obj["fit"]["nan"] is None
+    # the time-averaged mixture is what matters here; its loss is near the law's optimum
+    avg = sched.time_average(DOMAINS)
+    best = law(true_optimum(np.full(3, 1 / 3))[None]).mean()
+    assert law(np.array([[avg[d] for d in DOMAINS]])).mean() < best + 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# tables: `gx fit TABLE`
+
+
+def law_table(n: int, seed: int, stages: bool = True) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    W = rng.dirichlet(np.ones(3), (n, 2))
+    Y = law(0.85 * W[:, 0] + 0.15 * W[:, 1]) + rng.normal(0, 0.002, (n, 3))
+    cols = {}
+    for s, name in enumerate(("anneal", "base") if stages else ()):  # out of order on purpose
+        for d, dom in enumerate(DOMAINS):
+            cols[f"weight/{name}/{dom}"] = W[:, 1 - s, d]
+    if stages:
+        cols["start/anneal"] = np.full(n, 0.85)
+    else:
+        cols.update({f"weight/{dom}": W[:, 0, d] for d, dom in enumerate(DOMAINS)})
+        Y = law(W[:, 0])
+    cols.update({f"loss/{dom}": Y[:, d] for d, dom in enumerate(DOMAINS)})
+    cols["loss/mean"] = Y.mean(1)
+    cols["run"] = [f"r{i}" for i in range(n)]
+    return pd.DataFrame(cols)
+
+
+def test_read_table_csv_and_parquet(tmp_path):
+    df = law_table(8, seed=15)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    df.to_parquet(tmp_path / "t.parquet")
+    for name in ("t.csv", "t.parquet"):
+        got = read_table(tmp_path / name)
+        assert parse_columns(got) == (("base", "anneal"), DOMAINS)
+        np.testing.assert_allclose(got["loss/web"], df["loss/web"])
+    law_table(8, seed=15, stages=False).to_csv(tmp_path / "one.csv", index=False)
+    assert parse_columns(read_table(tmp_path / "one.csv")) == (("",), DOMAINS)
+
+
+def _break(df: pd.DataFrame, how: str) -> pd.DataFrame:
+    df = df.copy()
+    if how == "no weights":
+        return df.drop(columns=[c for c in df.columns if c.startswith("weight/")])
+    if how == "no loss":
+        return df.drop(columns=["loss/code"])
+    if how == "text":
+        df["loss/math"] = df["loss/math"].astype(object)
+        df.loc[2, "loss/math"] = "oops"
+        return df
+    if how == "nan":
+        df.loc[3, "weight/base/web"] = np.nan
+        return df
+    if how == "sum":
+        df.loc[4, "weight/anneal/code"] += 0.1
+        return df
+    if how == "no start":
+        return df.drop(columns=["start/anneal"])
+    if how == "stage lacks domain":
+        return df.drop(columns=["weight/anneal/math"])
+    if how == "mixed":
+        return df.assign(**{"weight/web": 1.0})
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how,match", [
+    ("no weights", r"no weight columns"),
+    ("no loss", r"no loss column .* missing loss/code"),
+    ("text", r"column loss/math, row 3 \(line 4\): 'oops' is not a number"),
+    ("nan", r"column weight/base/web, row 4 \(line 5\): missing"),
+    ("sum", r"row 5 \(line 6\): stage 'anneal' weights weight/anneal/\* sum to"),
+    ("no start", r"missing column\(s\) start/(anneal|base)"),
+    ("stage lacks domain", r"missing column\(s\) weight/anneal/math"),
+    ("mixed", r"mixes per-stage and single-stage weight columns"),
+])
+def test_table_errors_name_file_and_column_or_row(tmp_path, how, match):
+    path = tmp_path / "bad.csv"
+    _break(law_table(8, seed=16), how).to_csv(path, index=False)
+    with pytest.raises(UserError, match=match) as err:
+        parse_columns(read_table(path))
+    assert str(path) in str(err.value)
+
+
+def test_table_file_errors(tmp_path):
+    with pytest.raises(UserError, match=r"t.xlsx: unsupported table format '.xlsx'"):
+        read_table(tmp_path / "t.xlsx")
+    with pytest.raises(UserError, match=r"gone.csv: table file not found"):
+        read_table(tmp_path / "gone.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(UserError, match=r"empty.csv: the table is empty"):
+        read_table(tmp_path / "empty.csv")
+    (tmp_path / "fake.parquet").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match=r"fake.parquet: not a readable parquet table"):
+        read_table(tmp_path / "fake.parquet")
+    law_table(10, seed=17).to_csv(tmp_path / "train.csv", index=False)
+    law_table(6, seed=18, stages=False).to_csv(tmp_path / "hold.csv", index=False)
+    with pytest.raises(UserError, match=r"hold.csv: holdout table has stages \[''\]"):
+        fit_table(tmp_path / "train.csv", tmp_path / "hold.csv", folds=2)
+    with pytest.raises(UserError, match=r"train.csv: 10 trials are fewer trials"):
+        fit_table(tmp_path / "train.csv", folds=12)
+
+
+def test_fit_table_end_to_end_with_holdout(tmp_path):
+    law_table(40, seed=19).to_csv(tmp_path / "train.csv", index=False)
+    hold = law_table(20, seed=20)
+    hold = hold[list(reversed(hold.columns))]  # column order does not matter
+    hold.to_parquet(tmp_path / "hold.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fit_table(tmp_path / "train.csv", tmp_path / "hold.parquet", folds=4,
+                        regressors=("linear", "loglinear"), samples=5_000, refine_steps=20)
+    assert out["holdout"]["n"] == 20
+    assert out["holdout"]["spearman"] > 0.9
+    assert 0 <= out["holdout"]["regret"] < 0.01
+    assert set(out["chosen"].values()) == {"loglinear"}
+    assert out["ignored_columns"] == ["loss/mean"]
+    winner = MixtureSchedule.from_dict(out["winner"]).validate(DOMAINS)
+    assert [st.start for st in winner.stages] == [0.0, 0.85]
+    assert out["predicted_objective"] <= out["best_observed_objective"] + 0.01
+    json.dumps(out)  # JSON-ready for the CLI
+    text = format_fit_report(out)
+    rows = [line for line in text.splitlines() if line.split(" ")[0] in DOMAINS]
+    assert len(rows) == 3 and all(r.endswith("loglinear") and "*" in r for r in rows)
+    for needle in ("Spearman", "regret", "chosen mixture", "stage anneal (start "
+                   "0.850)", "predicted loss"):
+        assert needle in text
