@@ -50,4 +50,6 @@ def get_config(arg=None):
     c.fit = dict(folds=4, regressors=("linear", "loglinear", "lightgbm"),
                  holdout_fraction=0.25, method="search", samples=50_000)
     c.resources = dict(cpus_per_trial=1, max_concurrent=0, max_failures=1)
+    # target scale: empty = d_model x2 (about 4x non-embedding params), steps x4 (4x tokens)
+    c.validate = dict(enabled=True, seeds=2, target={})
     return c

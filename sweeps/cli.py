@@ -15,6 +15,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                         "--config.a.b=value. Running it again resumes it: finished trials are "
                         "not rerun.")
     sw.add_argument("experiment", help="e.g. experiments/mixture_sweep.py:size=tiny")
+    sw.add_argument("--no-validate", action="store_true",
+                    help="skip training the winner and the baselines with seeds at proxy and target scale")
     ft = sub.add_parser("fit", help="fit and choose a mixture from any table of runs (CSV or parquet)",
                         description="Per-domain regressors (linear, Data Mixing Laws log-linear, "
                         "LightGBM) chosen by K-fold CV on TABLE, then the mixture they predict "
@@ -44,7 +46,7 @@ def cmd_sweep(args, overrides: list[str]) -> int:
 
     exp = load_experiment(args.experiment, overrides, schema=sweep_config.SweepConfig,
                           convert=sweep_config.from_config_dict)
-    run_sweep(exp.config, runs_root(args.runs_root))
+    run_sweep(exp.config, runs_root(args.runs_root), validate_winner=not args.no_validate)
     return 0
 
 

@@ -47,6 +47,18 @@ class ResourcesConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """The winner against baselines (natural, uniform, the best trial, the winner without its
+    end-of-training stage), each with `seeds` seeds, at proxy and at target scale."""
+
+    enabled: bool = True
+    seeds: int = 2
+    # fields replacing the proxy's at target scale, e.g. {"model": {"d_model": 128}}; empty =
+    # d_model x2 (about 4x the non-embedding parameters) and steps x4 (4x the tokens)
+    target: Mapping[str, Any] = dataclasses.field(default_factory=lambda: EMPTY)
+
+
+@dataclasses.dataclass(frozen=True)
 class SweepConfig:
     name: str
     proxy: Any  # the proxy's experiment ConfigDict; converted below to an ExperimentConfig
@@ -55,6 +67,7 @@ class SweepConfig:
     objective: ObjectiveConfig = ObjectiveConfig()
     fit: FitConfig = FitConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    validate: ValidateConfig = ValidateConfig()
 
 
 def proxy_config(sweep: SweepConfig) -> ExperimentConfig:
@@ -66,6 +79,29 @@ def proxy_config(sweep: SweepConfig) -> ExperimentConfig:
         return gc_config.from_config_dict(cfg)
     except UserError as e:
         raise UserError(str(e).replace("config.", "config.proxy.", 1)) from None
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
+    return out
+
+
+def target_config(sweep: SweepConfig) -> ExperimentConfig:
+    """The validation's target scale: the proxy with `validate.target` (or x4 params, x4 tokens)."""
+    proxy = gc_config.to_json_dict(proxy_config(sweep))
+    proxy["model"].pop("vocab_size")
+    if sweep.validate.target:
+        update = gc_config.to_json_dict(sweep.validate.target)
+    else:
+        m = proxy["model"]
+        update = {"model": {"d_model": 2 * m["d_model"], "mlp_dim": 2 * m["mlp_dim"]},
+                  "train": {"steps": 4 * proxy["train"]["steps"]}}
+    try:
+        return gc_config.from_config_dict(_merge(proxy, update))
+    except UserError as e:
+        raise UserError(f"config.validate.target: {e}") from None
 
 
 def _check(s: SweepConfig) -> None:
@@ -84,6 +120,8 @@ def _check(s: SweepConfig) -> None:
     if r.cpus_per_trial < 1 or r.max_concurrent < 0 or r.max_failures < 0:
         raise UserError(f"config.resources={dataclasses.asdict(r)}: cpus_per_trial >= 1, "
                         "max_concurrent >= 0, max_failures >= 0")
+    if s.validate.seeds < 1:
+        raise UserError(f"config.validate.seeds={s.validate.seeds}: at least 1")
     if s.target_tokens < 0:
         raise UserError(f"config.target_tokens={s.target_tokens}: must be >= 0")
 
@@ -97,6 +135,7 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> SweepConfig:
                         "an experiment's get_config())")
     _check(sweep)
     proxy = proxy_config(sweep)
+    target_config(sweep)  # a broken target scale fails now, not after the trials
     domains = proxy.data.domains
     for d in sweep.objective.targets:
         if d not in domains:

@@ -29,7 +29,7 @@ from gemini_core.errors import UserError
 from gemini_core.rundir import fingerprint, write_json_atomic
 from sweeps import fit as fit_lib
 from sweeps import optimize, space as space_lib
-from sweeps.config import SweepConfig, proxy_config
+from sweeps.config import SweepConfig, proxy_config, target_config
 
 Log = Callable[[str], None]
 WEIGHT, LOSS = "weight/", "loss/"
@@ -39,6 +39,7 @@ WEIGHT, LOSS = "weight/", "loss/"
 class SweepPlan:
     sweep: SweepConfig
     proxy: gc_config.ExperimentConfig
+    target: gc_config.ExperimentConfig  # the validation's target scale
     domains: tuple[str, ...]
     tokens: dict[str, int]
     target_tokens: int
@@ -82,7 +83,8 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
     fp = fingerprint({"sweep": ident, "manifest": data.manifest_hash,
                       "schedules": [s.to_dict() for s in schedules]})
     out = runs_root / "sweeps" / f"{sweep.name}-{fp[:8]}"
-    return SweepPlan(sweep, proxy, domains, tokens, target, schedules, out, runs_root)
+    return SweepPlan(sweep, proxy, _shared_tokenizer(target_config(sweep)), domains, tokens,
+                     target, schedules, out, runs_root)
 
 
 def _write_plan(plan: SweepPlan) -> None:
@@ -93,6 +95,7 @@ def _write_plan(plan: SweepPlan) -> None:
             schedule.dump(path)
     write_json_atomic(plan.dir / "sweep.json", {
         "sweep": gc_config.to_json_dict(plan.sweep), "proxy": gc_config.to_json_dict(plan.proxy),
+        "target": gc_config.to_json_dict(plan.target),
         "domains": list(plan.domains), "tokens": plan.tokens, "target_tokens": plan.target_tokens,
         "runs_root": str(plan.runs_root)})
 
@@ -108,37 +111,41 @@ def _pin_threads(cpus: int) -> None:
                                f"intra_op_parallelism_threads={cpus}").strip()
 
 
-def _tags(index: int, schedule: MixtureSchedule) -> tuple[str, ...]:
-    tags = [f"trial-{index:03d}"]
+def _tags(schedule: MixtureSchedule) -> list[str]:
+    tags = []
     for k, stage in enumerate(schedule.stages):
         tags += [f"s{k}:{d}={w:.3f}" for d, w in stage.weights.items()]
-    return tuple(tags)
+    return tags
 
 
-def trial_config(sweep_dir: Path, index: int) -> gc_config.ExperimentConfig:
+def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
+    """A run of the sweep: the proxy (or target-scale) experiment with a schedule and a seed,
+    validated like any user config."""
     meta = json.loads((sweep_dir / "sweep.json").read_text())
-    path = sweep_dir / "schedules" / f"trial-{index:03d}.json"
-    proxy = meta["proxy"]
-    proxy["data"]["schedule"] = str(path)
-    proxy["tracking"]["tags"] = list(_tags(index, MixtureSchedule.load(path)))
-    return gc_config.from_config_dict({**proxy, "model": {
-        k: v for k, v in proxy["model"].items() if k != "vocab_size"}})
+    path = sweep_dir / "schedules" / job["schedule"]
+    exp = meta[job["scale"]]
+    exp["seed"] = job["seed"]
+    exp["data"]["schedule"] = str(path)
+    exp["tracking"]["tags"] = [job["name"], job["scale"], *_tags(MixtureSchedule.load(path))]
+    exp["tracking"]["job_type"] = "proxy" if job["name"].startswith("trial-") else "validate"
+    exp["model"] = {k: v for k, v in exp["model"].items() if k != "vocab_size"}
+    return gc_config.from_config_dict(exp)
 
 
-def run_trial(config: dict, sweep_dir: str, cpus: int) -> None:
-    """The Ray Tune function trainable: one proxy run, reported once at its end."""
+def run_job(config: dict, sweep_dir: str, cpus: int) -> None:
+    """The Ray Tune function trainable: one run, reported once at its end."""
     _pin_threads(cpus)
     from ray import tune
 
     from gemini_core import steps, train
     steps.tune_host_malloc()
-    index = int(config["trial"])
-    cfg = trial_config(Path(sweep_dir), index)
+    job = config["job"]
+    cfg = job_config(Path(sweep_dir), job)
     meta = json.loads((Path(sweep_dir) / "sweep.json").read_text())
     summary = train.run_experiment(cfg, Path(meta["runs_root"]), log=lambda _: None)
     losses = {d: float(summary[f"eval/{d}/loss"]) for d in cfg.data.domains}
     bad = [d for d, v in losses.items() if not math.isfinite(v)]
-    tune.report({"trial": index, "run_id": summary["run_id"],
+    tune.report({"name": job["name"], "run_id": summary["run_id"],
                  "failed": f"non-finite loss on {', '.join(bad)}" if bad else "",
                  **{f"{LOSS}{d}": v for d, v in losses.items()},
                  f"{LOSS}mean": float(summary["eval/mean/loss"])})
@@ -169,8 +176,8 @@ def _init_ray(log: Log) -> None:
              _temp_dir=str(temp))
 
 
-def _live_table(total: int, log: Log):
-    """A Tune callback printing a line per finished trial on the driver: the live table."""
+def _live_table(stage: str, total: int, log: Log):
+    """A Tune callback printing a line per finished run on the driver: the live table."""
     from ray import tune
 
     class LiveTable(tune.Callback):
@@ -182,50 +189,56 @@ def _live_table(total: int, log: Log):
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / self.done * (total - self.done)
             failed = f"  FAILED: {result['failed']}" if result.get("failed") else ""
-            log(f"trial {result['trial']:>3} ({self.done}/{total}, eta {eta:.0f}s): "
+            log(f"{stage} {result['name']} ({self.done}/{total}, eta {eta:.0f}s): "
                 f"mean loss {result[LOSS + 'mean']:.4f}  {result['run_id']}{failed}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            log(f"trial {trial.config.get('trial')}: error (retried up to max_failures)")
+            log(f"{stage} {trial.config['job']['name']}: error (retried up to max_failures)")
 
     return LiveTable()
 
 
-def run_trials(plan: SweepPlan, log: Log) -> list[dict]:
+def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[str, dict]:
+    """Runs `jobs` on Ray Tune (resuming the stage's Tuner if it was interrupted); returns
+    job name -> {run_id, failed, loss/<domain>..., loss/mean}."""
+    import ray
     from ray import tune
 
     _init_ray(log)
     res = plan.sweep.resources
     cpus = res.cpus_per_trial
-    import ray
     concurrent = res.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep_dir=str(plan.dir), cpus=cpus), {"cpu": cpus})
-    storage = plan.dir / "tune"
-    callbacks = [_live_table(len(plan.schedules), log)]
-    if tune.Tuner.can_restore(str(storage / "trials")):
-        log(f"sweep: resuming {storage / 'trials'} (finished trials are not rerun)")
-        tuner = tune.Tuner.restore(str(storage / "trials"), trainable, resume_errored=True,
-                                   param_space=None)
+        tune.with_parameters(run_job, sweep_dir=str(plan.dir), cpus=cpus), {"cpu": cpus})
+    path = plan.dir / "tune" / stage
+    if tune.Tuner.can_restore(str(path)):
+        log(f"{stage}: resuming {path} (finished runs are not rerun)")
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(list(range(len(plan.schedules))))},
+            trainable, param_space={"job": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(
-                name="trials", storage_path=str(storage), callbacks=callbacks, verbose=0,
+                name=stage, storage_path=str(path.parent), verbose=0,
+                callbacks=[_live_table(stage, len(jobs), log)],
                 failure_config=tune.FailureConfig(max_failures=res.max_failures)))
-    log(f"sweep: {len(plan.schedules)} proxy trials, {concurrent} at a time, {cpus} CPU each")
-    grid = tuner.fit()
-    rows = []
-    for result in grid:
-        index = int(result.config["trial"])
+    log(f"{stage}: {len(jobs)} runs, {concurrent} at a time, {cpus} CPU each")
+    out = {}
+    for result in tuner.fit():
         metrics = result.metrics or {}
         failed = metrics.get("failed") or (f"{type(result.error).__name__}: {result.error}"
                                            if result.error else "")
-        rows.append({"trial": index, "run_id": metrics.get("run_id", ""), "failed": failed,
-                     **{k: v for k, v in metrics.items() if k.startswith(LOSS)}})
-    return sorted(rows, key=lambda r: r["trial"])
+        out[result.config["job"]["name"]] = {
+            "run_id": metrics.get("run_id", ""), "failed": failed,
+            **{k: v for k, v in metrics.items() if k.startswith(LOSS)}}
+    return out
+
+
+def run_trials(plan: SweepPlan, log: Log) -> list[dict]:
+    jobs = [{"name": f"trial-{i:03d}", "scale": "proxy", "schedule": f"trial-{i:03d}.json",
+             "seed": plan.proxy.seed} for i in range(len(plan.schedules))]
+    results = run_jobs(plan, jobs, "trials", log)
+    return [{"trial": i, **results[f"trial-{i:03d}"]} for i in range(len(plan.schedules))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +303,12 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
     baseline_pred = dict(zip(plan.domains, result.predict(
         fit_lib.features(baseline, plan.domains)[None, :])[0]))
     caps = space_lib.caps(plan.sweep.space, plan.domains, plan.tokens, plan.target_tokens)
+    # trust region: no domain above the largest weight any fitted trial gave it; a fit of a few
+    # dozen trials says nothing about corners of the simplex no trial visited
+    tried = {d: max(plan.schedules[t].stages[k].weights.get(d, 0.0)
+                    for t in train_rows["trial"] for k in range(len(plan.schedules[t].stages)))
+             for d in plan.domains}
+    caps = {d: min(caps[d], tried[d]) for d in plan.domains}
     winner, predicted = optimize.choose(
         result, plan.domains, template, caps, plan.sweep.space.min_weight, objective,
         baseline_pred if objective.max_worse_than_baseline > 0 else None,
@@ -304,10 +323,117 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# validation: the winner against baselines, with seeds, at proxy and target scale
+
+
+def candidates(plan: SweepPlan, result: dict) -> dict[str, MixtureSchedule]:
+    template = plan.schedules[0]
+    natural = space_lib.prior_weights(dataclasses.replace(plan.sweep.space, prior_power=1.0),
+                                      plan.domains, plan.tokens)
+    uniform = {d: 1.0 / len(plan.domains) for d in plan.domains}
+    winner = MixtureSchedule.from_dict(result["winner"])
+    return {
+        "winner": winner,
+        "natural": MixtureSchedule(tuple(Stage(s.start, dict(natural)) for s in template.stages)),
+        "uniform": MixtureSchedule(tuple(Stage(s.start, dict(uniform)) for s in template.stages)),
+        "best_trial": plan.schedules[result["best_trial"]["trial"]],
+        # the same base mixture without its end-of-training stage: what upweighting buys
+        "winner_no_anneal": MixtureSchedule((Stage(0.0, dict(winner.stages[0].weights)),)),
+    }
+
+
+def _stats(rows: list[dict], domains) -> dict:
+    keys = [f"{LOSS}{d}" for d in domains] + [f"{LOSS}mean"]
+    ok = [r for r in rows if not r["failed"]]
+    return {"n": len(ok), "failed": len(rows) - len(ok),
+            "mean": {k: float(np.mean([r[k] for r in ok])) if ok else None for k in keys},
+            "std": {k: float(np.std([r[k] for r in ok], ddof=1)) if len(ok) > 1 else 0.0
+                    for k in keys},
+            "run_ids": [r["run_id"] for r in rows]}
+
+
+def validate(plan: SweepPlan, result: dict, log: Log) -> dict:
+    t0 = time.perf_counter()
+    cands = candidates(plan, result)
+    for name, schedule in cands.items():
+        schedule.validate(plan.domains).dump(plan.dir / "schedules" / f"validate-{name}.json")
+    jobs = [{"name": f"{scale}/{name}/seed{k}", "scale": scale,
+             "schedule": f"validate-{name}.json", "seed": plan.proxy.seed + k}
+            for scale in ("proxy", "target") for name in cands
+            for k in range(plan.sweep.validate.seeds)]
+    runs = run_jobs(plan, jobs, "validate", log)
+    out: dict = {"scales": {}, "seconds": None}
+    for scale in ("proxy", "target"):
+        per = {name: _stats([runs[j["name"]] for j in jobs
+                             if j["scale"] == scale and f"/{name}/" in j["name"]], plan.domains)
+               for name in cands}
+        out["scales"][scale] = {"candidates": per, "winner_vs": _comparisons(per),
+                                "upweighting": _upweighting(per, cands["winner"], plan.domains)}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _comparisons(per: dict) -> dict:
+    """Winner vs each baseline on the mean loss: the gap, and whether it exceeds 2 sigma of
+    seed noise (sigma of a difference of two seed means)."""
+    w = per["winner"]
+    key = f"{LOSS}mean"
+    out = {}
+    for name in ("natural", "uniform", "best_trial"):
+        b = per[name]
+        if w["mean"][key] is None or b["mean"][key] is None:
+            continue
+        gap = b["mean"][key] - w["mean"][key]
+        sigma = math.sqrt(w["std"][key] ** 2 / max(w["n"], 1) + b["std"][key] ** 2 / max(b["n"], 1))
+        out[name] = {"gap": gap, "relative": gap / b["mean"][key], "sigma": sigma,
+                     "beats_by_2_sigma": bool(gap > 2 * sigma and sigma > 0)}
+    return out
+
+
+def _upweighting(per: dict, winner: MixtureSchedule, domains) -> dict | None:
+    """Loss change from the end-of-training stage on the domains it upweights, and on the mean."""
+    if len(winner.stages) < 2:
+        return None
+    base, end = winner.stages[0].weights, winner.stages[-1].weights
+    boosted = [d for d in domains if end.get(d, 0) > base.get(d, 0)]
+    w, n = per["winner"]["mean"], per["winner_no_anneal"]["mean"]
+    if w[f"{LOSS}mean"] is None or n[f"{LOSS}mean"] is None:
+        return None
+    return {"boosted": boosted,
+            "domains": {d: (w[f"{LOSS}{d}"] - n[f"{LOSS}{d}"]) / n[f"{LOSS}{d}"] for d in boosted},
+            "mean": (w[f"{LOSS}mean"] - n[f"{LOSS}mean"]) / n[f"{LOSS}mean"]}
+
+
+def format_validation(v: dict, domains) -> str:
+    lines = [f"validation ({v['seconds']:.0f}s): mean of seeds ± std, loss per domain"]
+    for scale, s in v["scales"].items():
+        lines.append(f"  {scale}:")
+        for name, c in s["candidates"].items():
+            m, sd = c["mean"], c["std"]
+            if m[f"{LOSS}mean"] is None:
+                lines.append(f"    {name:<17} all runs failed")
+                continue
+            lines.append(f"    {name:<17} mean {m[LOSS + 'mean']:.4f} ± {sd[LOSS + 'mean']:.4f}  "
+                         + "  ".join(f"{d[:6]} {m[LOSS + d]:.3f}" for d in domains))
+        for name, c in s["winner_vs"].items():
+            direction = "lower" if c["gap"] > 0 else "higher"
+            lines.append(f"    winner vs {name}: mean loss {abs(c['relative']):.2%} {direction}, "
+                         f"2 sigma of seed noise = {2 * c['sigma']:.4f} -> "
+                         f"{'beats it' if c['beats_by_2_sigma'] else 'not beyond seed noise'}")
+        up = s["upweighting"]
+        if up:
+            lines.append(f"    end-of-training stage (boosts {', '.join(up['boosted'])}): "
+                         + ", ".join(f"{d} {x:+.2%}" for d, x in up["domains"].items())
+                         + f"; mean {up['mean']:+.2%}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # the sweep
 
 
-def run_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> Path:
+def run_sweep(sweep: SweepConfig, runs_root: Path, *, validate_winner: bool = True,
+              log: Log = print) -> Path:
     t0 = time.perf_counter()
     plan = plan_sweep(sweep, runs_root, log)
     _write_plan(plan)
@@ -322,6 +448,9 @@ def run_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> Path:
     write_json_atomic(plan.dir / "fit.json", result)
     optimize.write_winner(plan.dir / "winner.json", MixtureSchedule.from_dict(result["winner"]),
                           result["predicted"], {"sweep": plan.dir.name})
+    log(f"sweep: trials and fit took {result['seconds']['total']:.0f}s")
+    if validate_winner and sweep.validate.enabled:
+        write_json_atomic(plan.dir / "validate.json", validate(plan, result, log))
     text = format_sweep(plan.dir)
     (plan.dir / "report.txt").write_text(text + "\n")
     log(text)
@@ -370,4 +499,7 @@ def format_sweep(sweep_dir: Path) -> str:
             f"{d}={w:.3f}" for d, w in stage["weights"].items()))
     lines.append("  " + ", ".join(f"{d} {result['predicted'][d]:.4f} "
                                    f"({result['natural_predicted'][d]:.4f})" for d in domains))
+    if (sweep_dir / "validate.json").is_file():
+        lines.append(format_validation(json.loads((sweep_dir / "validate.json").read_text()),
+                                       domains))
     return "\n".join(lines)

@@ -33,11 +33,12 @@ def sweep_args(corpus: Path, cache: Path) -> list[str]:
 
 
 def done_runs(runs: Path) -> dict[str, str]:
-    """run id -> the `end` time of each done proxy run."""
+    """run id -> the `end` time of each done proxy trial (validation runs left out)."""
     out = {}
     for status in runs.glob("mixture_sweep_tiny/*/status.json"):
         st = json.loads(status.read_text())
-        if st.get("state") == "done":
+        cfg = json.loads((status.parent / "config.json").read_text())
+        if st.get("state") == "done" and cfg["tracking"]["job_type"] == "proxy":
             out[status.parent.name] = st["end"]
     return out
 
@@ -76,6 +77,18 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
     winner.validate(("books", "wiki", "math", "code", "web", "multilingual"))
     fit = json.loads((sweep_dir / "fit.json").read_text())
     assert fit["n_fit"] + fit["n_holdout"] + fit["n_failed"] == TRIALS
+    # validated against baselines, each with 2 seeds, at proxy and at target scale
+    val = json.loads((sweep_dir / "validate.json").read_text())
+    for scale in ("proxy", "target"):
+        cands = val["scales"][scale]["candidates"]
+        assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_no_anneal"}
+        assert all(c["n"] == 2 for c in cands.values())
+        assert set(val["scales"][scale]["winner_vs"]) == {"natural", "uniform", "best_trial"}
+    target_runs = json.loads(next(
+        p for p in (runs / "mixture_sweep_tiny").glob("*/config.json")
+        if json.loads(p.read_text())["tracking"]["job_type"] == "validate"
+        and json.loads(p.read_text())["train"]["steps"] == 96).read_text())
+    assert target_runs["model"]["d_model"] == 64  # 2x the proxy's width
     assert "winner" in proc.stdout and "trial" in proc.stdout
 
     compare = gx("compare", "mixture_sweep_tiny", runs=runs, env=env)
