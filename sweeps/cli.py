@@ -28,8 +28,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ft.add_argument("--loss-prefix", default="loss/")
     ft.add_argument("--folds", type=int, default=5)
     ft.add_argument("--out", default=None, help="write the chosen mixture here as winner.json")
-    cmp_ = sub.add_parser("compare", help="a sweep's trials, fit and winner")
-    cmp_.add_argument("sweep", help="a sweep dir, or a sweep name (prefix) under <runs root>/sweeps")
+    cmp_ = sub.add_parser("compare", help="a sweep's trials, fit, winner and validation; or runs side by side",
+                          description="gx compare SWEEP: the sweep's report. gx compare RUN RUN ...: "
+                          "the config fields where the runs differ, and their final metrics.")
+    cmp_.add_argument("targets", nargs="+", metavar="SWEEP_OR_RUN",
+                      help="a sweep dir or name (prefix), or two or more run ids (prefixes) or run dirs")
     return {"sweep": cmd_sweep, "fit": cmd_fit, "compare": cmd_compare}
 
 
@@ -68,9 +71,14 @@ def cmd_fit(args, overrides: list[str]) -> int:
 
 
 def cmd_compare(args, overrides: list[str]) -> int:
-    from gemini_core.rundir import runs_root
+    from gemini_core.rundir import find_run, runs_root
+    from sweeps.report import format_runs
     from sweeps.runner import find_sweep, format_sweep
 
     _no_overrides(overrides, "compare")
-    print(format_sweep(find_sweep(runs_root(args.runs_root), args.sweep)))
+    root = runs_root(args.runs_root)
+    if len(args.targets) == 1:
+        print(format_sweep(find_sweep(root, args.targets[0])))
+    else:
+        print(format_runs([find_run(root, t) for t in args.targets]))
     return 0

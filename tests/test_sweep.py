@@ -99,8 +99,14 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
              f"--config.data.cache_dir={cache}", f"--config.data.schedule={sweep_dir / 'winner.json'}",
              "--config.train.steps=6", "--config.tracking.wandb=false", runs=runs, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    cfg = RunDir(runs, "quickstart", next((runs / "quickstart").iterdir()).name).config()
-    assert cfg["mixture"] == winner.to_dict()
+    trained = RunDir(runs, "quickstart", next((runs / "quickstart").iterdir()).name)
+    assert trained.config()["mixture"] == winner.to_dict()
+
+    first_trial = next(iter(finished))
+    both = gx("compare", first_trial, trained.run_id, runs=runs, env=env)
+    assert both.returncode == 0, both.stderr
+    assert "mixture.stages" in both.stdout and "train.steps" in both.stdout
+    assert "eval/mean/loss" in both.stdout and both.stdout.count("done") >= 2
 
 
 def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
