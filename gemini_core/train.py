@@ -168,6 +168,9 @@ class _Meter:
     peak_flops: float
     t_window: float = dataclasses.field(default_factory=time.perf_counter)
     steps_window: int = 0
+    # seconds from the meter's creation to the first step's metrics: compile (or a compilation
+    # cache hit) plus one step; what a sweep's later trials save through the shared cache
+    first_step_s: float | None = None
     # per-domain sums of row losses and row counts over the log window: train/<domain>/loss
     # is the window mean, far less noisy than one step's few rows of a small domain
     loss_sum_D: np.ndarray | None = None
@@ -176,6 +179,8 @@ class _Meter:
     def emit(self, step: int, metrics_dev, domain_B: np.ndarray, force: bool = False) -> None:
         """Step `step` has finished; its metrics were left on device until now."""
         self.steps_window += 1
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - self.t_window
         fetched = jax.device_get(metrics_dev)
         n = len(self.sampler.domains)
         if self.loss_sum_D is None:
@@ -239,7 +244,7 @@ def _train(p: Prepared, log: Log) -> dict:
     log(f"run dir: {run.path}")
     return {**final_eval, "run_id": run.run_id, "steps": total,
             "tokens": total * tc.batch_size * seq_len, "train/loss": progress.last_loss,
-            "params": n_params, "epochs": epochs}
+            "params": n_params, "epochs": epochs, "perf/first_step_s": meter.first_step_s}
 
 
 def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: EvalSet,

@@ -1,0 +1,91 @@
+"""Sweep throughput: proxy trials per hour with 1 and with 2 concurrent trials, in one run, and
+the seconds to the first step (compile) of the first trial vs the later ones.
+
+Both sweeps are the same test-scale sweep (experiments/mixture_sweep.py:size=tiny, longer
+proxies so that training, not process start, dominates a trial), each in a fresh runs root with
+a cold JAX compilation cache, run through `gx sweep --no-validate`. Trials per hour = trials /
+wall seconds of the trial stage; parallel efficiency = (rate with 2 / rate with 1) / 2.
+
+usage: python bench/sweep_throughput.py [--trials 8] [--steps 150] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_EFFICIENCY = 0.85
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--out", default="")
+    return p.parse_args()
+
+
+def sweep(args: argparse.Namespace, concurrent: int, work: Path) -> dict:
+    runs = work / f"runs-{concurrent}"
+    cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs), "sweep",
+           "experiments/mixture_sweep.py:size=tiny", "--no-validate",
+           f"--config.proxy.data.root={args.corpus}", f"--config.space.trials={args.trials}",
+           f"--config.proxy.train.steps={args.steps}", "--config.proxy.tracking.wandb=false",
+           f"--config.resources.max_concurrent={concurrent}", "--config.fit.folds=2",
+           "--config.fit.samples=2000"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"sweep with {concurrent} concurrent trials failed:\n{proc.stderr[-3000:]}")
+    sweep_dir = next((runs / "sweeps").iterdir())
+    fit = json.loads((sweep_dir / "fit.json").read_text())
+    trials_s = fit["seconds"]["trials"]
+    firsts = []  # (start time, seconds to the first step) per trial, in start order
+    for status in (runs / "mixture_sweep_tiny").glob("*/status.json"):
+        st = json.loads(status.read_text())
+        summary = json.loads((status.parent / "summary.json").read_text())
+        firsts.append((st["start"], summary["perf/first_step_s"]))
+    firsts.sort()
+    result = {"concurrent": concurrent, "wall_s": wall, "trials_s": trials_s,
+              "trials_per_hour": args.trials / trials_s * 3600,
+              "first_step_s": [f for _, f in firsts]}
+    print(f"{concurrent} concurrent: {args.trials} trials in {trials_s:.1f}s "
+          f"({result['trials_per_hour']:.0f} trials/hour; whole command {wall:.0f}s); seconds to "
+          f"the first step: first trial {firsts[0][1]:.1f}, later trials median "
+          f"{statistics.median(f for _, f in firsts[1:]):.1f}", flush=True)
+    return result
+
+
+def main() -> int:
+    args = parse()
+    work = Path(tempfile.mkdtemp(prefix="gx-bench-sweep-"))
+    one, two = sweep(args, 1, work), sweep(args, 2, work)
+    efficiency = two["trials_per_hour"] / one["trials_per_hour"] / 2
+    lines = ["| concurrent trials | trials/hour | first trial: s to first step | later trials: median s |",
+             "|---|---|---|---|"]
+    for r in (one, two):
+        lines.append(f"| {r['concurrent']} | {r['trials_per_hour']:.0f} | {r['first_step_s'][0]:.1f} "
+                     f"| {statistics.median(r['first_step_s'][1:]):.1f} |")
+    lines += ["", f"parallel efficiency 2 vs 1: {efficiency:.2f} (target >= {TARGET_EFFICIENCY}: "
+              f"{'met' if efficiency >= TARGET_EFFICIENCY else 'NOT met'})"]
+    text = "\n".join(lines)
+    print()
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"one": one, "two": two, "efficiency": efficiency},
+                                             indent=1))
+        Path(args.out).with_suffix(".md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
