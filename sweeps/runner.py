@@ -106,9 +106,10 @@ def _write_plan(plan: SweepPlan) -> None:
 
 def _pin_threads(cpus: int) -> None:
     """Before JAX starts in this worker: XLA uses the trial's CPUs, not the whole machine."""
+    # (XLA_FLAGS takes xla_* flags only: an unknown --flag aborts the process)
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f"--xla_cpu_multi_thread_eigen={'true' if cpus > 1 else 'false'} "
-                               f"intra_op_parallelism_threads={cpus}").strip()
+                               f"--xla_cpu_multi_thread_eigen={'true' if cpus > 1 else 'false'}"
+                               ).strip()
 
 
 def _tags(schedule: MixtureSchedule) -> list[str]:
