@@ -7,7 +7,8 @@ domain, and the mixture it predicts best, written as winner.json.
         --config.data.schedule=runs/sweeps/<sweep>/winner.json
 
 `size=small` (default): 24 trials of a 2-layer d=64 proxy; `size=tiny`: 8 trials of a
-1-layer d=32 proxy for a test-scale run in a few minutes.
+1-layer d=32 proxy for a test-scale run in a few minutes. `--config.method=doremi` replaces
+the swarm and the fit by DoReMi's two proxy runs.
 """
 
 import ml_collections
@@ -49,6 +50,10 @@ def get_config(arg=None):
     c.objective = dict(targets={}, max_worse_than_baseline=0.0)
     c.fit = dict(folds=4, regressors=("linear", "loglinear", "lightgbm"),
                  holdout_fraction=0.25, method="search", samples=50_000)
+    # regression (the swarm above) or doremi: a reference proxy on the prior, then a Group-DRO
+    # proxy whose domain weights, averaged over steps, are the choice (sweeps/doremi.py)
+    c.method = "regression"
+    c.doremi = dict(eta=1.0, smoothing=1e-3, reference="prior")
     c.resources = dict(cpus_per_trial=1, max_concurrent=0, max_failures=1)
     # target scale: empty = d_model x2 (about 4x non-embedding params), steps x4 (4x tokens)
     c.validate = dict(enabled=True, seeds=2, target={})

@@ -17,6 +17,7 @@ import ml_collections
 from gemini_core import config as gc_config
 from gemini_core.config import ExperimentConfig, _to_dataclass
 from gemini_core.errors import UserError
+from sweeps.doremi import DoReMiConfig, check as check_doremi
 from sweeps.space import SpaceConfig
 
 EMPTY: Mapping = types.MappingProxyType({})
@@ -68,6 +69,10 @@ class SweepConfig:
     fit: FitConfig = FitConfig()
     resources: ResourcesConfig = ResourcesConfig()
     validate: ValidateConfig = ValidateConfig()
+    # regression: a swarm of proxies + per-domain fits (RegMix / Data Mixing Laws);
+    # doremi: a reference proxy + a Group-DRO proxy (sweeps/doremi.py)
+    method: str = "regression"
+    doremi: DoReMiConfig = DoReMiConfig()
 
 
 def proxy_config(sweep: SweepConfig) -> ExperimentConfig:
@@ -122,6 +127,9 @@ def _check(s: SweepConfig) -> None:
                         "max_concurrent >= 0, max_failures >= 0")
     if s.validate.seeds < 1:
         raise UserError(f"config.validate.seeds={s.validate.seeds}: at least 1")
+    if s.method not in ("regression", "doremi"):
+        raise UserError(f"config.method={s.method!r}: expected 'regression' or 'doremi'")
+    check_doremi(s.doremi)
     if s.target_tokens < 0:
         raise UserError(f"config.target_tokens={s.target_tokens}: must be >= 0")
 
