@@ -9,11 +9,12 @@ import sys
 import traceback
 from pathlib import Path
 
-from gemini_core.errors import UserError
+from gemini_core.errors import TrainingStopped, UserError
 
 EPILOG = """examples:
   gx run experiments/quickstart.py --config.data.root=../shared/corpus
   gx run experiments/pretrain.py:size=nano --dry-run
+  gx run experiments/gemini_recipe.py:size=tiny --config.params.corpus=../shared/corpus [--dry-run] [--force STEP]
   gx ls
   gx show quickstart-1a2b3c4d
   gx eval quickstart-1a2b3c4d --data ../shared/corpus --split valid.jsonl.gz
@@ -22,6 +23,7 @@ EPILOG = """examples:
   gx sweep experiments/mixture_sweep.py:size=tiny --config.proxy.data.root=../shared/corpus
   gx compare mixture_sweep_tiny
   gx fit results.csv --holdout heldout.csv
+  gx plan --compute 1e21 --inference-tokens 1e12
 Runs live in ./runs (or $GX_RUNS_ROOT, or --runs-root)."""
 
 
@@ -45,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train an experiment (reuses a done run, resumes an interrupted one)",
                          description="Train EXPERIMENT, a file path.py[:arg] defining get_config(arg). "
                          "Override any field with --config.a.b=value (ml_collections syntax).")
-    run.add_argument("experiment", help="experiment file, e.g. experiments/quickstart.py or experiments/pretrain.py:size=nano")
-    run.add_argument("--force", action="store_true", help="rerun even if a done run with this fingerprint exists")
+    run.add_argument("experiment", nargs="?", help="experiment file, e.g. experiments/quickstart.py or experiments/pretrain.py:size=nano")
+    run.add_argument("--force", nargs="?", const=True, default=False, metavar="STEP",
+                     help="rerun even if a done run with this fingerprint exists; for a recipe "
+                     "(experiments/gemini_recipe.py), the step to rerun")
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no data, compile nothing")
 
     ls = sub.add_parser("ls", help="list runs with state, step and final eval/mean/loss")
@@ -82,6 +86,22 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("experiment", help="e.g. experiments/quickstart.py")
     tr.add_argument("--single-domain", default="web", help="the one-domain tokenizer's domain (default: web)")
 
+    pl = sub.add_parser("plan", help="model size and tokens for a compute budget (Chinchilla, inference-aware)",
+                        description="Chinchilla-optimal model size N and tokens D for a training "
+                        "budget C = 6·N·D (D = 20·N), the loss Chinchilla's published fit predicts "
+                        "(a relative guide), and with --inference-tokens the smaller model on more "
+                        "tokens that reaches the same loss for less total compute (training + "
+                        "2·N per inference token). Prints the experiments/pretrain.py arguments "
+                        "whose model is closest to each N, as a `gx run ... --dry-run` command.")
+    pl.add_argument("--compute", required=True, metavar="FLOPS", help="training compute budget in FLOPs, e.g. 1e21 or 3.5e20")
+    pl.add_argument("--inference-tokens", default=None, metavar="N",
+                    help="tokens the model will serve over its life, e.g. 1e12 (adds the inference-aware row)")
+    pl.add_argument("--size", default="auto", help="pretrain.py family: nano, pro or ultra (default auto: the one nearest N in full size)")
+    pl.add_argument("--experiment", default=None, help="experiment file with pretrain.py's arguments (default experiments/pretrain.py)")
+    pl.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: the family's for N >= 1e9, else pretrain.py's CPU default)")
+    pl.add_argument("--seq", type=int, default=0, help="sequence length (default: as --vocab)")
+    pl.add_argument("--batch", type=int, default=0, help="sequences per step (default: as --vocab)")
+
     for add_commands in _plugins():
         handlers.update(add_commands(sub))
     return p
@@ -98,11 +118,26 @@ def cmd_run(args, overrides: list[str]) -> int:
     from gemini_core.experiment import load_experiment
     from gemini_core.rundir import runs_root
 
+    if args.experiment is None and isinstance(args.force, str):  # gx run --force EXPERIMENT
+        args.experiment, args.force = args.force, True
+    if args.experiment is None:
+        raise UserError("gx run: name the EXPERIMENT file, e.g. experiments/quickstart.py")
+    from gemini_core import recipe
+    if recipe.is_recipe(args.experiment):  # a pipeline of steps (gemini_core/recipe.py)
+        if not args.dry_run:
+            steps.tune_host_malloc()
+        return recipe.main(args.experiment, overrides, runs_root(args.runs_root),
+                           force=args.force, dry_run_only=args.dry_run)
+    if isinstance(args.force, str):
+        raise UserError(f"--force {args.force}: only a recipe has steps to name; "
+                        f"{args.experiment} is one run (--force alone reruns it)")
     exp = load_experiment(args.experiment, overrides)
     if args.dry_run:
         print(plan.render(exp.config, train.declared_schedule(exp.config)))
         return 0
     steps.tune_host_malloc()  # before JAX's first computation; see its docstring
+    from gemini_core import distributed
+    distributed.initialize(exp.config.distributed)  # multi-host: before JAX sees any device
     train.run_experiment(exp.config, runs_root(args.runs_root), force=args.force,
                          overrides=exp.overrides)
     return 0
@@ -130,16 +165,20 @@ def cmd_ls(args) -> int:
     for run in iter_runs(root, args.experiment):
         st, summary, cfg = run.status() or {}, run.summary() or {}, run.config() or {}
         loss = summary.get("eval/mean/loss")
-        rows.append((run.run_id, st.get("state", "?"),
+        rows.append((run.run_id, run.shown_state(),
                      f"{_last_step(run) or 0}/{cfg.get('train', {}).get('steps', '?')}",
                      f"{loss:.4f}" if loss is not None else "-", st.get("end") or st.get("start", "")))
+    from gemini_core.recipe import format_states
+    recipes = format_states(root, args.experiment)
     if not rows:
-        print(f"no runs under {root}")
+        print(recipes or f"no runs under {root}")
         return 0
     head = ("run", "state", "step", "eval/mean/loss", "time")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for row in [head] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    if recipes:
+        print(f"\n{recipes}")
     return 0
 
 
@@ -210,6 +249,16 @@ def cmd_data(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from gemini_core import compute_plan
+
+    plan = compute_plan.make_plan(args.compute, args.inference_tokens, size=args.size,
+                                  experiment=args.experiment, vocab=args.vocab, seq=args.seq,
+                                  batch=args.batch)
+    print(compute_plan.render(plan))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from gemini_core.experiment import config_overrides
@@ -230,10 +279,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data(args, overrides)
         if args.command in handlers:
             return handlers[args.command](args, overrides)
-        return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval}[args.command](args)
+        return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval, "plan": cmd_plan}[args.command](args)
     except UserError as e:
         print(f"gx: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # an unrecoverable fault or a preemption: the message says why
+        print(f"gx: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("gx: interrupted", file=sys.stderr)
         return 130

@@ -120,6 +120,65 @@ class TrackingConfig:
     tags: tuple[str, ...] = ()
 
 
+def _default_mesh_rules() -> dict[str, str]:
+    from gemini_core import sharding  # imports jax: only when a MeshConfig is made
+    return sharding.default_rules()
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh (axes data, fsdp, model) and the logical-axis rules; gemini_core.sharding.
+
+    Sizes: 0 = the preset's, -1 = the devices the other axes leave (at most one axis). Rules:
+    logical axis -> comma-separated mesh axes ("data,fsdp"), "" = replicated, "preset" = the
+    preset's rule. After validation sizes and rules are the resolved ones (-1 stays -1 until
+    the devices are known).
+    """
+
+    preset: str = "dp"  # dp | fsdp | fsdp_tp
+    data: int = 0
+    fsdp: int = 0
+    model: int = 0
+    rules: Mapping[str, str] = dataclasses.field(default_factory=_default_mesh_rules)
+    device_memory_gib: float = 16.0  # per device, for `gx run --dry-run` (a TPU v5e chip: 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host JAX (jax.distributed.initialize); gemini_core.distributed. Where the run
+    runs, not what it computes: not in the fingerprint. Unset fields come from the environment
+    (GX_COORDINATOR_ADDRESS or JAX_COORDINATOR_ADDRESS, GX_NUM_PROCESSES, GX_PROCESS_ID)."""
+
+    mode: str = "env"  # env: initialize when a coordinator is known | auto: JAX detects (TPU VM, SLURM) | off
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0  # 0 = not set
+    process_id: int = -1  # -1 = not set
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultsConfig:
+    """Surviving faults inside one process (gemini_core.faults). How a run is protected, not
+    what it computes (a rolled-back or rechecked run is bit-identical): not in the fingerprint.
+    Defaults cost about 1% of step time (README, "Faults and recovery")."""
+
+    snapshot_every: int = 50  # steps between in-memory copies of the state; 0 = none
+    max_rollbacks: int = 3  # rollbacks to a snapshot in one process before the run fails
+    sdc_check_every: int = 100  # steps between a step computed twice and compared; 0 = none
+    sdc_max_mismatches: int = 3  # mismatching recomputations in one process that stop the run
+    replica: bool = True  # under Ray: also hold the newest good snapshot in a separate actor
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """A student trained towards a teacher run's distribution (gemini_core.distill)."""
+
+    teacher: str = ""  # a done run's id (or unique prefix, or run dir); "" = no distillation
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha on the data's cross-entropy
+    temperature: float = 1.0
+    kl: str = "forward"  # forward KL(teacher || student), as Gemma 2 | reverse KL(student || teacher)
+    top_k: int = 0  # 0 = the teacher runs beside the student; K = its top-K cached, then trained from
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str
@@ -130,6 +189,10 @@ class ExperimentConfig:
     train: TrainConfig
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = DistributedConfig()
+    faults: FaultsConfig = FaultsConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +399,37 @@ def _check_mixture(m: MixtureConfig, domains: tuple[str, ...]) -> None:
         check_weights(f"{p}.{name}.weights", stage.weights, domains)
 
 
+def _check_distributed(d: DistributedConfig) -> None:
+    p = "config.distributed"
+    _one_of(f"{p}.mode", d.mode, ("env", "auto", "off"))
+    if d.num_processes < 0:
+        raise UserError(f"{p}.num_processes={d.num_processes}: must be >= 1 (0 = not set)")
+    if d.process_id < -1:
+        raise UserError(f"{p}.process_id={d.process_id}: must be >= 0 (-1 = not set)")
+    if d.num_processes and d.process_id >= d.num_processes:
+        raise UserError(f"{p}.process_id={d.process_id}: must be below "
+                        f"{p}.num_processes={d.num_processes}")
+
+
+def _check_faults(f: FaultsConfig) -> None:
+    p = "config.faults"
+    for name in ("snapshot_every", "max_rollbacks", "sdc_check_every"):
+        _non_negative(f"{p}.{name}", getattr(f, name))
+    _positive(f"{p}.sdc_max_mismatches", f.sdc_max_mismatches)
+
+
+def _check_distill(d: DistillConfig) -> None:
+    p = "config.distill"
+    if not 0.0 <= d.alpha <= 1.0:
+        raise UserError(f"{p}.alpha={d.alpha}: must be in [0, 1]")
+    _positive(f"{p}.temperature", d.temperature)
+    _one_of(f"{p}.kl", d.kl, ("forward", "reverse"))
+    _non_negative(f"{p}.top_k", d.top_k)
+    if d.top_k and d.kl == "reverse":
+        raise UserError(f"{p}.top_k={d.top_k} with {p}.kl='reverse': the teacher's top K cannot "
+                        "give KL(student || teacher), which needs the teacher on every token")
+
+
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConfig:
     """Validates and converts a user's experiment config; raises UserError on any mistake."""
     exp = _to_dataclass(cfg, ExperimentConfig, "config")
@@ -348,6 +442,11 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     _check_train(exp.train)
     _check_optimizer(exp.optimizer, exp.train)
     _check_mixture(exp.mixture, exp.data.domains)
+    _check_distributed(exp.distributed)
+    _check_faults(exp.faults)
+    _check_distill(exp.distill)
+    from gemini_core import sharding
+    exp = dataclasses.replace(exp, mesh=sharding.resolve_config(exp.mesh))
     return exp
 
 

@@ -1,6 +1,8 @@
 """The one exception type for mistakes a user can fix (config, data, CLI arguments).
 
-The CLI prints its message alone and exits 2; anything else is an internal error (exit 1).
+The CLI prints its message alone and exits 2; a `TrainingStopped` (an unrecoverable fault,
+a preemption) is printed alone too, with its own exit code; anything else is an internal
+error (exit 1, with the traceback).
 """
 
 
@@ -8,3 +10,23 @@ class UserError(Exception):
     """A mistake in what the user gave us; the message names where (key path or file:line)."""
 
     exit_code = 2
+
+
+class TrainingStopped(Exception):
+    """Training stopped on purpose, with a message that says why and what to do (no traceback):
+    a fault the trainer could not recover from (gemini_core.faults), or a preemption."""
+
+    exit_code = 1
+
+
+class Preempted(TrainingStopped):
+    """SIGTERM: the step finished, a checkpoint was written, the run is `preempted`; the same
+    command resumes it. 143 = 128 + SIGTERM, what a shell reports for a process SIGTERM ended,
+    so schedulers that restart interrupted jobs restart it and scripts tell it from done (0)."""
+
+    exit_code = 143
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"preempted (SIGTERM): stopped after step {step}, checkpoint "
+                         f"{checkpoint}; run the same command again to resume")
+        self.step = step

@@ -11,7 +11,11 @@ The residual stream stays flattened as (N, D) through every dense layer: XLA:CPU
 matmuls 1.6-1.8x faster on a 2-D (N, D) operand than on (B, L, D). Only attention reshapes.
 
 Parameters carry logical axis names (`out_sharding` metadata) from LOGICAL_AXES; the mapping
-of logical axes to a device mesh lives in config/sharding code, never here.
+of logical axes to a device mesh lives in config/sharding code, never here. Activations are
+pinned by logical name too (`constrain`, a no-op without a mesh): the residual stream split by
+batch, the MLP hidden and attention heads by their parameter axes, logits by vocab. Left to the
+compiler's propagation alone, FSDP would split the residual stream along D like the weights and
+keep the whole batch on every device.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemini_core.config import ModelConfig
+from gemini_core.sharding import constrain
 
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
 _NEG_INF = -1e30  # finite: a fully masked row would give NaN with -inf; causal rows never are
@@ -95,7 +100,8 @@ class Attention(nnx.Module):
         v_BxLxGxK = qkv_NxC[:, (H + G) * K:].reshape(batch, L, G, K)
         q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxK, sin_LxK)
         k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxK, sin_LxK)
-        out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_LxL)
+        out_BxLxHxK = constrain(causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_LxL),
+                                ("batch", "length", "q_heads", None))
         wo_CxD = self.wo_HxKxD[...].reshape(H * K, D).astype(dt)
         return out_BxLxHxK.reshape(N, H * K) @ wo_CxD
 
@@ -145,7 +151,8 @@ class Mlp(nnx.Module):
         # gate and up as one (N, D) x (D, 2F) matmul: fewer, fatter GEMMs run closer to peak
         w_Dx2F = jnp.concatenate([self.gate_DxF[...], self.up_DxF[...]], axis=1).astype(dt)
         h_Nx2F = x_NxD @ w_Dx2F
-        h_NxF = jax.nn.gelu(h_Nx2F[:, :F], approximate=True) * h_Nx2F[:, F:]
+        h_NxF = constrain(jax.nn.gelu(h_Nx2F[:, :F], approximate=True) * h_Nx2F[:, F:],
+                          ("batch", "mlp"))
         return h_NxF @ self.down_FxD[...].astype(dt)
 
 
@@ -160,7 +167,8 @@ class Block(nnx.Module):
     def __call__(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array,
                  mask_LxL: jax.Array) -> jax.Array:
         x_NxD = x_NxD + self.attn(self.attn_norm(x_NxD), batch, cos_LxK, sin_LxK, mask_LxL)
-        return x_NxD + self.mlp(self.mlp_norm(x_NxD))
+        x_NxD = constrain(x_NxD, ("batch", None))
+        return constrain(x_NxD + self.mlp(self.mlp_norm(x_NxD)), ("batch", None))
 
 
 class Transformer(nnx.Module):
@@ -182,7 +190,7 @@ class Transformer(nnx.Module):
         # for ~uniform initial logits) the unscaled input would be drowned by the first block's
         # residual updates. A constant, fused into the gather.
         x_NxD = self.embed_VxD[...][tokens_BxL.reshape(-1)] * math.sqrt(self.cfg.d_model)
-        return x_NxD.astype(self.cfg.dtype)
+        return constrain(x_NxD.astype(self.cfg.dtype), ("batch", None))
 
     def decode(self, x_NxD: jax.Array, batch: int) -> jax.Array:
         """The blocks and the final norm over an embedded (B·L, D) stream."""
@@ -202,10 +210,12 @@ class Transformer(nnx.Module):
         """f32 logits from the (N, D) hidden state; accumulation in f32 whatever the dtype."""
         dt = jnp.dtype(self.cfg.dtype)
         if self.head_DxV is None:
-            return jnp.einsum("nd,vd->nv", h_NxD, self.embed_VxD[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("nd,dv->nv", h_NxD, self.head_DxV[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+            logits_NxV = jnp.einsum("nd,vd->nv", h_NxD, self.embed_VxD[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        else:
+            logits_NxV = jnp.einsum("nd,dv->nv", h_NxD, self.head_DxV[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
+        return constrain(logits_NxV, ("batch", "vocab"))
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         B, L = tokens_BxL.shape

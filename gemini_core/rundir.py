@@ -16,7 +16,9 @@ from typing import Any, Iterator
 
 from gemini_core.errors import UserError
 
-STATES = ("queued", "running", "done", "failed")
+# preempted: stopped by SIGTERM after a final checkpoint (gemini_core.faults); resumes like an
+# interrupted run
+STATES = ("queued", "running", "done", "failed", "preempted")
 
 
 def runs_root(flag: str | None = None) -> Path:
@@ -101,6 +103,16 @@ class RunDir:
         return (st.get("state") == "running" and st.get("pid") != os.getpid()
                 and pid_alive(st.get("pid"), st.get("host")))
 
+    def shown_state(self) -> str:
+        """The state to show: a `running` whose process is gone from this host (kill -9, a
+        crash, a lost machine) is `interrupted`; the file keeps what the process last wrote."""
+        st = self.status() or {}
+        state = st.get("state", "?")
+        if (state == "running" and st.get("host") == socket.gethostname()
+                and not pid_alive(st.get("pid"), st.get("host"))):
+            return "interrupted"
+        return state
+
     def set_status(self, state: str, **fields: Any) -> None:
         assert state in STATES, state
         st = self.status() or {}
@@ -109,7 +121,7 @@ class RunDir:
             st["start"] = _now()
             st.pop("end", None)
             st.pop("error", None)
-        if state in ("done", "failed"):
+        if state in ("done", "failed", "preempted"):
             st["end"] = _now()
         write_json_atomic(self.path / "status.json", st)
 

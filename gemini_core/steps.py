@@ -8,6 +8,11 @@ transformation and the schedule, so `make_train_step(graphdef)` needs nothing el
 
 Eval returns per-row summed NLL in nats; bits per byte is computed by the caller from a
 per-token byte-length table (gemini_core.evaluate), which keeps the tokenizer out of the jit.
+
+With a `sharding.Layout` the state is created directly sharded (jit out_shardings from the
+parameters' logical names), each step keeps the state's shardings, takes the host batch and
+places it (batch split over data and fsdp), and returns replicated metrics; without one
+(tests, benches on one device) the steps are the plain jits.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from gemini_core.config import ModelConfig, OptimizerConfig
 from gemini_core.model import Transformer
 from gemini_core.optim import lr_schedule, make_optimizer
+from gemini_core.sharding import Layout
 
 State = Any  # nnx.State: a pytree of arrays
 Metrics = dict[str, jax.Array]
@@ -46,17 +53,17 @@ def build(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
 
 
 def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
-               seed: int) -> tuple[nnx.GraphDef, State]:
-    # initialised inside one jit: a single compiled program instead of one dispatch per tensor
+               seed: int, layout: Layout | None = None) -> tuple[nnx.GraphDef, State]:
+    # initialised inside one jit: a single compiled program instead of one dispatch per tensor;
+    # with a layout each array is born on its shards (never whole on one device)
     graphdef, abstract = nnx.split(nnx.eval_shape(
         lambda: build(model_cfg, opt_cfg, total_steps, seed)))
-    del abstract
+    shardings = {} if layout is None else {"out_shardings": layout.state_shardings(abstract)}
 
-    @jax.jit
     def init() -> State:
         return nnx.split(build(model_cfg, opt_cfg, total_steps, seed))[1]
 
-    return graphdef, init()
+    return graphdef, jax.jit(init, **shardings)()
 
 
 def count_params(state_or_cfg: State | ModelConfig) -> int:
@@ -73,12 +80,13 @@ def mean_nll(model: Transformer, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax
     return jnp.mean(nll_BxT), jnp.mean(nll_BxT, axis=-1)
 
 
-def make_train_step(graphdef: nnx.GraphDef) -> TrainFn:
+def make_train_step(graphdef: nnx.GraphDef, layout: Layout | None = None) -> TrainFn:
     """step_fn(state, tokens_Bx(T+1) int32) -> (state, {loss, grad_norm, lr, row_loss}).
 
     Donates state. Metrics stay on device (the loop fetches them a step late). `loss` is the
     loss of the parameters before this step's update, `row_loss` the same per row (B,), and
-    `lr` the rate this step applied.
+    `lr` the rate this step applied. With a layout, tokens may be a host array (the global
+    batch); the state keeps the shardings it came with.
     """
 
     def step(state: State, tokens_BxT1: jax.Array) -> tuple[State, Metrics]:
@@ -92,10 +100,33 @@ def make_train_step(graphdef: nnx.GraphDef) -> TrainFn:
                    "row_loss": row_loss_B}
         return nnx.state(ts), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if layout is None:
+        return jax.jit(step, donate_argnums=0)
+    return _sharded(step, layout, donate=True)
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> EvalFn:
+def _sharded(fn: Callable, layout: Layout, donate: bool) -> Callable:
+    """fn(state, tokens) jitted under `layout`: tokens placed, state shardings kept (pinned as
+    out_shardings, taken from the first state it sees: init or restore gave them), outputs other
+    than the state replicated (every process can fetch them)."""
+    jitted = None
+
+    def call(state: State, tokens_BxT1):
+        nonlocal jitted
+        if jitted is None:
+            state_sh = jax.tree.map(lambda x: x.sharding, state)
+            out = (state_sh, layout.replicated) if donate else layout.replicated
+            jitted = jax.jit(fn, in_shardings=(state_sh, layout.batch_sharding()),
+                             out_shardings=out, donate_argnums=0 if donate else ())
+        if not isinstance(tokens_BxT1, jax.Array):
+            tokens_BxT1 = layout.place_batch(np.asarray(tokens_BxT1))
+        with layout.activate():
+            return jitted(state, tokens_BxT1)
+
+    return call
+
+
+def make_eval_step(graphdef: nnx.GraphDef, layout: Layout | None = None) -> EvalFn:
     """eval_fn(state, tokens_Bx(T+1)) -> nll_sum_B: per-row NLL summed over T targets (nats)."""
 
     def evaluate(state: State, tokens_BxT1: jax.Array) -> jax.Array:
@@ -103,7 +134,20 @@ def make_eval_step(graphdef: nnx.GraphDef) -> EvalFn:
         nll_BxT = model.token_nll(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
         return jnp.sum(nll_BxT, axis=-1)
 
-    return jax.jit(evaluate)
+    if layout is None:
+        return jax.jit(evaluate)
+    sharded = _sharded(evaluate, layout, donate=False)
+
+    def call(state: State, tokens_BxT1: np.ndarray) -> np.ndarray:
+        # a last eval batch may be short: pad with rows of token 0 to split evenly, drop them
+        B = tokens_BxT1.shape[0]
+        pad = -B % layout.batch_shards
+        if pad:
+            tokens_BxT1 = np.concatenate(
+                [tokens_BxT1, np.zeros((pad,) + tokens_BxT1.shape[1:], tokens_BxT1.dtype)])
+        return np.asarray(sharded(state, tokens_BxT1))[:B]
+
+    return call
 
 
 def tune_host_malloc() -> bool:

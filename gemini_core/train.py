@@ -17,12 +17,12 @@ import jax
 import numpy as np
 
 from gemini_core import config as config_lib
-from gemini_core import flops, steps
+from gemini_core import distill, distributed, faults, flops, sharding, steps
 from gemini_core.checkpoint import Checkpointer
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, Sampler, Stage
 from gemini_core.data.tokens import PreparedData, prepare_data
-from gemini_core.errors import UserError
+from gemini_core.errors import Preempted, UserError
 from gemini_core.evaluate import EvalSet, evaluate, format_table
 from gemini_core.progress import Progress
 from gemini_core.rundir import RunDir, fingerprint, run_id
@@ -94,6 +94,13 @@ def identity(cfg: ExperimentConfig, schedule: MixtureSchedule, manifest_hash: st
         resolved["data"].pop(path_field)
     resolved["mixture"] = schedule.to_dict()
     resolved["data"]["manifest"] = manifest_hash
+    # how the run is protected, not what it computes (rollbacks and SDC checks are bit-exact):
+    # changing an interval between restarts must continue the same run
+    resolved.pop("faults", None)
+    # where and how it runs, not what it computes: the same run on another mesh or slice (its
+    # losses agree to float rounding, tests/test_sharding.py) resumes the same checkpoints
+    for placement_field in ("mesh", "distributed"):
+        resolved.pop(placement_field, None)
     return resolved
 
 
@@ -105,6 +112,8 @@ class Prepared:
     identity: dict
     fingerprint: str
     run: RunDir
+    teacher: distill.Teacher | None = None  # a distilled student's teacher run
+    layout: sharding.Layout | None = None  # the device mesh and rules; set by run_experiment
 
 
 def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print) -> Prepared:
@@ -115,8 +124,15 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print) -> Prepare
                         cache_root(cfg, runs_root), log=log)
     schedule = resolve_schedule(declared, data, cfg.data.domains)
     ident = identity(cfg, schedule, data.manifest_hash)
+    teacher = None
+    if cfg.distill.teacher:
+        teacher = distill.resolve_teacher(cfg.distill, runs_root, data.tokenizer)
+        ident["distill"]["teacher"] = teacher.fingerprint  # what the teacher is, not its name
+    else:
+        ident.pop("distill")  # its knobs mean nothing without a teacher
     fp = fingerprint(ident)
-    return Prepared(cfg, data, schedule, ident, fp, RunDir(runs_root, cfg.name, run_id(cfg.name, fp)))
+    return Prepared(cfg, data, schedule, ident, fp,
+                    RunDir(runs_root, cfg.name, run_id(cfg.name, fp)), teacher)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,31 +144,95 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
     """Trains `cfg` (or reuses a done run, or resumes an interrupted one); returns the summary."""
     runs_root = Path(runs_root).absolute()
     enable_compilation_cache(cache_root(cfg, runs_root))
+    # the mesh first: a layout that does not fit the devices is a user error before any data
+    layout = sharding.Layout.from_config(cfg.mesh)
+    _check_batch(cfg, layout)
+    # multi-host: process 0 alone writes the run's records (and W&B) and decides from them
+    primary = distributed.is_primary()
+    if not primary:
+        log = _quiet
     p = prepare(cfg, runs_root, log)
+    p.layout = layout
+    if not primary:
+        p.run = _Follower(p.run.path.parents[1], p.run.experiment, p.run.run_id)
     run = p.run
     status = run.status() or {}
-    if status.get("state") == "done" and not force:
+    if distributed.agree(status.get("state") == "done" and not force):
         log(f"{run.run_id} is already done: {run.path} (--force reruns it)")
         return run.summary() or {}
-    if run.is_busy():
-        raise UserError(f"{run.run_id} is being run by pid {status['pid']} on {status['host']}: "
-                        f"{run.path}")
-    if force and run.path.exists():
+    if distributed.agree(run.is_busy()):
+        raise UserError(f"{run.run_id} is being run by pid {status.get('pid')} on "
+                        f"{status.get('host')}: {run.path}")
+    if force and run.path.exists() and primary:
         shutil.rmtree(run.path)
     run.write_config({**p.identity, "fingerprint": p.fingerprint, "run_id": run.run_id,
                       "overrides": dict(overrides or {}),
                       "paths": {"data_root": str(Path(cfg.data.root).absolute()),
                                 "schedule": cfg.data.schedule, "data_cache": str(p.data.dir),
-                                "tokenizer": str(p.data.tokenizer.path)}})
+                                "tokenizer": str(p.data.tokenizer.path)},
+                      "placement": placement(cfg, layout)})
     run.set_status("running")
+    distributed.barrier("gx-run-start")  # no process writes checkpoints into a folder being removed
     try:
         summary = _train(p, log)
+    except Preempted:  # SIGTERM: a checkpoint was written; the same command resumes
+        run.set_status("preempted")
+        raise
     except BaseException as e:
         run.set_status("failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
     run.write_summary(summary)
     run.set_status("done")
     return summary
+
+
+def _check_batch(cfg: ExperimentConfig, layout: sharding.Layout) -> None:
+    if cfg.train.batch_size % layout.batch_shards:
+        raise UserError(f"config.train.batch_size={cfg.train.batch_size}: must be divisible by "
+                        f"the {layout.batch_shards} batch shards of the mesh ("
+                        f"{', '.join(f'{a}={n}' for a, n in layout.sizes.items())}; batch -> "
+                        f"{','.join(layout.rules['batch'])})")
+
+
+def _quiet(_: str) -> None:
+    """The log of processes other than 0: they would print the same lines again."""
+
+
+class _Follower(RunDir):
+    """The run directory as processes other than 0 see it: read, never written."""
+
+    def set_status(self, state: str, **fields) -> None:
+        pass
+
+    def write_config(self, cfg: dict) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+
+class _NoTracker:
+    """Processes other than 0 log nothing: process 0 writes metrics.jsonl and W&B."""
+
+    def log(self, step: int, metrics) -> None:
+        pass
+
+    def summary(self, values) -> None:
+        pass
+
+    def __enter__(self) -> "_NoTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def placement(cfg: ExperimentConfig, layout: sharding.Layout) -> dict:
+    """Where the run ran (config.json, hence W&B's config); not in the fingerprint."""
+    return {"mesh": {**config_lib.to_json_dict(cfg.mesh), **layout.sizes},
+            "devices": layout.mesh.size, "processes": jax.process_count(),
+            "platform": layout.mesh.devices.flat[0].platform,
+            "distributed": config_lib.to_json_dict(cfg.distributed)}
 
 
 @dataclasses.dataclass
@@ -215,27 +295,35 @@ def _train(p: Prepared, log: Log) -> dict:
         log(f"warning: {warning}")
     evalset = EvalSet.build(p.data.valid, p.data.token_bytes, seq_len=seq_len,
                             batch_size=tc.batch_size, batches=tc.eval_batches)
-    graphdef, state = steps.init_state(cfg.model, cfg.optimizer, total, cfg.seed)
+    layout = p.layout or sharding.Layout.from_config(cfg.mesh)
+    _check_batch(cfg, layout)
+    graphdef, state = steps.init_state(cfg.model, cfg.optimizer, total, cfg.seed, layout)
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, state)
         log(f"resuming {run.run_id} from step {start} ({run.checkpoints})")
+    guard = faults.Guard(cfg.faults, run.path, run_id=run.run_id, fingerprint=p.fingerprint,
+                         log=log)
+    start, state = guard.restore_newer(start, state)  # a restarted Ray worker: its replica
     n_params = flops.param_counts(cfg.model)["total"]
     log(f"{run.run_id}: {n_params:,} params, {total} steps x {tc.batch_size * seq_len:,} tokens "
         f"-> {run.path}")
-    with Tracker(run.path, run_id=run.run_id, group=cfg.name, config=run.config(),
-                 tracking=cfg.tracking, resume_step=start or None, log=log) as tracker:
+    tracker = (Tracker(run.path, run_id=run.run_id, group=cfg.name, config=run.config(),
+                       tracking=cfg.tracking, resume_step=start or None, log=log)
+               if distributed.is_primary() else _NoTracker())
+    with guard, tracker:
         progress = Progress(total, start, log)
         meter = _Meter(tracker, sampler, progress, tc.log_every, tc.batch_size * seq_len,
                        flops.flops_per_token(cfg.model, seq_len) * tc.batch_size * seq_len,
-                       flops.device_peak_flops())
+                       sharding.peak_flops(layout))
         try:
-            final_eval = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter)
+            final_eval = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter, guard)
         finally:
             progress.close()
             ckpt.close()
         tracker.summary(final_eval)
+    guard.finish()
     epochs = sampler.epochs()
     log(format_table(final_eval, epochs, cfg.data.domains))
     if progress.first_loss is not None:  # None when resumed from the final checkpoint
@@ -244,31 +332,74 @@ def _train(p: Prepared, log: Log) -> dict:
     log(f"run dir: {run.path}")
     return {**final_eval, "run_id": run.run_id, "steps": total,
             "tokens": total * tc.batch_size * seq_len, "train/loss": progress.last_loss,
-            "params": n_params, "epochs": epochs, "perf/first_step_s": meter.first_step_s}
+            "params": n_params, "epochs": epochs, "perf/first_step_s": meter.first_step_s,
+            **guard.summary()}
+
+
+def _train_step(p: Prepared, graphdef, sampler: Sampler, log: Log):
+    """(state, tokens_Bx(T+1), step) -> (state, metrics): the plain step, or a distilled
+    student's (the step indexes the teacher's cached top-K)."""
+    if p.teacher is None:
+        plain = steps.make_train_step(graphdef, p.layout)
+        return lambda state, tokens_BxT1, step: plain(state, tokens_BxT1)
+    dc = p.cfg.distill
+    if not dc.top_k:
+        return distill.make_train_step(graphdef, distill.load_teacher_state(p.teacher), dc)
+    batches = {k: p.identity[k] for k in ("mixture", "seed")}
+    batches.update(manifest=p.identity["data"]["manifest"], steps=sampler.total_steps,
+                   batch_size=sampler.batch_size, seq_len=sampler.seq_len)
+    cache = distill.topk_cache(p.teacher, dc, sampler, batches,
+                               cache_root(p.cfg, p.run.path.parents[1]), log)
+    return distill.make_train_step(graphdef, p.teacher, dc, cache)
 
 
 def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: EvalSet,
-          ckpt: Checkpointer, meter: _Meter) -> dict[str, float]:
+          ckpt: Checkpointer, meter: _Meter, guard: faults.Guard) -> dict[str, float]:
     tc, total = p.cfg.train, p.cfg.train.steps
-    train_step = steps.make_train_step(graphdef)
-    eval_step = steps.make_eval_step(graphdef)
-    pending = None  # (step, metrics on device): fetched one step late so the host never stalls
-    for step in range(start, total):
+    train_step = _train_step(p, graphdef, sampler, meter.progress.note)
+    eval_step = steps.make_eval_step(graphdef, p.layout)
+    guard.begin(start, state)
+
+    def settle(item, force: bool = False) -> None:  # check (raises faults.Rollback), then log
+        fetched = guard.settle(item[0], item[1])
+        if fetched is not None:
+            meter.emit(item[0], fetched, item[2], force=force)
+
+    pending = None  # (step, metrics on device, domain_B): fetched one step late, no host stall
+    step = reached = start  # reached: steps done so far; below it a rollback's replay runs
+    while step < total:
         tokens_BxT1, domain_B = sampler.batch(step)
-        state, metrics = train_step(state, tokens_BxT1)
-        if pending is not None:
-            meter.emit(*pending)
-        pending = (step, metrics, domain_B)
+        state, metrics = guard.step(lambda s: train_step(s, tokens_BxT1, step), state, step)
         done = step + 1
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total:
+        fresh = done > reached  # a replayed step's checkpoint and eval exist already
+        save = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total and fresh
+        ev = tc.eval_every and done % tc.eval_every == 0 and done < total and fresh
+        stop = done == total or guard.stop_requested()  # read once: SIGTERM may come any time
+        try:
+            if pending is not None:
+                settle(pending)
+            pending = (step, metrics, domain_B)
+            if save or ev or stop:  # settled now: nothing non-finite reaches disk or eval
+                settle(pending, force=stop)
+                pending = None
+        except faults.Rollback as back:
+            state, step, pending = back.state, back.step, None
+            continue
+        reached = max(reached, done)
+        guard.after_step(done, state)
+        if save:
             ckpt.save(done, state)
-        if tc.eval_every and done % tc.eval_every == 0 and done < total:
+        if ev:
             metrics_eval = evaluate(eval_step, state, evalset, tc.batch_size)
             meter.tracker.log(done, metrics_eval)
             meter.progress.note(f"step {done}: eval/mean/loss {metrics_eval['eval/mean/loss']:.4f}"
                                 f"  eval/mean/bpb {metrics_eval['eval/mean/bpb']:.4f}")
-    if pending is not None:
-        meter.emit(*pending, force=True)
+        if stop and done < total:  # SIGTERM: this step settled and logged, a checkpoint, exit
+            if ckpt.latest_step() != done:
+                ckpt.save(done, state)
+            ckpt.wait()
+            raise Preempted(done, str(p.run.checkpoints / str(done)))
+        step += 1
     if ckpt.latest_step() != total:
         ckpt.save(total, state)
     final_eval = evaluate(eval_step, state, evalset, tc.batch_size)

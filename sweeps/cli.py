@@ -29,11 +29,34 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ft.add_argument("--folds", type=int, default=5)
     ft.add_argument("--out", default=None, help="write the chosen mixture here as winner.json")
     cmp_ = sub.add_parser("compare", help="a sweep's trials, fit, winner and validation; or runs side by side",
-                          description="gx compare SWEEP: the sweep's report. gx compare RUN RUN ...: "
+                          description="gx compare SWEEP: the sweep's report, printed and written as "
+                          "<sweep dir>/report.html (self-contained, with plots). gx compare RUN RUN ...: "
                           "the config fields where the runs differ, and their final metrics.")
     cmp_.add_argument("targets", nargs="+", metavar="SWEEP_OR_RUN",
                       help="a sweep dir or name (prefix), or two or more run ids (prefixes) or run dirs")
-    return {"sweep": cmd_sweep, "fit": cmd_fit, "compare": cmd_compare}
+    _add_scaling(sub)
+    return {"sweep": cmd_sweep, "fit": cmd_fit, "compare": cmd_compare, "scaling": cmd_scaling}
+
+
+def _add_scaling(sub: argparse._SubParsersAction) -> None:
+    sc = sub.add_parser("scaling", help="scaling laws: a ladder of sizes x token budgets, L(N, D) fit",
+                        description="gx scaling run EXPERIMENT: train the ladder declared in "
+                        "EXPERIMENT (see experiments/scaling_ladder.py) on Ray Tune, then fit. "
+                        "gx scaling fit SWEEP: fit L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla "
+                        "approach 3) to a ladder's runs or to any table with columns params, "
+                        "tokens, loss.")
+    ssub = sc.add_subparsers(dest="scaling_command", required=True, metavar="SCALING_COMMAND")
+    run = ssub.add_parser("run", help="train the ladder (done runs are reused), then fit")
+    run.add_argument("experiment", help="e.g. experiments/scaling_ladder.py:size=tiny")
+    fit = ssub.add_parser("fit", help="fit a ladder's runs or a table; fit.json and a plot")
+    fit.add_argument("sweep", metavar="SWEEP", help="a ladder's sweep dir or name (prefix), or a "
+                     "CSV/parquet table with columns params, tokens, loss")
+    fit.add_argument("--holdout-largest", type=int, default=None, metavar="K",
+                     help="leave the K runs of most compute (6ND) out of the fit and predict them "
+                     "(default: the ladder's fit.holdout_largest, else 0)")
+    fit.add_argument("--bootstrap", type=int, default=None, metavar="B",
+                     help="bootstrap resamples for the 5-95%% intervals (default: the ladder's "
+                     "fit.bootstrap, else 200)")
 
 
 def _no_overrides(overrides: list[str], command: str) -> None:
@@ -72,13 +95,32 @@ def cmd_fit(args, overrides: list[str]) -> int:
 
 def cmd_compare(args, overrides: list[str]) -> int:
     from gemini_core.rundir import find_run, runs_root
-    from sweeps.report import format_runs
+    from sweeps.report import format_runs, write_html
     from sweeps.runner import find_sweep, format_sweep
 
     _no_overrides(overrides, "compare")
     root = runs_root(args.runs_root)
     if len(args.targets) == 1:
-        print(format_sweep(find_sweep(root, args.targets[0])))
+        sweep_dir = find_sweep(root, args.targets[0])
+        print(format_sweep(sweep_dir))
+        print(f"report: {write_html(sweep_dir)}")
     else:
         print(format_runs([find_run(root, t) for t in args.targets]))
+    return 0
+
+
+def cmd_scaling(args, overrides: list[str]) -> int:
+    from gemini_core.rundir import runs_root
+    from sweeps import scaling
+
+    root = runs_root(args.runs_root)
+    if args.scaling_command == "run":
+        from gemini_core.experiment import load_experiment
+        exp = load_experiment(args.experiment, overrides, schema=scaling.LadderConfig,
+                              convert=scaling.from_config_dict)
+        scaling.run_ladder(exp.config, root)
+    else:
+        _no_overrides(overrides, "scaling fit")
+        scaling.fit_target(root, args.sweep, holdout_largest=args.holdout_largest,
+                           bootstrap_resamples=args.bootstrap)
     return 0

@@ -8,7 +8,8 @@ and the tokenizer are prepared once on the driver (trials share one tokenizer: i
 depend on the trial's mixture), and the JAX compilation cache is shared by all trials.
 
 Sweep dir: <runs root>/sweeps/<name>-<fingerprint[:8]>/ with sweep.json, schedules/, tune/,
-trials.csv (one row per trial, the `gx fit` table format), fit.json, winner.json, report.txt.
+trials.csv (one row per trial, the `gx fit` table format), fit.json, winner.json, report.txt,
+report.html (self-contained, with plots) and wandb/ (the sweep's W&B summary run).
 """
 
 from __future__ import annotations
@@ -52,14 +53,18 @@ class SweepPlan:
 # plan: data once, the space, the sweep's identity
 
 
-def _shared_tokenizer(proxy: gc_config.ExperimentConfig) -> gc_config.ExperimentConfig:
-    """Trials differ in mixture only: a tokenizer drawn by the mixture would differ per trial."""
-    tok = proxy.data.tokenizer
-    if tok.sample_weights != "mixture":
-        return proxy
-    data = dataclasses.replace(proxy.data, tokenizer=dataclasses.replace(
-        tok, sample_weights="natural"))
-    return dataclasses.replace(proxy, data=data)
+def _trial_base(exp: gc_config.ExperimentConfig) -> gc_config.ExperimentConfig:
+    """What every run of the sweep shares. Paths absolute: Ray runs trials in other working
+    directories. One tokenizer: trials differ in mixture only, and a tokenizer drawn by the
+    mixture would differ per trial."""
+    data = exp.data
+    data = dataclasses.replace(
+        data, root=str(Path(data.root).absolute()) if data.root else "",
+        cache_dir=str(Path(data.cache_dir).absolute()) if data.cache_dir else "")
+    if data.tokenizer.sample_weights == "mixture":
+        data = dataclasses.replace(data, tokenizer=dataclasses.replace(
+            data.tokenizer, sample_weights="natural"))
+    return dataclasses.replace(exp, data=data)
 
 
 def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPlan:
@@ -67,7 +72,7 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
     from gemini_core.data.tokens import prepare_data
 
     runs_root = Path(runs_root).absolute()
-    proxy = _shared_tokenizer(proxy_config(sweep))
+    proxy = _trial_base(proxy_config(sweep))
     gc_config.require_data_root(proxy.data)
     cache = train.cache_root(proxy, runs_root)
     data = prepare_data(proxy.data, proxy.data.tokenizer.sample_weights, cache, log=log)
@@ -83,7 +88,7 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
     fp = fingerprint({"sweep": ident, "manifest": data.manifest_hash,
                       "schedules": [s.to_dict() for s in schedules]})
     out = runs_root / "sweeps" / f"{sweep.name}-{fp[:8]}"
-    return SweepPlan(sweep, proxy, _shared_tokenizer(target_config(sweep)), domains, tokens,
+    return SweepPlan(sweep, proxy, _trial_base(target_config(sweep)), domains, tokens,
                      target, schedules, out, runs_root)
 
 
@@ -128,7 +133,8 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
     exp["seed"] = job["seed"]
     exp["data"]["schedule"] = str(path)
     exp["tracking"]["tags"] = [job["name"], job["scale"], *_tags(MixtureSchedule.load(path))]
-    exp["tracking"]["job_type"] = "proxy" if job["name"].startswith("trial-") else "validate"
+    exp["tracking"]["job_type"] = job.get("job_type") or (
+        "proxy" if job["name"].startswith("trial-") else "validate")
     exp["model"] = {k: v for k, v in exp["model"].items() if k != "vocab_size"}
     return gc_config.from_config_dict(exp)
 
@@ -143,7 +149,15 @@ def run_job(config: dict, sweep_dir: str, cpus: int) -> None:
     job = config["job"]
     cfg = job_config(Path(sweep_dir), job)
     meta = json.loads((Path(sweep_dir) / "sweep.json").read_text())
-    summary = train.run_experiment(cfg, Path(meta["runs_root"]), log=lambda _: None)
+    root = Path(meta["runs_root"])
+    if job.get("doremi"):  # the Group-DRO proxy against a finished reference run
+        from gemini_core.rundir import find_run
+        from sweeps import doremi
+        dc = doremi.DoReMiConfig(**job["doremi"])
+        summary = doremi.train_doremi(cfg, find_run(root, job["reference_run"]), dc, root,
+                                      log=lambda _: None)
+    else:
+        summary = train.run_experiment(cfg, root, log=lambda _: None)
     losses = {d: float(summary[f"eval/{d}/loss"]) for d in cfg.data.domains}
     bad = [d for d, v in losses.items() if not math.isfinite(v)]
     tune.report({"name": job["name"], "run_id": summary["run_id"],
@@ -165,6 +179,7 @@ def _init_ray(log: Log) -> None:
         return
     logging.getLogger("ray").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its boxes would break up the live table
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log(f"ray: connecting to {address}")
@@ -218,7 +233,8 @@ def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[st
     else:
         tuner = tune.Tuner(
             trainable, param_space={"job": tune.grid_search(jobs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            # reused worker processes: a trial after the first skips process start and imports
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=stage, storage_path=str(path.parent), verbose=0,
                 callbacks=[_live_table(stage, len(jobs), log)],
@@ -315,7 +331,14 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
         baseline_pred if objective.max_worse_than_baseline > 0 else None,
         samples=f.samples, seed=plan.sweep.space.seed, method=f.method)
     best = ok.loc[ok[f"{LOSS}mean"].idxmin()]
+    # the report's predicted-vs-actual plot: every finished trial, fitted and held out
+    pred_ok = result.predict(np.stack([fit_lib.features(plan.schedules[t], plan.domains)
+                                       for t in ok["trial"]]))
+    per_trial = [{"trial": int(t), "held_out": int(t) in hold_idx,
+                  "predicted": {d: float(v) for d, v in zip(plan.domains, p)}}
+                 for t, p in zip(ok["trial"], pred_ok)]
     return {"chosen": result.chosen, "cv_mse": result.cv_mse, "holdout": holdout,
+            "per_trial_predicted": per_trial,
             "n_fit": len(train_rows), "n_holdout": len(hold_rows), "n_failed": len(failed),
             "winner": winner.to_dict(), "predicted": {d: float(v) for d, v in predicted.items()},
             "natural_predicted": {d: float(v) for d, v in baseline_pred.items()},
@@ -324,7 +347,48 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# validation: the winner against baselines, with seeds, at proxy and target scale
+# DoReMi: a reference proxy, then a Group-DRO proxy whose averaged domain weights are the choice
+
+
+def run_doremi(plan: SweepPlan, log: Log) -> dict:
+    from gemini_core.rundir import find_run
+    dc = plan.sweep.doremi
+    if dc.reference == "uniform":
+        ref_weights = {d: 1.0 / len(plan.domains) for d in plan.domains}
+    else:
+        ref_weights = space_lib.prior_weights(plan.sweep.space, plan.domains, plan.tokens)
+    MixtureSchedule.constant(ref_weights).dump(plan.dir / "schedules" / "doremi-reference.json")
+    base = {"scale": "proxy", "schedule": "doremi-reference.json", "seed": plan.proxy.seed,
+            "job_type": "doremi"}
+    ref = run_jobs(plan, [{**base, "name": "doremi/reference"}], "doremi-reference",
+                   log)["doremi/reference"]
+    if ref["failed"]:
+        raise UserError(f"DoReMi: the reference run failed: {ref['failed'][:1000]}")
+    dro = run_jobs(plan, [{**base, "name": "doremi/proxy", "reference_run": ref["run_id"],
+                           "doremi": dataclasses.asdict(dc)}], "doremi-proxy", log)["doremi/proxy"]
+    if dro["failed"]:
+        raise UserError(f"DoReMi: the Group-DRO proxy failed: {dro['failed'][:1000]}")
+    summary = find_run(plan.runs_root, dro["run_id"]).summary() or {}
+    averaged = np.array([summary[f"doremi/weights/{d}"] for d in plan.domains])
+    lower = np.full(len(plan.domains), plan.sweep.space.min_weight)
+    cap = space_lib.caps(plan.sweep.space, plan.domains, plan.tokens, plan.target_tokens)
+    chosen = space_lib.project_to_capped_simplex(
+        averaged, lower, np.array([cap[d] for d in plan.domains]))
+    winner = MixtureSchedule.constant(dict(zip(plan.domains, chosen.tolist())))
+    log("DoReMi: averaged weights " + ", ".join(
+        f"{d}={w:.3f}" for d, w in zip(plan.domains, averaged))
+        + "; under the caps and minimum weight: " + ", ".join(
+        f"{d}={w:.3f}" for d, w in zip(plan.domains, chosen)))
+    return {"method": "doremi", "winner": winner.to_dict(),
+            "doremi_weights": dict(zip(plan.domains, averaged.tolist())),
+            "reference": {"run_id": ref["run_id"], "weights": ref_weights,
+                          f"{LOSS}mean": ref.get(f"{LOSS}mean")},
+            "proxy": {"run_id": dro["run_id"], f"{LOSS}mean": dro.get(f"{LOSS}mean")},
+            "predicted": {}, "n_fit": 0, "n_holdout": 0, "n_failed": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: the winner against baselines, with seeds, at proxy and at target scale
 
 
 def candidates(plan: SweepPlan, result: dict) -> dict[str, MixtureSchedule]:
@@ -333,14 +397,17 @@ def candidates(plan: SweepPlan, result: dict) -> dict[str, MixtureSchedule]:
                                       plan.domains, plan.tokens)
     uniform = {d: 1.0 / len(plan.domains) for d in plan.domains}
     winner = MixtureSchedule.from_dict(result["winner"])
-    return {
+    out = {
         "winner": winner,
         "natural": MixtureSchedule(tuple(Stage(s.start, dict(natural)) for s in template.stages)),
         "uniform": MixtureSchedule(tuple(Stage(s.start, dict(uniform)) for s in template.stages)),
-        "best_trial": plan.schedules[result["best_trial"]["trial"]],
-        # the same base mixture without its end-of-training stage: what upweighting buys
-        "winner_no_anneal": MixtureSchedule((Stage(0.0, dict(winner.stages[0].weights)),)),
     }
+    if "best_trial" in result:  # a regression sweep's best proxy trial
+        out["best_trial"] = plan.schedules[result["best_trial"]["trial"]]
+    if len(winner.stages) > 1:
+        # the same base mixture without its end-of-training stage: what upweighting buys
+        out["winner_no_anneal"] = MixtureSchedule((Stage(0.0, dict(winner.stages[0].weights)),))
+    return out
 
 
 def _stats(rows: list[dict], domains) -> dict:
@@ -381,6 +448,8 @@ def _comparisons(per: dict) -> dict:
     key = f"{LOSS}mean"
     out = {}
     for name in ("natural", "uniform", "best_trial"):
+        if name not in per:
+            continue
         b = per[name]
         if w["mean"][key] is None or b["mean"][key] is None:
             continue
@@ -393,7 +462,7 @@ def _comparisons(per: dict) -> dict:
 
 def _upweighting(per: dict, winner: MixtureSchedule, domains) -> dict | None:
     """Loss change from the end-of-training stage on the domains it upweights, and on the mean."""
-    if len(winner.stages) < 2:
+    if len(winner.stages) < 2 or "winner_no_anneal" not in per:
         return None
     base, end = winner.stages[0].weights, winner.stages[-1].weights
     boosted = [d for d in domains if end.get(d, 0) > base.get(d, 0)]
@@ -440,11 +509,15 @@ def run_sweep(sweep: SweepConfig, runs_root: Path, *, validate_winner: bool = Tr
     _write_plan(plan)
     log(f"sweep {plan.dir.name}: {len(plan.schedules)} mixtures over {', '.join(plan.domains)}; "
         f"caps at {plan.target_tokens:,} target tokens -> {plan.dir}")
-    rows = run_trials(plan, log)
-    t_trials = time.perf_counter() - t0
-    table = trials_table(plan, rows)
-    table.to_csv(plan.dir / "trials.csv", index=False)
-    result = fit_and_choose(plan, table, log)
+    if sweep.method == "doremi":
+        result = run_doremi(plan, log)
+        t_trials = time.perf_counter() - t0
+    else:
+        rows = run_trials(plan, log)
+        t_trials = time.perf_counter() - t0
+        table = trials_table(plan, rows)
+        table.to_csv(plan.dir / "trials.csv", index=False)
+        result = fit_and_choose(plan, table, log)
     result["seconds"] = {"trials": t_trials, "total": time.perf_counter() - t0}
     write_json_atomic(plan.dir / "fit.json", result)
     optimize.write_winner(plan.dir / "winner.json", MixtureSchedule.from_dict(result["winner"]),
@@ -454,7 +527,11 @@ def run_sweep(sweep: SweepConfig, runs_root: Path, *, validate_winner: bool = Tr
         write_json_atomic(plan.dir / "validate.json", validate(plan, result, log))
     text = format_sweep(plan.dir)
     (plan.dir / "report.txt").write_text(text + "\n")
+    from sweeps import report, wandb_summary  # matplotlib, wandb: paid at the end only
+    html = report.write_html(plan.dir)
+    wandb_summary.log_sweep(plan.dir, log=log)
     log(text)
+    log(f"report: {html}")
     log(f"winner: {plan.dir / 'winner.json'}  (gx run experiments/pretrain.py "
         f"--config.data.schedule={plan.dir / 'winner.json'} ...)")
     return plan.dir
@@ -472,11 +549,33 @@ def find_sweep(root: Path, name: str) -> Path:
 
 def format_sweep(sweep_dir: Path) -> str:
     """`gx compare SWEEP`: the trials, the fit's choices, the winner against natural."""
-    import pandas as pd
-    table = pd.read_csv(sweep_dir / "trials.csv", keep_default_na=False)
     result = json.loads((sweep_dir / "fit.json").read_text())
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     domains = meta["domains"]
+    if result.get("method") == "doremi":
+        lines = _format_doremi(result, domains)
+    else:
+        lines = _format_trials(sweep_dir, result, domains)
+    if (sweep_dir / "validate.json").is_file():
+        lines.append(format_validation(json.loads((sweep_dir / "validate.json").read_text()),
+                                       domains))
+    return "\n".join(lines)
+
+
+def _format_doremi(result: dict, domains) -> list[str]:
+    ref, dro = result["reference"], result["proxy"]
+    return [f"DoReMi: reference run {ref['run_id']} (mean loss {ref[LOSS + 'mean']:.4f}), "
+            f"Group-DRO proxy {dro['run_id']}",
+            "  reference mixture: " + ", ".join(f"{d}={ref['weights'][d]:.3f}" for d in domains),
+            "  DoReMi weights (averaged over steps): " + ", ".join(
+                f"{d}={result['doremi_weights'][d]:.3f}" for d in domains),
+            "  winner (under the caps and minimum weight): " + ", ".join(
+                f"{d}={w:.3f}" for d, w in result["winner"]["stages"][0]["weights"].items())]
+
+
+def _format_trials(sweep_dir: Path, result: dict, domains) -> list[str]:
+    import pandas as pd
+    table = pd.read_csv(sweep_dir / "trials.csv", keep_default_na=False)
     lines = [f"sweep {sweep_dir.name}: {len(table)} trials "
              f"({result['n_fit']} fitted, {result['n_holdout']} held out, "
              f"{result['n_failed']} failed)", ""]
@@ -500,7 +599,4 @@ def format_sweep(sweep_dir: Path) -> str:
             f"{d}={w:.3f}" for d, w in stage["weights"].items()))
     lines.append("  " + ", ".join(f"{d} {result['predicted'][d]:.4f} "
                                    f"({result['natural_predicted'][d]:.4f})" for d in domains))
-    if (sweep_dir / "validate.json").is_file():
-        lines.append(format_validation(json.loads((sweep_dir / "validate.json").read_text()),
-                                       domains))
-    return "\n".join(lines)
+    return lines

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,101 @@ def done_runs(runs: Path) -> dict[str, str]:
         if st.get("state") == "done" and cfg["tracking"]["job_type"] == "proxy":
             out[status.parent.name] = st["end"]
     return out
+
+
+def render_in_chromium(page: Path, scratch: Path) -> tuple[str, list[str]]:
+    """The DOM after load, and every console message, of `page` in headless Chromium."""
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed (apt-get install chromium; .ci/run does)"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", f"--user-data-dir={scratch}", "--dump-dom", page.absolute().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # e.g. [..:INFO:CONSOLE:12] "Uncaught ReferenceError: ...", source: file:///... (12)
+    console = [line for line in proc.stderr.splitlines()
+               if ":CONSOLE" in line or "Uncaught" in line]
+    return proc.stdout, console
+
+
+def check_report_page(page: Path, scratch: Path, plots: int) -> None:
+    """Renders without a console message or a JS error, and its last script ran (it counts the
+    plots it saw)."""
+    dom, console = render_in_chromium(page, scratch)
+    assert console == [], console
+    root = re.search(r"<html[^>]*>", dom).group(0)  # the markers are attributes of <html>
+    assert "data-js-error" not in root, root
+    assert f'data-report-ready="{plots}"' in root, root
+
+
+def check_html_report(sweep_dir: Path, scratch: Path) -> None:
+    from sweeps import report
+
+    page = sweep_dir / "report.html"  # written by the sweep itself, rewritten by gx compare
+    text = page.read_text()
+    # self-contained: nothing fetched from anywhere
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert not re.search(r"<link\b|@import|url\(\s*['\"]?https?:", text, re.I)
+    for section in ("trials", "fit", "winner", "validation", "curves"):
+        assert f'<section id="{section}">' in text, section
+    figures = re.findall(r'<figure id="plot-(\w+)" class="plot"><svg\b', text)
+    assert figures == ["weights", "fit", "schedule", "validation", "curves"], figures
+    assert text.count("<tr class=") == TRIALS and "held-out Spearman" in text
+    check_report_page(page, scratch / "ok", plots=5)
+
+    # a failed trial (no losses) is marked with its reason, and every text is escaped: the
+    # sweep with one trial's reason set to markup (the page without its plots: they are above)
+    bad = scratch / "copy" / "sweeps" / sweep_dir.name
+    shutil.copytree(sweep_dir, bad, ignore=shutil.ignore_patterns("tune", "wandb"))
+    rows = (bad / "trials.csv").read_text().splitlines()
+    head, cells = rows[0].split(","), rows[1].split(",")
+    cells = ["" if h.startswith("loss/") else c for h, c in zip(head, cells)]
+    cells[head.index("failed")] = '"<img src=x onerror=""document.title=1""> & non-finite"'
+    (bad / "trials.csv").write_text("\n".join([rows[0], ",".join(cells), *rows[2:]]) + "\n")
+    text = report.render_html(report.load_sweep(bad), svgs={})
+    assert "<img src=x" not in text
+    assert ('failed: &lt;img src=x onerror=&quot;document.title=1&quot;&gt; &amp; non-finite'
+            in text)
+    assert text.count('<tr class="failed">') == 1
+    (bad / "report.html").write_text(text)
+    check_report_page(bad / "report.html", scratch / "copy-render", plots=0)
+
+
+def check_wandb_summary(sweep_dir: Path, runs: Path) -> None:
+    """The sweep's own W&B run, tracking on (the sweep itself ran with tracking.wandb=false),
+    read back from disk."""
+    from gemini_core import tracking
+    from sweeps import wandb_summary
+
+    assert not (sweep_dir / "wandb").exists()  # tracking.wandb=false: the sweep logged none
+    assert wandb_summary.log_sweep(sweep_dir, mode="offline", log=lambda _: None) is None
+    assert wandb_summary.log_sweep(sweep_dir, mode="offline", force=True, log=lambda _: None)
+    run = tracking.read_offline_run(sweep_dir)
+    trial = next((runs / "mixture_sweep_tiny").glob("*/config.json"))
+    assert run["id"] == sweep_dir.name and run["job_type"] == "sweep"
+    assert run["group"] == json.loads(trial.read_text())["name"]  # the trials' W&B group
+    s = run["summary"]
+    assert s["trials._type"] == "table-file" and s["trials.nrows"] == TRIALS
+    assert s["report._type"] == "html-file" and s["plots/fit._type"] == "html-file"
+    fit = json.loads((sweep_dir / "fit.json").read_text())
+    assert s["trials/n_fit"] == fit["n_fit"] and "validate/target/winner/loss_mean" in s
+    records = tracking._inspect_records(tracking._session_logs(sweep_dir)[0])
+    (art,) = [r["artifact"] for r in records
+              if r.get("type") == "artifact" and r["artifact"]["type"] == "mixture-schedule"]
+    (entry,) = art["manifest"]["contents"]
+    assert entry["path"] == "winner.json"
+    staged = Path(entry["local_path"])
+    assert staged.is_relative_to(sweep_dir / "wandb")
+    assert staged.read_text() == (sweep_dir / "winner.json").read_text()
+
+
+def test_report_check_catches_a_js_error(tmp_path):
+    """The Chromium check above can fail: a page whose script throws."""
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>x</title></head>'
+                    "<body><script>notDefined();</script></body></html>")
+    dom, console = render_in_chromium(page, tmp_path / "profile")
+    assert any("Uncaught ReferenceError: notDefined is not defined" in c for c in console)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +190,7 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
 
     compare = gx("compare", "mixture_sweep_tiny", runs=runs, env=env)
     assert compare.returncode == 0 and "held-out" in compare.stdout, compare.stderr
+    assert f"report: {sweep_dir / 'report.html'}" in compare.stdout
 
     from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
     run = gx("run", "experiments/quickstart.py", *TINY, f"--config.data.root={corpus_root}",
@@ -107,6 +205,9 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
     assert both.returncode == 0, both.stderr
     assert "mixture.stages" in both.stdout and "train.steps" in both.stdout
     assert "eval/mean/loss" in both.stdout and both.stdout.count("done") >= 2
+
+    check_html_report(sweep_dir, tmp_path / "html")
+    check_wandb_summary(sweep_dir, runs)
 
 
 def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):

@@ -52,6 +52,9 @@ class CurationDataConfig:
     text_field: str = "text"
     # domain -> source, when not the default files
     sources: Mapping[str, SourceConfig] = _no_entries()
+    # > 0: only the first max_docs records of each domain and split (local .jsonl/.txt files),
+    # e.g. a quick pass over a slice of a large corpus; 0 = everything
+    max_docs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,8 @@ def _check(c: CurationConfig) -> None:
                         f"{d.num_perm}")
     if not 0.0 < d.threshold <= 1.0:
         raise UserError(f"config.dedup.threshold={d.threshold}: must be in (0, 1]")
+    if c.data.max_docs < 0:
+        raise UserError(f"config.data.max_docs={c.data.max_docs}: must be >= 0 (0 = all)")
     if c.workers < 0:
         raise UserError(f"config.workers={c.workers}: must be >= 0 (0 = all cores)")
 

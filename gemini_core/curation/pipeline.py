@@ -357,7 +357,8 @@ def _init_ray(workers: int, log: Log) -> None:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return
     # a short temp path: Ray's unix sockets live under it and have a ~100-character limit
-    temp = Path(tempfile.gettempdir()) / f"gx-ray-{os.getuid()}"
+    temp = Path(os.environ.get("GX_RAY_TEMP_DIR") or  # as sweeps do: a cluster of one's own
+                Path(tempfile.gettempdir()) / f"gx-ray-{os.getuid()}")
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _temp_dir=str(temp))
 
@@ -486,6 +487,30 @@ def classifier_threshold(cfg: CurationConfig, path: Path) -> float:
     return float(np.interp(cl.drop_fraction * 100, np.arange(101), percentiles))
 
 
+def limit_shards(shards: list[Shard], max_docs: int) -> list[Shard]:
+    """The shards of the first `max_docs` records of each domain and split (config.data.
+    max_docs), renumbered in the same global order; all shards when 0."""
+    if not max_docs:
+        return shards
+    out: list[Shard] = []
+    left: dict[tuple[str, str], int] = {}
+    for s in shards:
+        n = left.setdefault((s.domain, s.split), max_docs)
+        if n <= 0:
+            continue
+        if s.kind != "files" or not s.path.endswith((".jsonl", ".jsonl.gz", ".txt")):
+            raise UserError(f"config.data.max_docs={max_docs}: applies to local .jsonl and .txt "
+                            f"files only, not {s.label} (domain {s.domain!r})")
+        if s.path.endswith(".txt"):  # a .txt file is one document
+            end, n_taken = s.end_line, 1
+        else:  # one record per line
+            end = min(s.first_line + n, s.end_line or s.first_line + n)
+            n_taken = end - s.first_line
+        out.append(dataclasses.replace(s, index=len(out), end_line=end))
+        left[(s.domain, s.split)] = n - n_taken
+    return out
+
+
 def default_output(cfg: CurationConfig, runs_root: Path, fp: str) -> Path:
     if cfg.output.dir:
         return Path(cfg.output.dir).absolute()
@@ -499,7 +524,7 @@ def prepare(cfg: CurationConfig, runs_root: Path, *, workers: int = 0, strict: b
     workers = workers or cfg.workers or os.cpu_count() or 1
     strict = strict or cfg.strict
     q_params = quality_params(cfg) if cfg.quality.enabled else {}
-    shards = plan_shards(cfg)
+    shards = limit_shards(plan_shards(cfg), cfg.data.max_docs)
     for shard in shards:
         check_hf_source(shard)
     block_dir = blocklist_dir(cfg) if cfg.safety.enabled else None
@@ -597,7 +622,8 @@ def train_classifier(cfg: CurationConfig, runs_root: Path, log: Log = print) -> 
     """`gx data train-classifier`: the classifier prepare would use, and its held-out metrics."""
     if not cfg.classifier.enabled:
         raise UserError("config.classifier.enabled=False: nothing to train")
-    path = classifier_path(cfg, plan_shards(cfg), Path(runs_root).absolute() / ".cache", log)
+    path = classifier_path(cfg, limit_shards(plan_shards(cfg), cfg.data.max_docs),
+                           Path(runs_root).absolute() / ".cache", log)
     metrics_path = path.with_suffix(".json")
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
