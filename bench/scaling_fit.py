@@ -28,7 +28,8 @@ TARGET = 0.02  # relative error of the held-out largest run
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sweep", default="", help="a finished ladder's sweep dir (else run the default ladder)")
+    p.add_argument("--sweep", default="",
+                   help="a finished ladder's sweep dir (else run the default ladder)")
     p.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
     p.add_argument("--runs-root", default=str(REPO / "runs"))
     p.add_argument("--experiment", default="experiments/scaling_ladder.py")
@@ -40,8 +41,7 @@ def parse() -> argparse.Namespace:
 
 def run_ladder(args: argparse.Namespace) -> tuple[Path, float]:
     cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", args.runs_root, "scaling",
-           "run", args.experiment, f"--config.base.data.root={args.corpus}",
-           "--config.fit.bootstrap=0"]
+           "run", args.experiment, f"--config.base.data.root={args.corpus}"]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -8,7 +8,8 @@ Every run is the same small decoder of the pretrain family (multi-query attentio
 head size d/4, the family's depth rule: 2 layers at these widths) with its own width and its own
 number of steps; the learning-rate schedule (WSD) ends at each run's last step, so every final
 loss is a fully decayed one, as Chinchilla's approach 3 needs. `size=small` (default): 5 widths
-x 4 budgets (0.26M-2.1M tokens), about 20 minutes on 2 CPU cores; `size=tiny`: 3 widths x 2
+x 4 budgets (0.26M-2.1M tokens; about 1,200 CPU-seconds of training steps, so roughly 10-15
+minutes on 2 idle cores; README "Scaling laws" has what we measured); `size=tiny`: 3 widths x 2
 budgets of very small models, a few seconds each, for tests.
 """
 
@@ -57,7 +58,7 @@ def get_config(arg=None):
     # size name -> fields replacing the base's (explicit shapes; an lr per size would go here)
     c.sizes = {f"d{d}": dict(model=_shape(d)) for d in widths}
     c.steps = steps  # token budget of each run: steps x batch x seq tokens
-    c.fit = dict(bootstrap=200, holdout_largest=0, delta=1e-3, starts=64, seed=0,
-                 budgets=(1e15, 1e18, 1e21, 5.76e23))
+    # budgets: FLOPs of the compute-optimal table; () = the largest run's x1, x10, x100, x1000
+    c.fit = dict(bootstrap=200, holdout_largest=0, delta=1e-3, starts=64, seed=0, budgets=())
     c.resources = dict(cpus_per_trial=1, max_concurrent=0, max_failures=1)
     return c

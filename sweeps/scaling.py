@@ -61,7 +61,8 @@ class ScalingFitConfig:
     delta: float = 1e-3  # Huber's delta on log-loss residuals
     starts: int = 64  # L-BFGS starts: the best points of the Chinchilla grid
     seed: int = 0
-    budgets: tuple[float, ...] = (1e15, 1e18, 1e21, 5.76e23)  # FLOPs, compute-optimal table
+    # FLOPs for the compute-optimal table; empty = the largest run's 6·N·D times 1, 10, 100, 1000
+    budgets: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +331,8 @@ def fit_law(N, D, L, *, delta: float = 1e-3, starts: int = 64,
     """Chinchilla's approach 3 on runs (N_i, D_i, L_i); see the module docstring."""
     N, D, L = (np.asarray(x, np.float64) for x in (N, D, L))
     if not (N.shape == D.shape == L.shape and N.ndim == 1):
-        raise ValueError(f"N, D, L must be 1-d arrays of one length: {N.shape}, {D.shape}, {L.shape}")
+        raise ValueError(f"N, D, L must be 1-d arrays of one length: {N.shape}, {D.shape}, "
+                         f"{L.shape}")
     if len(N) < N_CONSTANTS:
         raise UserError(f"the fit needs at least {N_CONSTANTS} runs ({N_CONSTANTS} constants); "
                         f"got {len(N)}")
@@ -405,8 +407,9 @@ def read_table(path: Path):
         raise UserError(f"{path}: cannot read it as a table: {type(e).__name__}: {e}") from None
     missing = [c for c in TABLE_COLUMNS if c not in df.columns]
     if missing:
+        has = ", ".join(map(str, df.columns)) or "none"
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (needs "
-                        f"{', '.join(TABLE_COLUMNS)}; has {', '.join(map(str, df.columns)) or 'none'})")
+                        f"{', '.join(TABLE_COLUMNS)}; has {has})")
     if "failed" in df.columns:
         df = df[df["failed"].fillna("").astype(str) == ""].assign(failed="")
     for col in TABLE_COLUMNS:
@@ -432,7 +435,7 @@ def holdout_mask(N: np.ndarray, D: np.ndarray, k: int) -> np.ndarray:
 
 def fit_runs(df, *, holdout: np.ndarray | int = 0, bootstrap_resamples: int = 200,
              delta: float = 1e-3, starts: int = 64, seed: int = 0,
-             budgets=(1e15, 1e18, 1e21, 5.76e23),
+             budgets=(),
              params_kind: str = "non-embedding parameters") -> dict:
     """The fit of a table of runs, its intervals, held-out predictions and the compute-optimal
     allocation, as a JSON-able dict. `holdout`: a count (the largest runs by compute) or a mask."""
@@ -446,7 +449,10 @@ def fit_runs(df, *, holdout: np.ndarray | int = 0, bootstrap_resamples: int = 20
     law = fit.law
     laws = bootstrap(N[~held], D[~held], L[~held], fit, resamples=bootstrap_resamples,
                      seed=seed) if bootstrap_resamples else []
-    budgets = np.asarray(budgets, np.float64)
+    # by default around the ladder's own compute: extrapolating a few hundred thousand
+    # parameters to LLM budgets says little
+    budgets = (np.asarray(budgets, np.float64) if len(budgets)
+               else 6 * float((N * D).max()) * 10.0 ** np.arange(4))
     opt = compute_optimal(law, budgets)
 
     def interval(f) -> list[float]:
@@ -515,7 +521,8 @@ def format_fit(result: dict, source: str = "") -> str:
     c, iv = result["constants"], result["intervals"]
     m = result["method"]
     lines = [f"scaling fit {source}".rstrip() + f": {result['form']}",
-             f"  N = {result['params']}, D = training tokens, L = final eval/mean/loss (nats/token)",
+             f"  N = {result['params']}, D = training tokens, "
+             "L = final eval/mean/loss (nats/token)",
              f"  {result['n_fit']} runs fitted, {result['n_holdout']} held out; Huber "
              f"delta={m['huber_delta']:g} on log-loss, L-BFGS from the {m['starts']} best of "
              f"{m['grid_points']:,} grid points (objective {m['objective']:.3e})",
@@ -551,6 +558,7 @@ def plot_fit(df, result: dict, out_stem: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     law = Law(**result["log_constants"], alpha=result["constants"]["alpha"],
               beta=result["constants"]["beta"])
@@ -571,6 +579,7 @@ def plot_fit(df, result: dict, out_stem: Path) -> list[Path]:
             ax.scatter(x[sel & is_held], L[sel & is_held], facecolors="none",
                        edgecolors=color, s=60, lw=1.5, zorder=3)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels collide
         ax.set_xlabel(xlabel)
         ax.set_ylabel("final eval loss (nats/token)")
         ax.legend(fontsize=7, frameon=False)
@@ -587,7 +596,7 @@ def plot_fit(df, result: dict, out_stem: Path) -> list[Path]:
 
 def fit_and_write(df, out_dir: Path, stem: str, *, holdout_largest: int, bootstrap_resamples: int,
                   delta: float = 1e-3, starts: int = 64, seed: int = 0,
-                  budgets=(1e15, 1e18, 1e21, 5.76e23), source: str = "",
+                  budgets=(), source: str = "",
                   params_kind: str = "non-embedding parameters", log: Log = print) -> dict:
     result = fit_runs(df, holdout=holdout_largest, bootstrap_resamples=bootstrap_resamples,
                       delta=delta, starts=starts, seed=seed, budgets=budgets,
@@ -635,9 +644,9 @@ def plan_ladder(ladder: LadderConfig, runs_root: Path, log: Log = print) -> Ladd
         # the first prepares data and tokenizer (or finds them cached); the rest hit the cache
         p = train.prepare(rung.config, runs_root, log=log if i == 0 else lambda _: None)
         counts = flops.param_counts(rung.config.model)
-        tc = rung.config.train
+        tokens = rung.config.train.steps * rung.config.train.batch_size * rung.config.data.seq_len
         planned.append(Planned(rung, p.run.run_id, p.run.path, counts["non_embedding"],
-                               counts["total"], tc.steps * tc.batch_size * rung.config.data.seq_len))
+                               counts["total"], tokens))
     fp = fingerprint({"runs": [p.run_id for p in planned]})  # run ids carry every field + data
     return LadderPlan(ladder, planned, runs_root / "sweeps" / f"{ladder.name}-{fp[:8]}", runs_root)
 
@@ -690,7 +699,9 @@ def _run_on_tune(plan: LadderPlan, pending: list[Planned], log: Log) -> dict[str
     shutil.rmtree(path, ignore_errors=True)
     tuner = tune.Tuner(
         trainable, param_space={"job": tune.grid_search(jobs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+        # reused worker processes, as the mixture sweep's: a run after the first skips process
+        # start and imports
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name="runs", storage_path=str(path), verbose=0,
             callbacks=[_live_table("ladder", len(jobs), log)],
@@ -710,7 +721,7 @@ def _summary(p: Planned) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _status(p: Planned) -> str:
+def run_state(p: Planned) -> str:
     path = p.run_dir / "status.json"
     return json.loads(path.read_text()).get("state", "") if path.is_file() else ""
 
@@ -720,10 +731,10 @@ def ladder_table(plan: LadderPlan, errors: Mapping[str, str]):
 
     records = []
     for p in plan.runs:
-        s = _summary(p) if _status(p) == "done" else {}
+        s = _summary(p) if run_state(p) == "done" else {}
         loss = float(s.get("eval/mean/loss", math.nan))
         failed = errors.get(p.rung.name) or ("" if math.isfinite(loss) else
-                                             f"not done ({_status(p) or 'never started'})")
+                                             f"not done ({run_state(p) or 'never started'})")
         records.append({"run_id": p.run_id, "size": p.rung.size, "steps": p.rung.steps,
                         "params": p.params, "params_total": p.params_total, "tokens": p.tokens,
                         "loss": loss, "bpb": float(s.get("eval/mean/bpb", math.nan)),
@@ -740,7 +751,7 @@ def run_ladder(ladder: LadderConfig, runs_root: Path, *, log: Log = print) -> Pa
         "runs": [{"name": p.rung.name, "size": p.rung.size, "steps": p.rung.steps,
                   "run_id": p.run_id, "params": p.params, "params_total": p.params_total,
                   "tokens": p.tokens} for p in plan.runs]})
-    pending = [p for p in plan.runs if _status(p) != "done"]
+    pending = [p for p in plan.runs if run_state(p) != "done"]
     log(f"ladder {plan.dir.name}: {len(ladder.sizes)} sizes x {len(ladder.steps)} budgets = "
         f"{len(plan.runs)} runs ({len(plan.runs) - len(pending)} already done) -> {plan.dir}")
     errors = _run_on_tune(plan, pending, log) if pending else {}
@@ -773,7 +784,8 @@ def format_ladder(table) -> str:
         cells = []
         for s in steps:
             row = rows[rows["steps"] == s]
-            failed = row.empty or ("failed" in row and str(row["failed"].iloc[0]) not in ("", "nan"))
+            note = str(row["failed"].iloc[0]) if "failed" in row and not row.empty else ""
+            failed = row.empty or note not in ("", "nan")
             cells.append(f"{'failed':>10}" if failed else f"{float(row['loss'].iloc[0]):>10.4f}")
         lines.append(f"{size:<8} {int(rows['params'].iloc[0]):>12,} " + " ".join(cells))
     return "\n".join(lines)
