@@ -23,13 +23,16 @@ EPILOG = """examples:
   gx sweep experiments/mixture_sweep.py:size=tiny --config.proxy.data.root=../shared/corpus
   gx compare mixture_sweep_tiny
   gx fit results.csv --holdout heldout.csv
+  gx scaling run experiments/scaling_ladder.py:size=tiny --config.base.data.root=../shared/corpus
+  gx scaling fit scaling_ladder_tiny --holdout-largest 1
+  gx run experiments/distill_nano.py --config.data.root=../shared/corpus --config.distill.teacher=RUN_ID
   gx plan --compute 1e21 --inference-tokens 1e12
 Runs live in ./runs (or $GX_RUNS_ROOT, or --runs-root)."""
 
 
 def _plugins():
-    """Commands other packages add to gx (entry point group "gx.commands"): `gx sweep`, `gx fit`
-    and `gx compare` come from sweeps/, which gemini_core never imports by name."""
+    """Commands other packages add to gx (entry point group "gx.commands"): `gx sweep`, `gx fit`,
+    `gx compare` and `gx scaling` come from sweeps/, which gemini_core never imports by name."""
     from importlib.metadata import entry_points
     return [ep.load() for ep in entry_points(group="gx.commands")]
 
