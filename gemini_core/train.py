@@ -173,8 +173,14 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
                       "placement": placement(cfg, layout)})
     run.set_status("running")
     distributed.barrier("gx-run-start")  # no process writes checkpoints into a folder being removed
+    return record_outcome(run, lambda: _train(p, log))
+
+
+def record_outcome(run: RunDir, train_fn: Callable[[], dict]) -> dict:
+    """Runs `train_fn` and records how it ended in the run dir: done with its summary,
+    preempted, or failed with the error."""
     try:
-        summary = _train(p, log)
+        summary = train_fn()
     except Preempted:  # SIGTERM: a checkpoint was written; the same command resumes
         run.set_status("preempted")
         raise

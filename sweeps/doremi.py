@@ -126,14 +126,7 @@ def train_doremi(cfg: ExperimentConfig, reference: RunDir, dc: DoReMiConfig, run
         return run.summary() or {}
     run.write_config({**ident, "fingerprint": fp, "run_id": run.run_id})
     run.set_status("running")
-    try:
-        summary = _train(cfg, p, run, reference, dc, log)
-    except BaseException as e:
-        run.set_status("failed", error=f"{type(e).__name__}: {e}"[:2000])
-        raise
-    run.write_summary(summary)
-    run.set_status("done")
-    return summary
+    return train.record_outcome(run, lambda: _train(cfg, p, run, reference, dc, log))
 
 
 def _train(cfg: ExperimentConfig, p: train.Prepared, run: RunDir, reference: RunDir,

@@ -240,14 +240,19 @@ def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[st
                 callbacks=[_live_table(stage, len(jobs), log)],
                 failure_config=tune.FailureConfig(max_failures=res.max_failures)))
     log(f"{stage}: {len(jobs)} runs, {concurrent} at a time, {cpus} CPU each")
+    return {name: {"run_id": metrics.get("run_id", ""), "failed": failed,
+                   **{k: v for k, v in metrics.items() if k.startswith(LOSS)}}
+            for name, (metrics, failed) in fit_results(tuner).items()}
+
+
+def fit_results(tuner) -> dict[str, tuple[dict, str]]:
+    """Runs the Tuner; job name -> (reported metrics, failure reason or "")."""
     out = {}
     for result in tuner.fit():
         metrics = result.metrics or {}
         failed = metrics.get("failed") or (f"{type(result.error).__name__}: {result.error}"
                                            if result.error else "")
-        out[result.config["job"]["name"]] = {
-            "run_id": metrics.get("run_id", ""), "failed": failed,
-            **{k: v for k, v in metrics.items() if k.startswith(LOSS)}}
+        out[result.config["job"]["name"]] = (metrics, failed)
     return out
 
 

@@ -707,13 +707,8 @@ def _run_on_tune(plan: LadderPlan, pending: list[Planned], log: Log) -> dict[str
             callbacks=[_live_table("ladder", len(jobs), log)],
             failure_config=tune.FailureConfig(max_failures=res.max_failures)))
     log(f"ladder: {len(jobs)} runs to train, {concurrent} at a time, {cpus} CPU each")
-    out = {}
-    for result in tuner.fit():
-        metrics = result.metrics or {}
-        failed = metrics.get("failed") or (f"{type(result.error).__name__}: {result.error}"
-                                           if result.error else "")
-        out[result.config["job"]["name"]] = failed
-    return out
+    from sweeps.runner import fit_results
+    return {name: failed for name, (_, failed) in fit_results(tuner).items()}
 
 
 def _summary(p: Planned) -> dict:
