@@ -6,7 +6,8 @@ student from scratch (role=scratch) and the distilled student for each --alpha (
 with --top-k K, a student trained from the teacher's cached top K). All are real runs under
 --work, so a rerun reuses what is done.
 
-usage: python bench/distill.py [--size small] [--alpha 0.5 0.9] [--top-k 64] [--work DIR]
+usage: python bench/distill.py [--size small] [--alpha 0.5 0.9] [--temperature 1]
+                             [--top-k 64] [--work DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
     p.add_argument("--size", default="small")
     p.add_argument("--alpha", type=float, nargs="+", default=[0.5, 0.9])
+    p.add_argument("--temperature", type=float, default=1.0, help="tau of the distilled runs")
     p.add_argument("--top-k", type=int, default=64, help="also a top-K cached student; 0 = no")
     p.add_argument("--work", default="/tmp/gx-bench-distill")
     p.add_argument("--out", default="")
@@ -48,14 +50,17 @@ def main() -> None:
     teacher, t_teacher = run(args, "teacher")
     scratch, t_scratch = run(args, "scratch")
     rows = {"teacher": (teacher, t_teacher), "scratch": (scratch, t_scratch)}
+    tau = f" t={args.temperature:g}" if args.temperature != 1.0 else ""
+    distill = (f"--config.distill.teacher={teacher['run_id']}",
+               f"--config.distill.temperature={args.temperature}")
     for alpha in args.alpha:
-        rows[f"distilled a={alpha:g}"] = run(args, "student", f"--config.distill.teacher="
-                                             f"{teacher['run_id']}", f"--config.distill.alpha={alpha}")
+        rows[f"distilled a={alpha:g}{tau}"] = run(args, "student", *distill,
+                                                  f"--config.distill.alpha={alpha}")
     if args.top_k:
         alpha = args.alpha[0]
-        rows[f"top-{args.top_k} a={alpha:g}"] = run(
-            args, "student", f"--config.distill.teacher={teacher['run_id']}",
-            f"--config.distill.alpha={alpha}", f"--config.distill.top_k={args.top_k}")
+        rows[f"top-{args.top_k} a={alpha:g}{tau}"] = run(
+            args, "student", *distill, f"--config.distill.alpha={alpha}",
+            f"--config.distill.top_k={args.top_k}")
     base = scratch["eval/mean/bpb"]
     print(f"\n== distillation (size={args.size}; student params {scratch['params']:,}, "
           f"teacher {teacher['params']:,}; student tokens {scratch['tokens']:,}) ==")

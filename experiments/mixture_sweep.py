@@ -48,7 +48,7 @@ def get_config(arg=None):
                    min_weight=0.02, max_epochs=4.0, anneal=True, anneal_start=(0.8, 0.9),
                    seed=0)
     c.objective = dict(targets={}, max_worse_than_baseline=0.0)
-    c.fit = dict(folds=4, regressors=("linear", "loglinear", "lightgbm"),
+    c.fit = dict(folds=4, regressors=("linear", "logweight", "loglinear", "lightgbm"),
                  holdout_fraction=0.25, method="search", samples=50_000)
     # regression (the swarm above) or doremi: a reference proxy on the prior, then a Group-DRO
     # proxy whose domain weights, averaged over steps, are the choice (sweeps/doremi.py)

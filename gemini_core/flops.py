@@ -9,8 +9,11 @@ Conventions match the peers (/work/shared/peers), so MFU figures are comparable:
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -80,12 +83,38 @@ def measure_matmul_peak(n: int = 2048, reps: int = 20) -> float:
 _PEAK_CACHE: dict[str, float] = {}
 
 
+def _peak_file() -> Path | None:
+    """Next to JAX's persistent compilation cache when one is set (train.enable_compilation_cache)."""
+    cache = jax.config.jax_compilation_cache_dir
+    return Path(cache) / "cpu_matmul_peak.json" if cache else None
+
+
+def peak_key(kind: str) -> str:
+    return (f"{kind}|{os.uname().nodename}|{len(os.sched_getaffinity(0))} cpus|"
+            + os.environ.get("XLA_FLAGS", ""))
+
+
 def device_peak_flops() -> float:
-    """Peak FLOP/s of one local device for MFU: a table for TPU/GPU, measured once on CPU."""
+    """Peak FLOP/s of one local device for MFU: a table for TPU/GPU, measured on CPU once per
+    machine, thread count and XLA flags (~2 s, which every short sweep trial would otherwise pay),
+    and kept in the compilation cache's folder."""
     kind = jax.devices()[0].device_kind
     for name, peak in KNOWN_PEAKS_BF16.items():
         if kind.startswith(name):
             return peak
-    if kind not in _PEAK_CACHE:
-        _PEAK_CACHE[kind] = measure_matmul_peak(reps=10)
-    return _PEAK_CACHE[kind]
+    key = peak_key(kind)
+    if key not in _PEAK_CACHE:
+        path = _peak_file()
+        try:
+            stored = json.loads(path.read_text()) if path and path.is_file() else {}
+        except ValueError:  # unreadable: measure again and rewrite it
+            stored = {}
+        if key not in stored:
+            stored[key] = measure_matmul_peak(reps=10)
+            if path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # trials may race: whole file or none
+                tmp.write_text(json.dumps(stored, indent=1) + "\n")
+                tmp.replace(path)
+        _PEAK_CACHE[key] = stored[key]
+    return _PEAK_CACHE[key]

@@ -46,7 +46,7 @@ class TrainState(nnx.Module):
 
 
 def build(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int,
-          seed: int) -> TrainState:
+          seed: int | jax.Array) -> TrainState:
     model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
     tx = make_optimizer(opt_cfg, total_steps)
     return TrainState(model, tx, lr_schedule(opt_cfg, total_steps))
@@ -60,10 +60,12 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
         lambda: build(model_cfg, opt_cfg, total_steps, seed)))
     shardings = {} if layout is None else {"out_shardings": layout.state_shardings(abstract)}
 
-    def init() -> State:
-        return nnx.split(build(model_cfg, opt_cfg, total_steps, seed))[1]
+    def init(key: jax.Array) -> State:
+        return nnx.split(build(model_cfg, opt_cfg, total_steps, key))[1]
 
-    return graphdef, jax.jit(init, **shardings)()
+    # the seed is an argument, not a constant baked into the program: runs that differ only in
+    # seed (validation's seeds, a sweep's trials) share one compiled init in the persistent cache
+    return graphdef, jax.jit(init, **shardings)(jax.random.key(seed))
 
 
 def count_params(state_or_cfg: State | ModelConfig) -> int:

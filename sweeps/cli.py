@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from gemini_core.errors import UserError
+from sweeps import fit as fit_lib
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict:
@@ -18,8 +19,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     sw.add_argument("--no-validate", action="store_true",
                     help="skip training the winner and the baselines with seeds at proxy and target scale")
     ft = sub.add_parser("fit", help="fit and choose a mixture from any table of runs (CSV or parquet)",
-                        description="Per-domain regressors (linear, Data Mixing Laws log-linear, "
-                        "LightGBM) chosen by K-fold CV on TABLE, then the mixture they predict "
+                        description="Per-domain regressors (linear, linear in log token shares, "
+                        "Data Mixing Laws log-linear, LightGBM) chosen by K-fold CV on TABLE, then the mixture they predict "
                         "best. Columns: <weight-prefix><stage>/<domain> (or "
                         "<weight-prefix><domain>) and <loss-prefix><domain>.")
     ft.add_argument("table", help="CSV or parquet, one row per run")
@@ -27,6 +28,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ft.add_argument("--weight-prefix", default="weight/")
     ft.add_argument("--loss-prefix", default="loss/")
     ft.add_argument("--folds", type=int, default=5)
+    ft.add_argument("--regressors", default=",".join(fit_lib.REGRESSORS),
+                    help="comma-separated, the ones K-fold CV chooses among (default: %(default)s)")
     ft.add_argument("--out", default=None, help="write the chosen mixture here as winner.json")
     cmp_ = sub.add_parser("compare", help="a sweep's trials, fit, winner and validation; or runs side by side",
                           description="gx compare SWEEP: the sweep's report, printed and written as "
@@ -78,13 +81,13 @@ def cmd_sweep(args, overrides: list[str]) -> int:
 
 def cmd_fit(args, overrides: list[str]) -> int:
     from gemini_core.data.mixture import MixtureSchedule
-    from sweeps import fit as fit_lib
     from sweeps import optimize, table
 
     _no_overrides(overrides, "fit")
     result = table.fit_table(Path(args.table), Path(args.holdout) if args.holdout else None,
                              weight_prefix=args.weight_prefix, loss_prefix=args.loss_prefix,
-                             objective=fit_lib.Objective(), folds=args.folds, seed=0)
+                             objective=fit_lib.Objective(), folds=args.folds, seed=0,
+                             regressors=tuple(r for r in args.regressors.split(",") if r))
     print(table.format_fit_report(result))
     if args.out:
         optimize.write_winner(Path(args.out), MixtureSchedule.from_dict(result["winner"]),

@@ -17,6 +17,7 @@ import ml_collections
 from gemini_core import config as gc_config
 from gemini_core.config import ExperimentConfig, _to_dataclass
 from gemini_core.errors import UserError
+from sweeps import fit as fit_lib
 from sweeps.doremi import DoReMiConfig, check as check_doremi
 from sweeps.space import SpaceConfig
 
@@ -34,7 +35,7 @@ class ObjectiveConfig:
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     folds: int = 5
-    regressors: tuple[str, ...] = ("linear", "loglinear", "lightgbm")
+    regressors: tuple[str, ...] = fit_lib.REGRESSORS
     holdout_fraction: float = 0.25  # trials never used in fitting: Spearman and regret
     method: str = "search"  # search | topk
     samples: int = 100_000
@@ -117,10 +118,10 @@ def _check(s: SweepConfig) -> None:
         raise UserError(f"config.fit.holdout_fraction={f.holdout_fraction}: must be in [0, 1)")
     if f.method not in ("search", "topk"):
         raise UserError(f"config.fit.method={f.method!r}: expected 'search' or 'topk'")
-    unknown = set(f.regressors) - {"linear", "loglinear", "lightgbm"}
+    unknown = set(f.regressors) - set(fit_lib.REGRESSORS)
     if unknown or not f.regressors:
-        raise UserError(f"config.fit.regressors={f.regressors}: choose from linear, loglinear, "
-                        "lightgbm")
+        raise UserError(f"config.fit.regressors={f.regressors}: choose from "
+                        f"{', '.join(fit_lib.REGRESSORS)}")
     r = s.resources
     if r.cpus_per_trial < 1 or r.max_concurrent < 0 or r.max_failures < 0:
         raise UserError(f"config.resources={dataclasses.asdict(r)}: cpus_per_trial >= 1, "

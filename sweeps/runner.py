@@ -111,10 +111,12 @@ def _write_plan(plan: SweepPlan) -> None:
 
 def _pin_threads(cpus: int) -> None:
     """Before JAX starts in this worker: XLA uses the trial's CPUs, not the whole machine."""
-    # (XLA_FLAGS takes xla_* flags only: an unknown --flag aborts the process)
-    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f"--xla_cpu_multi_thread_eigen={'true' if cpus > 1 else 'false'}"
-                               ).strip()
+    # (XLA_FLAGS takes xla_* flags only: an unknown --flag aborts the process.) Set once, not
+    # appended: a reused worker runs many trials, and JAX's persistent cache key hashes
+    # XLA_FLAGS as written, so a flag repeated per trial made every trial miss the cache.
+    flag = "--xla_cpu_multi_thread_eigen="
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}{'true' if cpus > 1 else 'false'}"])
 
 
 def _tags(schedule: MixtureSchedule) -> list[str]:

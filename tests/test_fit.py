@@ -131,6 +131,24 @@ def test_loglinear_falls_back_to_linear_and_says_so():
         model.params
 
 
+def test_logweight_recovers_power_law_in_token_shares_across_stages():
+    """L = c + b . log(share of all tokens): a two-stage schedule's shares are the stages'
+    weights averaged by how much of training each covers."""
+    rng = np.random.default_rng(12)
+    base, anneal = dirichlet(60, seed=13), dirichlet(60, seed=14)
+    start = rng.uniform(0.7, 0.95, (60, 1))
+    X = np.hstack([base, anneal, start])
+    shares = start * base + (1 - start) * anneal
+    np.testing.assert_allclose(fitmod.token_shares(X, 3), shares)
+    b_D = np.array([-0.3, -0.1, 0.05])
+    y = 3.0 + np.log(shares) @ b_D + rng.normal(0, 0.002, 60)
+    model = fitmod.LogWeightRegressor(3).fit(X[:40], y[:40])
+    np.testing.assert_allclose(model.linear.coef_F, b_D, atol=0.01)
+    assert spearman(model.predict(X[40:]), y[40:]) > 0.99
+    with pytest.raises(ValueError, match="not S stages of 4 domains"):
+        fitmod.token_shares(X, 4)
+
+
 def test_lightgbm_recovers_smooth_nonlinear_law():
     X = dirichlet(100, seed=8)
     y = 1.0 + np.sin(4 * X[:, 0]) + 5 * (X[:, 1] - 0.3) ** 2
@@ -151,7 +169,7 @@ def test_cv_picks_loglinear_for_curved_law_and_linear_for_linear_law():
     assert result.chosen["curved"] == "loglinear"
     assert result.chosen["flat"] == "linear"
     assert result.cv_mse["curved"]["loglinear"] < result.cv_mse["curved"]["linear"] / 10
-    assert set(result.cv_mse["wavy"]) == {"linear", "loglinear", "lightgbm"}
+    assert set(result.cv_mse["wavy"]) == {"linear", "logweight", "loglinear", "lightgbm"}
     assert result.predict(X[:5]).shape == (5, 3)
 
 

@@ -76,3 +76,32 @@ def test_memory_and_chinchilla():
 def test_measured_peak_is_a_positive_rate():
     peak = flops.measure_matmul_peak(n=128, reps=3)
     assert math.isfinite(peak) and peak > 0
+
+
+def test_cpu_peak_is_measured_once_and_kept_beside_the_compilation_cache(tmp_path, monkeypatch):
+    import jax
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    try:
+        _check_peak_file(tmp_path, monkeypatch)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def _check_peak_file(tmp_path, monkeypatch):
+    import json
+
+    import jax
+    monkeypatch.setattr(flops, "_PEAK_CACHE", {})
+    measured = flops.device_peak_flops()
+    stored = json.loads((tmp_path / "jax" / "cpu_matmul_peak.json").read_text())
+    key = flops.peak_key(jax.devices()[0].device_kind)
+    assert stored == {key: measured} and measured > 0
+    # another process (an empty in-memory cache) reads the file instead of measuring
+    (tmp_path / "jax" / "cpu_matmul_peak.json").write_text(json.dumps({key: 123.0}))
+    monkeypatch.setattr(flops, "_PEAK_CACHE", {})
+    assert flops.device_peak_flops() == 123.0
+    (tmp_path / "jax" / "cpu_matmul_peak.json").write_text("{not json")  # torn: measured again
+    monkeypatch.setattr(flops, "_PEAK_CACHE", {})
+    assert flops.device_peak_flops() > 0
+    assert key in json.loads((tmp_path / "jax" / "cpu_matmul_peak.json").read_text())

@@ -217,3 +217,19 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert "config.space" in bad.stderr
     assert not (tmp_path / "runs" / "sweeps").exists()
+
+
+def test_pinning_threads_again_leaves_xla_flags_as_they_were(monkeypatch):
+    """A reused Ray worker pins threads once per trial; JAX's persistent cache key hashes
+    XLA_FLAGS as written, so a growing XLA_FLAGS would make every later trial recompile."""
+    from sweeps.runner import _pin_threads
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    _pin_threads(1)
+    once = os.environ["XLA_FLAGS"]
+    _pin_threads(1)
+    assert os.environ["XLA_FLAGS"] == once == (
+        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false")
+    _pin_threads(2)
+    assert os.environ["XLA_FLAGS"].split()[-1] == "--xla_cpu_multi_thread_eigen=true"
+    assert os.environ["XLA_FLAGS"].count("multi_thread_eigen") == 1
