@@ -40,6 +40,7 @@ from gemini_core.config import DistillConfig, ExperimentConfig, ModelConfig, Opt
 from gemini_core.data.tokenizer import Tokenizer, build_once
 from gemini_core.errors import UserError
 from gemini_core.rundir import RunDir, find_run, fingerprint
+from gemini_core.sharding import Layout
 
 Log = Callable[[str], None]
 
@@ -75,10 +76,12 @@ def resolve_teacher(dc: DistillConfig, runs_root: Path, tokenizer: Tokenizer) ->
     return Teacher(run, cfg["fingerprint"], ModelConfig(**cfg["model"]))
 
 
-def load_teacher_state(t: Teacher) -> Teacher:
+def load_teacher_state(t: Teacher, layout: Layout | None = None) -> Teacher:
+    """The teacher's last checkpoint, restored onto its shards under `layout` (its parameters
+    follow the same logical-axis rules as the student's)."""
     cfg = t.run.config()
     opt = OptimizerConfig(**cfg["optimizer"])
-    graphdef, like = steps.init_state(t.model, opt, cfg["train"]["steps"], cfg["seed"])
+    graphdef, like = steps.init_state(t.model, opt, cfg["train"]["steps"], cfg["seed"], layout)
     ckpt = Checkpointer(t.run.checkpoints, keep=1, async_save=False)
     try:
         step = ckpt.latest_step()
@@ -122,7 +125,10 @@ def _mix(dc: DistillConfig, nll_N: jax.Array, kl_N: jax.Array):
 
 
 def make_train_step(graphdef: nnx.GraphDef, teacher: Teacher, dc: DistillConfig,
-                    topk: "TopKCache | None" = None):
+                    topk: "TopKCache | None" = None, layout: Layout | None = None):
+    """Under `layout` the student's state keeps its shardings, the batch and the cached top-K
+    rows are split like the batch, and the teacher's state stays on the shards it was restored
+    onto (`load_teacher_state(..., layout)`), as steps.make_train_step does for a plain run."""
     from gemini_core.model import cross_entropy
 
     def student_logits(model, tokens_BxT1):
@@ -151,8 +157,12 @@ def make_train_step(graphdef: nnx.GraphDef, teacher: Teacher, dc: DistillConfig,
         loss, (ce, kl) = _mix(dc, nll_N, kl_topk(logits_NxV, logp_NxK, ids_NxK, dc.temperature))
         return loss, (ce, kl, nll_N)
 
+    def jit(fn):
+        return (jax.jit(fn, donate_argnums=0) if layout is None
+                else steps.jit_sharded(fn, layout, donate=True))
+
     if topk is None:
-        def step_full(state, teacher_state, tokens_BxT1):
+        def step_full(state, tokens_BxT1, teacher_state):
             ts = nnx.merge(graphdef, state)
             t_model = nnx.merge(teacher.graphdef, teacher_state).model
             teacher_NxV = jax.lax.stop_gradient(
@@ -160,16 +170,19 @@ def make_train_step(graphdef: nnx.GraphDef, teacher: Teacher, dc: DistillConfig,
             lr = ts.schedule(ts.optimizer.step[...])
             return finish(ts, loss_full, lr, tokens_BxT1, teacher_NxV)
 
-        jitted = jax.jit(step_full, donate_argnums=0)
-        return lambda state, tokens_BxT1, step: jitted(state, teacher.state, tokens_BxT1)
+        full = jit(step_full)
+        return lambda state, tokens_BxT1, step: full(state, tokens_BxT1, teacher.state)
 
     def step_topk(state, tokens_BxT1, logp_NxK, ids_NxK):
         ts = nnx.merge(graphdef, state)
         lr = ts.schedule(ts.optimizer.step[...])
         return finish(ts, loss_topk, lr, tokens_BxT1, logp_NxK, ids_NxK)
 
-    jitted = jax.jit(step_topk, donate_argnums=0)
-    return lambda state, tokens_BxT1, step: jitted(state, tokens_BxT1, *topk.get(step))
+    cached = jit(step_topk)
+    if layout is None:
+        return lambda state, tokens_BxT1, step: cached(state, tokens_BxT1, *topk.get(step))
+    return lambda state, tokens_BxT1, step: cached(
+        state, tokens_BxT1, *(layout.place_batch(np.asarray(a)) for a in topk.get(step)))
 
 
 # ---------------------------------------------------------------------------------------------

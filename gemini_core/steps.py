@@ -104,26 +104,29 @@ def make_train_step(graphdef: nnx.GraphDef, layout: Layout | None = None) -> Tra
 
     if layout is None:
         return jax.jit(step, donate_argnums=0)
-    return _sharded(step, layout, donate=True)
+    return jit_sharded(step, layout, donate=True)
 
 
-def _sharded(fn: Callable, layout: Layout, donate: bool) -> Callable:
-    """fn(state, tokens) jitted under `layout`: tokens placed, state shardings kept (pinned as
-    out_shardings, taken from the first state it sees: init or restore gave them), outputs other
-    than the state replicated (every process can fetch them)."""
+def jit_sharded(fn: Callable, layout: Layout, donate: bool) -> Callable:
+    """fn(state, tokens, *extra) jitted under `layout`: tokens placed, state shardings kept
+    (pinned as out_shardings, taken from the first state it sees: init or restore gave them),
+    `extra` arrays as they come (place them: a teacher's state by its rules, per-token arrays
+    with `layout.place_batch`), outputs other than the state replicated (every process can
+    fetch them)."""
     jitted = None
 
-    def call(state: State, tokens_BxT1):
+    def call(state: State, tokens_BxT1, *extra):
         nonlocal jitted
         if jitted is None:
             state_sh = jax.tree.map(lambda x: x.sharding, state)
+            extra_sh = jax.tree.map(lambda x: x.sharding, extra)
             out = (state_sh, layout.replicated) if donate else layout.replicated
-            jitted = jax.jit(fn, in_shardings=(state_sh, layout.batch_sharding()),
+            jitted = jax.jit(fn, in_shardings=(state_sh, layout.batch_sharding(), *extra_sh),
                              out_shardings=out, donate_argnums=0 if donate else ())
         if not isinstance(tokens_BxT1, jax.Array):
             tokens_BxT1 = layout.place_batch(np.asarray(tokens_BxT1))
         with layout.activate():
-            return jitted(state, tokens_BxT1)
+            return jitted(state, tokens_BxT1, *extra)
 
     return call
 
@@ -138,7 +141,7 @@ def make_eval_step(graphdef: nnx.GraphDef, layout: Layout | None = None) -> Eval
 
     if layout is None:
         return jax.jit(evaluate)
-    sharded = _sharded(evaluate, layout, donate=False)
+    sharded = jit_sharded(evaluate, layout, donate=False)
 
     def call(state: State, tokens_BxT1: np.ndarray) -> np.ndarray:
         # a last eval batch may be short: pad with rows of token 0 to split evenly, drop them

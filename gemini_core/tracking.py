@@ -268,6 +268,8 @@ class Tracker:
         self._finished = False
         if tracking.wandb:
             self._open_wandb(config, group, tracking)
+            if resume_step:
+                self._restate_in_wandb(resume_step)
 
     # -- W&B lifecycle
 
@@ -299,6 +301,24 @@ class Tracker:
                       f"(upload: wandb sync {wandb_dir}/offline-run-*)")
         else:
             self._say(f"W&B run {self.run_id}: {self._run.url}")
+
+    def _restate_in_wandb(self, through: int) -> None:
+        """A resumed run logs the rows of `metrics.jsonl` through its resume step again, in this
+        W&B session. A session killed with -9 keeps only what wandb-core had flushed (every
+        ~15 s), and a later session's rows replace the earlier sessions' from its first step on
+        (`read_offline_run`; `wandb sync` drops the steps the run already has), so this session
+        restates them all and the W&B history is whole. Online, W&B already holds the steps
+        below `run.step`: only the later ones are sent."""
+        if self._run is None:
+            return
+        first = 0 if self._wandb_offline else int(getattr(self._run, "step", 0) or 0)
+        rows = [r for r in read_metrics(self.run_dir) if first <= r[STEP_KEY] <= through]
+        for row in rows:
+            self._wandb_call("log", lambda row=row: self._run.log(row, step=row[STEP_KEY]))
+        self._wandb_row_open = bool(rows) and self._run is not None
+        if rows:
+            self._say(f"W&B: {len(rows)} row(s) of {METRICS_FILE} (steps {rows[0][STEP_KEY]}-"
+                      f"{rows[-1][STEP_KEY]}) restated in this session")
 
     def _wandb_call(self, what: str, fn: Callable[[], None]) -> None:
         if self._run is None:

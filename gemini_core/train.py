@@ -350,13 +350,14 @@ def _train_step(p: Prepared, graphdef, sampler: Sampler, log: Log):
         return lambda state, tokens_BxT1, step: plain(state, tokens_BxT1)
     dc = p.cfg.distill
     if not dc.top_k:
-        return distill.make_train_step(graphdef, distill.load_teacher_state(p.teacher), dc)
+        return distill.make_train_step(
+            graphdef, distill.load_teacher_state(p.teacher, p.layout), dc, layout=p.layout)
     batches = {k: p.identity[k] for k in ("mixture", "seed")}
     batches.update(manifest=p.identity["data"]["manifest"], steps=sampler.total_steps,
                    batch_size=sampler.batch_size, seq_len=sampler.seq_len)
     cache = distill.topk_cache(p.teacher, dc, sampler, batches,
                                cache_root(p.cfg, p.run.path.parents[1]), log)
-    return distill.make_train_step(graphdef, p.teacher, dc, cache)
+    return distill.make_train_step(graphdef, p.teacher, dc, cache, layout=p.layout)
 
 
 def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: EvalSet,

@@ -112,9 +112,18 @@ def runs(tmp_path_factory, corpus_root):
     root = tmp_path_factory.mktemp("sharding")
     data = data_args(tmp_path_factory, corpus_root)
     one = _finish(_gx(*TINY, *data, runs=root / "one", env=_env()))
+    # a distilled student of that run, on 1 device here and under fsdp_tp in the worker (full
+    # teacher distribution; and its top-K cache with K = V, which is the same distribution)
+    distill = [*TINY, *data, f"--config.distill.teacher={_only_run(root / 'one').path}",
+               "--config.distill.alpha=0.5"]
+    _finish(_gx(*distill, runs=root / "distill-one", env=_env()))
     jobs = [{"name": p, "runs": str(root / p), "overrides": [*TINY, *data,
                                                               f"--config.mesh.preset={p}"]}
             for p in PRESETS]
+    jobs += [{"name": name, "runs": str(root / name), "distill": True,
+              "overrides": [*distill, "--config.mesh.preset=fsdp_tp", *extra]}
+             for name, extra in (("distill_fsdp_tp", []),
+                                 ("distill_topk_fsdp_tp", ["--config.distill.top_k=384"]))]
     spec = root / "worker.json"
     spec.write_text(json.dumps({"jobs": jobs, "out": str(root / "worker-out.json")}))
     worker = subprocess.run([sys.executable, __file__, str(spec)], cwd=REPO, env=_env(8),
@@ -122,6 +131,7 @@ def runs(tmp_path_factory, corpus_root):
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-5000:]
     return {"root": root, "data": data, "one_log": one,
             "one": _losses(_only_run(root / "one").path),
+            "distill_one": _losses(_only_run(root / "distill-one").path),
             "worker": json.loads((root / "worker-out.json").read_text())}
 
 
@@ -136,6 +146,17 @@ def test_presets_give_the_one_device_loss_curve(runs):
     # the layout is not part of what a run is: every preset has the 1-device run's id
     ids = {runs["worker"][p]["run_id"] for p in PRESETS}
     assert ids == {_only_run(runs["root"] / "one").run_id}, ids
+
+
+def test_distilled_student_under_fsdp_tp_gives_the_one_device_curve(runs):
+    one = runs["distill_one"]
+    assert sorted(one) == list(range(1, 21)) and one != runs["one"]  # it did distill
+    for name in ("distill_fsdp_tp", "distill_topk_fsdp_tp"):
+        result = runs["worker"][name]
+        placement = result["placement"]
+        assert placement["devices"] == 8, placement
+        assert {a: placement["mesh"][a] for a in MESH_SIZES["fsdp_tp"]} == MESH_SIZES["fsdp_tp"]
+        _assert_close({int(k): v for k, v in result["losses"].items()}, one, name)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -308,6 +329,10 @@ def _worker(spec_path: str) -> None:
         summary = train.run_experiment(cfg, Path(job["runs"]), log=lambda _: None)
         run = _only_run(Path(job["runs"]))
         layout = sharding.Layout.from_config(cfg.mesh)
+        if job.get("distill"):  # the run's own record of where it ran
+            results[job["name"]] = {"losses": _losses(run.path),
+                                    "placement": run.config()["placement"]}
+            continue
         graphdef, like = steps.init_state(cfg.model, cfg.optimizer, cfg.train.steps, cfg.seed,
                                           layout)
         ckpt = Checkpointer(run.checkpoints, keep=3, async_save=False)
