@@ -200,14 +200,21 @@ def _live_table(stage: str, total: int, log: Log):
 
     class LiveTable(tune.Callback):
         def __init__(self):
+            self.setup()
+
+        def setup(self, **info):
+            # also when a killed sweep is resumed: Tune restores this callback from the old
+            # process, whose clock and count mean nothing here
             self.done, self.t0 = 0, time.perf_counter()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.done += 1
+            # finished in earlier processes too: the position in the whole stage
+            position = sum(t.status == "TERMINATED" and t is not trial for t in trials) + 1
             elapsed = time.perf_counter() - self.t0
-            eta = elapsed / self.done * (total - self.done)
+            eta = elapsed / self.done * max(total - position, 0)
             failed = f"  FAILED: {result['failed']}" if result.get("failed") else ""
-            log(f"{stage} {result['name']} ({self.done}/{total}, eta {eta:.0f}s): "
+            log(f"{stage} {result['name']} ({position}/{total}, eta {eta:.0f}s): "
                 f"mean loss {result[LOSS + 'mean']:.4f}  {result['run_id']}{failed}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
