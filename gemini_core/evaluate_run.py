@@ -3,7 +3,9 @@
 The folder is tokenized with the run's own tokenizer (from the data cache recorded in the
 run's config.json), into a temporary directory, and evaluated exactly as training evaluates:
 fixed windows of seq_len+1 tokens from the start of each domain file, loss and bits per byte.
-The result is printed and saved as `eval/<name>.json` in the run dir.
+The result is printed and saved as `eval/<name>.json` in the run dir. The checkpoint is
+restored onto the run's mesh preset and rules over the devices here (data parallel when they do
+not fit), so a model trained sharded is evaluated sharded.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from gemini_core import steps
+from gemini_core import sharding, steps
 from gemini_core.checkpoint import Checkpointer
-from gemini_core.config import ModelConfig, OptimizerConfig
+from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.data.tokens import encode_split
 from gemini_core.errors import UserError
@@ -33,7 +35,24 @@ def _tokenizer(run: RunDir, cfg: dict) -> Tokenizer:
     return Tokenizer(path)
 
 
-def _restore(run: RunDir, cfg: dict):
+def _layout(cfg: dict, log: Log) -> sharding.Layout:
+    """The run's preset and rules on the devices here, the preset's axis taking what the others
+    leave; pure data parallel when they do not fit (fsdp_tp needs 2 devices for `model`)."""
+    mesh = cfg.get("placement", {}).get("mesh", {})
+    wanted = MeshConfig(preset=mesh.get("preset", "dp"),
+                        rules=mesh.get("rules") or MeshConfig().rules)
+    try:
+        layout = sharding.Layout.from_config(wanted)
+    except UserError as e:
+        log(f"eval: the run's mesh does not fit the devices here ({e}); data parallel instead")
+        layout = sharding.Layout.from_config(MeshConfig())
+    if layout.mesh.size > 1:
+        log(f"eval: {wanted.preset} mesh over {layout.mesh.size} devices "
+            f"({', '.join(f'{a}={n}' for a, n in layout.sizes.items())})")
+    return layout
+
+
+def _restore(run: RunDir, cfg: dict, layout: sharding.Layout):
     model_cfg = ModelConfig(**cfg["model"])
     opt_cfg = OptimizerConfig(**cfg["optimizer"])
     ckpt = Checkpointer(run.checkpoints, keep=cfg["train"]["keep_checkpoints"])
@@ -41,7 +60,8 @@ def _restore(run: RunDir, cfg: dict):
         step = ckpt.latest_step()
         if step is None:
             raise UserError(f"{run.run_id} has no checkpoint yet ({run.checkpoints})")
-        graphdef, like = steps.init_state(model_cfg, opt_cfg, cfg["train"]["steps"], cfg["seed"])
+        graphdef, like = steps.init_state(model_cfg, opt_cfg, cfg["train"]["steps"], cfg["seed"],
+                                          layout)
         return graphdef, ckpt.restore(step, like), step
     finally:
         ckpt.close()
@@ -58,7 +78,8 @@ def evaluate_run(run: RunDir, data_dir: Path, *, split: str | None = None,
     if batches <= 0:
         raise UserError(f"--batches={batches}: must be positive")
     tokenizer = _tokenizer(run, cfg)
-    graphdef, state, step = _restore(run, cfg)
+    layout = _layout(cfg, log)
+    graphdef, state, step = _restore(run, cfg, layout)
     with tempfile.TemporaryDirectory(dir=run.path) as tmp:
         encoded = encode_split(tokenizer, data_dir, data["domains"], split, Path(tmp),
                                split="eval", text_field=data["text_field"],
@@ -67,7 +88,8 @@ def evaluate_run(run: RunDir, data_dir: Path, *, split: str | None = None,
         evalset = EvalSet.build({d: e.tokens for d, e in encoded.items()},
                                 tokenizer.token_bytes(), seq_len=data["seq_len"],
                                 batch_size=train["batch_size"], batches=batches)
-        metrics = evaluate(steps.make_eval_step(graphdef), state, evalset, train["batch_size"])
+        metrics = evaluate(steps.make_eval_step(graphdef, layout), state, evalset,
+                           train["batch_size"])
         sources = {d: e.entry["sha256"] for d, e in encoded.items()}
     log(f"{run.run_id} at step {step} on {data_dir} ({split}, {evalset.tokens:,} tokens):")
     log(format_table(metrics))

@@ -148,6 +148,13 @@ def test_presets_give_the_one_device_loss_curve(runs):
     assert ids == {_only_run(runs["root"] / "one").run_id}, ids
 
 
+def test_gx_eval_restores_onto_the_runs_mesh_and_gives_its_numbers(runs):
+    ev = runs["worker"]["fsdp_tp"]["gx_eval"]
+    assert "eval: fsdp_tp mesh over 8 devices (data=1, fsdp=4, model=2)" in ev["log"], ev["log"]
+    for key, value in ev["metrics"].items():
+        assert value == pytest.approx(ev["summary"][key], rel=1e-5), key
+
+
 def test_distilled_student_under_fsdp_tp_gives_the_one_device_curve(runs):
     one = runs["distill_one"]
     assert sorted(one) == list(range(1, 21)) and one != runs["one"]  # it did distill
@@ -354,6 +361,11 @@ def _worker(spec_path: str) -> None:
             "after_step": _specs(stepped), "seconds": time.perf_counter() - t0,
             "batch_spec": _spec_json(layout.batch_sharding().spec)}
         states[job["name"]] = (cfg, layout, like, state)
+        if job["name"] == "fsdp_tp":  # `gx eval` of the sharded run, on the devices here
+            from gemini_core import evaluate_run
+            said = []
+            metrics = evaluate_run.evaluate_run(run, Path(cfg.data.root), log=said.append)
+            results["fsdp_tp"]["gx_eval"] = {"metrics": metrics, "summary": summary, "log": said}
     # the dp checkpoint (replicated) onto the fsdp_tp layout
     cfg, layout, like, fsdp_tp_state = states["fsdp_tp"]
     dp_run = _only_run(Path(spec["jobs"][0]["runs"]))
