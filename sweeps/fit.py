@@ -460,6 +460,9 @@ def evaluate_holdout(result: FitResult, X_hold: np.ndarray, Y_hold: np.ndarray,
         "n": len(Y_MxD),
         "spearman": spearman(pred_M, actual_M),
         "regret": regret(pred_M, actual_M) if len(Y_MxD) else math.nan,
+        # the size of a predicted gain the fit can tell from its own error
+        "objective_rmse": float(np.sqrt(np.mean((pred_M - actual_M) ** 2))) if len(Y_MxD)
+        else math.nan,
         "per_domain_spearman": {d: spearman(pred_MxD[:, i], Y_MxD[:, i])
                                 for i, d in enumerate(result.domains)},
         "per_domain_mse": {d: float(np.mean((pred_MxD[:, i] - Y_MxD[:, i]) ** 2))

@@ -356,6 +356,9 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
             "n_fit": len(train_rows), "n_holdout": len(hold_rows), "n_failed": len(failed),
             "winner": winner.to_dict(), "predicted": {d: float(v) for d, v in predicted.items()},
             "natural_predicted": {d: float(v) for d, v in baseline_pred.items()},
+            "objective_predicted": {name: float(fit_lib.objective_values(
+                np.array([[p[d] for d in plan.domains]]), plan.domains, objective)[0])
+                for name, p in (("winner", predicted), ("natural", baseline_pred))},
             "best_trial": {"trial": int(best["trial"]), "run_id": best["run_id"],
                            "loss/mean": float(best[f"{LOSS}mean"])}}
 
@@ -613,4 +616,13 @@ def _format_trials(sweep_dir: Path, result: dict, domains) -> list[str]:
             f"{d}={w:.3f}" for d, w in stage["weights"].items()))
     lines.append("  " + ", ".join(f"{d} {result['predicted'][d]:.4f} "
                                    f"({result['natural_predicted'][d]:.4f})" for d in domains))
+    obj, h = result.get("objective_predicted"), result["holdout"]
+    if obj and h and math.isfinite(h.get("objective_rmse", math.nan)):
+        gain = obj["natural"] - obj["winner"]
+        lines.append(f"  objective predicted: winner {obj['winner']:.4f}, natural "
+                     f"{obj['natural']:.4f} (gain {gain:.4f}); the fit's error on held-out "
+                     f"trials {h['objective_rmse']:.4f}" + (
+                         " -- the gain is within it: the fit cannot tell the winner from "
+                         "natural (the validation below measures it)" if gain < h["objective_rmse"]
+                         else ""))
     return lines

@@ -190,6 +190,10 @@ def test_evaluate_holdout_reports_spearman_and_regret(law_fit):
     assert report["spearman"] > 0.95
     assert 0 <= report["regret"] < 0.01
     assert set(report["per_domain_spearman"]) == set(DOMAINS)
+    pred_M = law_fit.predict(X).mean(1)
+    assert report["objective_rmse"] == pytest.approx(
+        np.sqrt(np.mean((pred_M - law(X).mean(1)) ** 2)))
+    assert 0 < report["objective_rmse"] < 0.01
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,6 +190,7 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
 
     compare = gx("compare", "mixture_sweep_tiny", runs=runs, env=env)
     assert compare.returncode == 0 and "held-out" in compare.stdout, compare.stderr
+    assert "objective predicted: winner" in compare.stdout  # against the fit's own error
     assert f"report: {sweep_dir / 'report.html'}" in compare.stdout
 
     from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
