@@ -128,6 +128,7 @@ def main() -> None:
 
 
 def report(r: dict, domains: list[str]) -> None:
+    from sweeps.runner import verdict
     h = r["holdout"]
     print(f"\n== mixture quality ({r['trials']} trials, size={r['size']}, {r['seeds']} seeds) ==")
     print(f"regression sweep + validation: {r['regression_s']:.0f}s")
@@ -144,8 +145,7 @@ def report(r: dict, domains: list[str]) -> None:
         print(f"{method}: target-scale winner mean loss {v['winner_mean']:.4f} ± {v['winner_std']:.4f}")
         for name, c in v["winner_vs"].items():
             print(f"  vs {name:<11} {c['relative']:+.2%} lower (2 sigma = {2 * c['sigma']:.4f}) -> "
-                  f"{'beyond 2 sigma' if c['beats_by_2_sigma'] else 'within seed noise'}"
-                  f"   [target >= 2% beyond 2 sigma]")
+                  f"{verdict(c)}   [target >= 2% lower, beyond 2 sigma]")
         up = v["upweighting"]
         if up:
             print(f"  end-of-training stage (boosts {', '.join(up['boosted'])}): " + ", ".join(

@@ -468,6 +468,7 @@ def _winner_table(s: SweepData) -> str:
 
 
 def _validation_tables(s: SweepData) -> str:
+    from sweeps.runner import verdict  # runner imports this module lazily, at a sweep's end
     keys = [f"{LOSS}{d}" for d in s.domains] + [f"{LOSS}mean"]
     out = []
     for scale, v in s.validate["scales"].items():
@@ -483,9 +484,8 @@ def _validation_tables(s: SweepData) -> str:
         notes = []
         for name, c in v["winner_vs"].items():
             direction = "lower" if c["gap"] > 0 else "higher"
-            verdict = "beats it" if c["beats_by_2_sigma"] else "not beyond seed noise"
             notes.append(f"winner vs {name}: mean loss {abs(c['relative']):.2%} {direction}, "
-                         f"2σ = {2 * c['sigma']:.4f}: {verdict}")
+                         f"2σ = {2 * c['sigma']:.4f}: {verdict(c)}")
         up = v.get("upweighting")
         if up:
             notes.append(f"end-of-training stage (boosts {', '.join(up['boosted']) or 'none'}): "

@@ -473,8 +473,18 @@ def _comparisons(per: dict) -> dict:
         gap = b["mean"][key] - w["mean"][key]
         sigma = math.sqrt(w["std"][key] ** 2 / max(w["n"], 1) + b["std"][key] ** 2 / max(b["n"], 1))
         out[name] = {"gap": gap, "relative": gap / b["mean"][key], "sigma": sigma,
-                     "beats_by_2_sigma": bool(gap > 2 * sigma and sigma > 0)}
+                     "beats_by_2_sigma": bool(gap > 2 * sigma and sigma > 0),
+                     "loses_by_2_sigma": bool(-gap > 2 * sigma and sigma > 0)}
     return out
+
+
+def verdict(c: dict) -> str:
+    """A winner-vs-baseline comparison in words."""
+    if c["beats_by_2_sigma"]:
+        return "beats it"
+    if c.get("loses_by_2_sigma"):
+        return "worse, beyond seed noise"
+    return "within seed noise"
 
 
 def _upweighting(per: dict, winner: MixtureSchedule, domains) -> dict | None:
@@ -506,7 +516,7 @@ def format_validation(v: dict, domains) -> str:
             direction = "lower" if c["gap"] > 0 else "higher"
             lines.append(f"    winner vs {name}: mean loss {abs(c['relative']):.2%} {direction}, "
                          f"2 sigma of seed noise = {2 * c['sigma']:.4f} -> "
-                         f"{'beats it' if c['beats_by_2_sigma'] else 'not beyond seed noise'}")
+                         f"{verdict(c)}")
         up = s["upweighting"]
         if up:
             lines.append(f"    end-of-training stage (boosts {', '.join(up['boosted'])}): "

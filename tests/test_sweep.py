@@ -234,3 +234,16 @@ def test_pinning_threads_again_leaves_xla_flags_as_they_were(monkeypatch):
     _pin_threads(2)
     assert os.environ["XLA_FLAGS"].split()[-1] == "--xla_cpu_multi_thread_eigen=true"
     assert os.environ["XLA_FLAGS"].count("multi_thread_eigen") == 1
+
+
+def test_validation_says_when_the_winner_is_worse_beyond_seed_noise():
+    from sweeps.runner import _comparisons, verdict
+
+    def cand(mean, std):
+        return {"mean": {"loss/mean": mean}, "std": {"loss/mean": std}, "n": 3}
+
+    got = _comparisons({"winner": cand(4.0, 0.02), "natural": cand(3.9, 0.02),
+                        "uniform": cand(4.01, 0.03), "best_trial": cand(4.2, 0.02)})
+    assert verdict(got["natural"]) == "worse, beyond seed noise"  # 0.1 > 2 sigma = 0.033
+    assert verdict(got["uniform"]) == "within seed noise"
+    assert verdict(got["best_trial"]) == "beats it"
