@@ -1,14 +1,15 @@
 """Per-domain regressors from a mixture schedule to held-out loss, chosen by K-fold CV.
 
 A trial's features (`features`) are its schedule's weights, stage by stage in domain order, plus
-each non-first stage's start fraction. Three regressors compete per domain:
+each non-first stage's start fraction. Four regressors compete per domain:
 
 - `linear`: least squares on the features (minimum norm: weights within a stage sum to 1, so
   the columns are collinear with the intercept and there is no unique solution to pick).
 - `logweight`: L = c + sum_j b_j log(w_j), w_j domain j's share of all training tokens (the
   stages' weights averaged by the fraction of training each covers): loss as a power law in
   each domain's token count, so D + 1 parameters however many stages. On 48 real small-proxy
-  trials it ranked held-out mixtures best (bench/mixture_quality.py, README).
+  trials CV chose it for 5 of 6 domains, and it ranked each domain's held-out losses better
+  than the other three did (bench/mixture_quality.py, README).
 - `loglinear`: the Data Mixing Laws form L = c + k * exp(t . w) (Ye et al. 2024), fitted by
   `scipy.optimize.least_squares` from a closed-form start (a grid over c; log|L - c| is linear
   in w). Falls back to linear, and says so in `fallback`, when the fit fails.
@@ -37,7 +38,8 @@ import numpy as np
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 
-REGRESSORS = ("linear", "logweight", "loglinear", "lightgbm")  # also the order of simplicity for CV ties
+# also the order of simplicity for CV ties
+REGRESSORS = ("linear", "logweight", "loglinear", "lightgbm")
 MIN_TRIALS = 4
 
 
