@@ -313,7 +313,8 @@ def format_fit_report(result: dict) -> str:
     lines.append("")
     if hold:
         lines.append(f"holdout ({hold['n']} runs from {hold['table']}): Spearman "
-                     f"{_num(hold['spearman'], '.3f')}, regret {_num(hold['regret'])}")
+                     f"{_num(hold['spearman'], '.3f')}, regret {_num(hold['regret'])}, "
+                     f"error of the objective (RMSE) {_num(hold['objective_rmse'])}")
         lines.append("  per-domain Spearman: " + ", ".join(
             f"{d} {_num(v, '.3f')}" for d, v in hold["per_domain_spearman"].items()))
     else:
