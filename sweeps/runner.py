@@ -633,6 +633,6 @@ def _format_trials(sweep_dir: Path, result: dict, domains) -> list[str]:
                      f"{obj['natural']:.4f} (gain {gain:.4f}); the fit's error on held-out "
                      f"trials {h['objective_rmse']:.4f}" + (
                          " -- the gain is within it: the fit cannot tell the winner from "
-                         "natural (the validation below measures it)" if gain < h["objective_rmse"]
+                         "natural (validation measures it)" if gain < h["objective_rmse"]
                          else ""))
     return lines
