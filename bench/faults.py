@@ -171,7 +171,7 @@ def ray_recovery(args, state, step: int, host) -> dict:
     try:
         guard = faults.Guard(FaultsConfig(), Path(tempfile.mkdtemp(prefix="gx-bench-faults-")),
                              run_id="bench-faults", fingerprint="bench", log=lambda _: None)
-        holder, key = faults.replica_holder(ray), faults.replica_key(guard.run_id)
+        holder, key = faults.replica_holder(ray), guard.key  # the key restore_newer looks up
         ray.get(holder.node.remote())  # started
         t0 = time.perf_counter()
         ray.get(holder.put.remote(key, guard.fp, step, host))
