@@ -20,7 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -223,18 +223,27 @@ def _live_table(stage: str, total: int, log: Log):
     return LiveTable()
 
 
-def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[str, dict]:
-    """Runs `jobs` on Ray Tune (resuming the stage's Tuner if it was interrupted); returns
-    job name -> {run_id, failed, loss/<domain>..., loss/mean}."""
+def tune_trainable(fn: Callable, res: Any, log: Log, **params) -> tuple[Any, int]:
+    """Ray started (or joined), and `fn(config, cpus=..., **params)` as a Tune trainable with
+    `res.cpus_per_trial` CPUs; returns it and how many trials run at once."""
     import ray
     from ray import tune
 
     _init_ray(log)
-    res = plan.sweep.resources
     cpus = res.cpus_per_trial
     concurrent = res.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_job, sweep_dir=str(plan.dir), cpus=cpus), {"cpu": cpus})
+    trainable = tune.with_resources(tune.with_parameters(fn, cpus=cpus, **params), {"cpu": cpus})
+    return trainable, concurrent
+
+
+def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[str, dict]:
+    """Runs `jobs` on Ray Tune (resuming the stage's Tuner if it was interrupted); returns
+    job name -> {run_id, failed, loss/<domain>..., loss/mean}."""
+    from ray import tune
+
+    res = plan.sweep.resources
+    trainable, concurrent = tune_trainable(run_job, res, log, sweep_dir=str(plan.dir))
+    cpus = res.cpus_per_trial
     path = plan.dir / "tune" / stage
     if tune.Tuner.can_restore(str(path)):
         log(f"{stage}: resuming {path} (finished runs are not rerun)")

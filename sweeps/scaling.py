@@ -679,17 +679,12 @@ def run_rung(config: dict, runs_root: str, cpus: int) -> None:
 
 def _run_on_tune(plan: LadderPlan, pending: list[Planned], log: Log) -> dict[str, str]:
     """Runs `pending` on Ray Tune; returns run name -> error ('' when it finished)."""
-    import ray
     from ray import tune
 
-    from sweeps.runner import _init_ray, _live_table
+    from sweeps.runner import _live_table, tune_trainable
 
-    _init_ray(log)
     res = plan.ladder.resources
-    cpus = res.cpus_per_trial
-    concurrent = res.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_rung, runs_root=str(plan.runs_root), cpus=cpus), {"cpu": cpus})
+    trainable, concurrent = tune_trainable(run_rung, res, log, runs_root=str(plan.runs_root))
     # most compute first: the longest runs start first, so the grid ends soonest
     pending = sorted(pending, key=lambda p: -p.params * p.tokens)
     jobs = [{"name": p.rung.name, "config": _job_config(p.rung.config)} for p in pending]
@@ -706,7 +701,7 @@ def _run_on_tune(plan: LadderPlan, pending: list[Planned], log: Log) -> dict[str
             name="runs", storage_path=str(path), verbose=0,
             callbacks=[_live_table("ladder", len(jobs), log)],
             failure_config=tune.FailureConfig(max_failures=res.max_failures)))
-    log(f"ladder: {len(jobs)} runs to train, {concurrent} at a time, {cpus} CPU each")
+    log(f"ladder: {len(jobs)} runs to train, {concurrent} at a time, {res.cpus_per_trial} CPU each")
     from sweeps.runner import fit_results
     return {name: failed for name, (_, failed) in fit_results(tuner).items()}
 
