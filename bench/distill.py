@@ -7,7 +7,7 @@ with --top-k K, a student trained from the teacher's cached top K). All are real
 --work, so a rerun reuses what is done.
 
 usage: python bench/distill.py [--size small] [--alpha 0.5 0.9] [--temperature 1]
-                             [--student-steps N] [--top-k 64] [--work DIR]
+                             [--teacher-steps N] [--student-steps N] [--top-k 64] [--work DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--size", default="small")
     p.add_argument("--alpha", type=float, nargs="+", default=[0.5, 0.9])
     p.add_argument("--temperature", type=float, default=1.0, help="tau of the distilled runs")
+    p.add_argument("--teacher-steps", type=int, default=0,
+                   help="steps of the teacher (0: the size's)")
     p.add_argument("--student-steps", type=int, default=0,
                    help="steps of the students and the scratch run (0: the size's)")
     p.add_argument("--top-k", type=int, default=64, help="also a top-K cached student; 0 = no")
@@ -38,7 +40,8 @@ def parse() -> argparse.Namespace:
 def run(args, role: str, *overrides: str) -> tuple[dict, float]:
     from gemini_core import train
     from gemini_core.experiment import load_experiment
-    steps = f",steps={args.student_steps}" if args.student_steps and role != "teacher" else ""
+    n = args.teacher_steps if role == "teacher" else args.student_steps
+    steps = f",steps={n}" if n else ""
     cfg = load_experiment(f"experiments/distill_nano.py:role={role},size={args.size}{steps}", [
         f"--config.data.root={args.corpus}", "--config.tracking.wandb=false", *overrides]).config
     t0 = time.perf_counter()

@@ -55,6 +55,7 @@ class ValidateConfig:
 
     enabled: bool = True
     seeds: int = 2
+    scales: tuple[str, ...] = ("proxy", "target")  # or one of them
     # fields replacing the proxy's at target scale, e.g. {"model": {"d_model": 128}}; empty =
     # d_model x2 (about 4x the non-embedding parameters) and steps x4 (4x the tokens)
     target: Mapping[str, Any] = dataclasses.field(default_factory=lambda: EMPTY)
@@ -128,6 +129,9 @@ def _check(s: SweepConfig) -> None:
                         "max_concurrent >= 0, max_failures >= 0")
     if s.validate.seeds < 1:
         raise UserError(f"config.validate.seeds={s.validate.seeds}: at least 1")
+    scales = s.validate.scales
+    if not scales or not set(scales) <= {"proxy", "target"} or len(set(scales)) < len(scales):
+        raise UserError(f"config.validate.scales={scales}: 'proxy', 'target' or both")
     if s.method not in ("regression", "doremi"):
         raise UserError(f"config.method={s.method!r}: expected 'regression' or 'doremi'")
     check_doremi(s.doremi)

@@ -453,11 +453,11 @@ def validate(plan: SweepPlan, result: dict, log: Log) -> dict:
         schedule.validate(plan.domains).dump(plan.dir / "schedules" / f"validate-{name}.json")
     jobs = [{"name": f"{scale}/{name}/seed{k}", "scale": scale,
              "schedule": f"validate-{name}.json", "seed": plan.proxy.seed + k}
-            for scale in ("proxy", "target") for name in cands
+            for scale in plan.sweep.validate.scales for name in cands
             for k in range(plan.sweep.validate.seeds)]
     runs = run_jobs(plan, jobs, "validate", log)
     out: dict = {"scales": {}, "seconds": None}
-    for scale in ("proxy", "target"):
+    for scale in plan.sweep.validate.scales:
         per = {name: _stats([runs[j["name"]] for j in jobs
                              if j["scale"] == scale and f"/{name}/" in j["name"]], plan.domains)
                for name in cands}

@@ -31,7 +31,8 @@ def sweep_args(corpus: Path, cache: Path) -> list[str]:
     return ["sweep", "experiments/mixture_sweep.py:size=tiny",
             f"--config.proxy.data.root={corpus}", f"--config.proxy.data.cache_dir={cache}",
             f"--config.space.trials={TRIALS}", "--config.fit.folds=2",
-            "--config.fit.samples=2000", "--config.proxy.tracking.wandb=false"]
+            "--config.fit.samples=2000", "--config.proxy.tracking.wandb=false",
+            "--config.validate.scales=target"]  # proxy scale too by default: the same code
 
 
 def done_runs(runs: Path) -> dict[str, str]:
@@ -174,13 +175,13 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
     winner.validate(("books", "wiki", "math", "code", "web", "multilingual"))
     fit = json.loads((sweep_dir / "fit.json").read_text())
     assert fit["n_fit"] + fit["n_holdout"] + fit["n_failed"] == TRIALS
-    # validated against baselines, each with 2 seeds, at proxy and at target scale
+    # validated against baselines, each with 2 seeds, at the one scale asked for
     val = json.loads((sweep_dir / "validate.json").read_text())
-    for scale in ("proxy", "target"):
-        cands = val["scales"][scale]["candidates"]
-        assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_no_anneal"}
-        assert all(c["n"] == 2 for c in cands.values())
-        assert set(val["scales"][scale]["winner_vs"]) == {"natural", "uniform", "best_trial"}
+    assert list(val["scales"]) == ["target"]
+    cands = val["scales"]["target"]["candidates"]
+    assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_no_anneal"}
+    assert all(c["n"] == 2 and c["std"]["loss/mean"] > 0 for c in cands.values())
+    assert set(val["scales"]["target"]["winner_vs"]) == {"natural", "uniform", "best_trial"}
     target_runs = json.loads(next(
         p for p in (runs / "mixture_sweep_tiny").glob("*/config.json")
         if json.loads(p.read_text())["tracking"]["job_type"] == "validate"
@@ -218,6 +219,17 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert "config.space" in bad.stderr
     assert not (tmp_path / "runs" / "sweeps").exists()
+
+    from gemini_core.errors import UserError
+    from gemini_core.experiment import load_experiment
+    from sweeps import config as sweep_config
+    for scales in ("target,target", "tagret"):
+        with pytest.raises(UserError, match=r"config\.validate\.scales=.*'proxy', 'target'"):
+            load_experiment("experiments/mixture_sweep.py:size=tiny",
+                            [f"--config.proxy.data.root={corpus_root}",
+                             f"--config.validate.scales={scales}"],
+                            schema=sweep_config.SweepConfig,
+                            convert=sweep_config.from_config_dict)
 
 
 def test_pinning_threads_again_leaves_xla_flags_as_they_were(monkeypatch):
