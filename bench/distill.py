@@ -7,7 +7,8 @@ with --top-k K, a student trained from the teacher's cached top K). All are real
 --work, so a rerun reuses what is done.
 
 usage: python bench/distill.py [--size small] [--alpha 0.5 0.9] [--temperature 1]
-                             [--teacher-steps N] [--student-steps N] [--top-k 64] [--work DIR]
+                             [--teacher-steps N] [--student-steps N] [--student-d N]
+                             [--top-k 64] [--work DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def parse() -> argparse.Namespace:
                    help="steps of the teacher (0: the size's)")
     p.add_argument("--student-steps", type=int, default=0,
                    help="steps of the students and the scratch run (0: the size's)")
+    p.add_argument("--student-d", type=int, default=0,
+                   help="d_model of the students and the scratch run (0: the size's)")
     p.add_argument("--top-k", type=int, default=64, help="also a top-K cached student; 0 = no")
     p.add_argument("--work", default="/tmp/gx-bench-distill")
     p.add_argument("--out", default="")
@@ -42,6 +45,8 @@ def run(args, role: str, *overrides: str) -> tuple[dict, float]:
     from gemini_core.experiment import load_experiment
     n = args.teacher_steps if role == "teacher" else args.student_steps
     steps = f",steps={n}" if n else ""
+    if args.student_d and role != "teacher":
+        steps += f",d={args.student_d}"
     cfg = load_experiment(f"experiments/distill_nano.py:role={role},size={args.size}{steps}", [
         f"--config.data.root={args.corpus}", "--config.tracking.wandb=false", *overrides]).config
     t0 = time.perf_counter()

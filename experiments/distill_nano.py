@@ -12,7 +12,8 @@ on more tokens. role=scratch: the same student from scratch (the baseline at equ
 All three share one tokenizer (its sample drawn by natural shares, not by the mixture), which
 distillation needs: the teacher's and the student's token ids must mean the same.
 size=small (default; bench/distill.py) or size=tiny (tests); steps=N trains for N steps
-instead of the size's (the student and the scratch baseline alike: equal tokens).
+instead of the size's (the student and the scratch baseline alike: equal tokens); d=N gives a
+student (or scratch run) of width N instead of the size's.
 """
 
 import ml_collections
@@ -26,12 +27,13 @@ SIZES = {  # role -> (d_model, layers, heads, steps); then batch, seq, vocab
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, role="student", size="small", steps=0)
+    a = parse_arg(arg, role="student", size="small", steps=0, d=0)
     if a.size not in SIZES or a.role not in ("student", "teacher", "scratch"):
         raise ValueError(f"role={a.role!r}, size={a.size!r}: role student|teacher|scratch, "
                          f"size {'|'.join(SIZES)}")
     d, layers, heads, steps = SIZES[a.size]["teacher" if a.role == "teacher" else "student"]
     steps = a.steps or steps  # the schedule (warmup, checkpoints, log cadence) follows it
+    d = a.d if a.d and a.role != "teacher" else d
     batch, seq, vocab = SIZES[a.size]["data"]
     c = ml_collections.ConfigDict()
     c.name = {"teacher": "distill_teacher", "student": "distill_nano",
