@@ -43,11 +43,9 @@ def parse() -> argparse.Namespace:
 def run(args, role: str, *overrides: str) -> tuple[dict, float]:
     from gemini_core import train
     from gemini_core.experiment import load_experiment
-    n = args.teacher_steps if role == "teacher" else args.student_steps
-    steps = f",steps={n}" if n else ""
-    if args.student_d and role != "teacher":
-        steps += f",d={args.student_d}"
-    cfg = load_experiment(f"experiments/distill_nano.py:role={role},size={args.size}{steps}", [
+    n, d = (args.teacher_steps, 0) if role == "teacher" else (args.student_steps, args.student_d)
+    extra = (f",steps={n}" if n else "") + (f",d={d}" if d else "")
+    cfg = load_experiment(f"experiments/distill_nano.py:role={role},size={args.size}{extra}", [
         f"--config.data.root={args.corpus}", "--config.tracking.wandb=false", *overrides]).config
     t0 = time.perf_counter()
     summary = train.run_experiment(cfg, Path(args.work), log=lambda s: print(s, flush=True))

@@ -12,8 +12,8 @@ on more tokens. role=scratch: the same student from scratch (the baseline at equ
 All three share one tokenizer (its sample drawn by natural shares, not by the mixture), which
 distillation needs: the teacher's and the student's token ids must mean the same.
 size=small (default; bench/distill.py) or size=tiny (tests); steps=N trains for N steps
-instead of the size's (the student and the scratch baseline alike: equal tokens); d=N gives a
-student (or scratch run) of width N instead of the size's.
+instead of the size's (the student and the scratch baseline alike: equal tokens), d=N makes
+the model N wide instead of the size's (give both the same to compare them).
 """
 
 import ml_collections
@@ -33,7 +33,7 @@ def get_config(arg=None):
                          f"size {'|'.join(SIZES)}")
     d, layers, heads, steps = SIZES[a.size]["teacher" if a.role == "teacher" else "student"]
     steps = a.steps or steps  # the schedule (warmup, checkpoints, log cadence) follows it
-    d = a.d if a.d and a.role != "teacher" else d
+    d = a.d or d
     batch, seq, vocab = SIZES[a.size]["data"]
     c = ml_collections.ConfigDict()
     c.name = {"teacher": "distill_teacher", "student": "distill_nano",
