@@ -23,7 +23,7 @@ DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
     p.add_argument("--size", default="small")
     p.add_argument("--alpha", type=float, nargs="+", default=[0.5, 0.9])
