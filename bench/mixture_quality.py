@@ -7,8 +7,9 @@ beat the natural and uniform mixtures at target scale? And DoReMi at equal proxy
    and per domain against the heuristic "a domain's loss falls with its own weight" (rank by
    the domain's time-averaged weight).
 2. Its validation stage: the winner vs natural and uniform at target scale (target: >= 2% lower
-   mean loss, beyond 2 sigma of seed noise), and the end-of-training stage measured (the winner
-   with and without it; target: >= 5% lower loss on the upweighted domain, mean <= 1% worse).
+   mean loss, beyond 2 sigma of seed noise), and end-of-training upweighting measured against
+   the winner's base stage alone: the winner's own end stage, and a declared boost (`--boost`,
+   default code x4; target: >= 5% lower loss on the upweighted domain, mean <= 1% worse).
 3. DoReMi with the same proxy compute: a reference and a Group-DRO proxy of the same shape,
    each trained for trials/2 times the proxy's steps, its choice validated at the same target
    scale (the natural and uniform runs are the same runs, reused by fingerprint).
@@ -37,8 +38,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=48)
     p.add_argument("--size", default="small", help="experiments/mixture_sweep.py size")
     p.add_argument("--seeds", type=int, default=3, help="seeds per validated mixture")
+    p.add_argument("--proxy-steps", type=int, default=0,
+                   help="train the proxies this long (0: the size's default); the target scale "
+                        "stays 2x width and 4x the default proxy's steps")
     p.add_argument("--work", default="/tmp/gx-bench-mixture-quality",
                    help="runs root (kept: a rerun reuses finished runs)")
+    p.add_argument("--boost", nargs="*", default=["code"],
+                   help="domains the declared end-of-training boost upweights (validate.boost; "
+                        "none: only the winner's own end stage is measured)")
+    p.add_argument("--boost-factor", type=float, default=4.0)
     p.add_argument("--no-doremi", action="store_true")
     p.add_argument("--out", default="")
     return p.parse_args()
@@ -50,7 +58,9 @@ def sweep_config(args, method: str, proxy_steps: int | None = None):
     from sweeps import config as sweep_config_lib
     overrides = [f"--config.proxy.data.root={args.corpus}", f"--config.space.trials={args.trials}",
                  "--config.proxy.tracking.wandb=false", "--config.fit.holdout_fraction=0.35",
-                 f"--config.validate.seeds={args.seeds}", f"--config.method={method}"]
+                 f"--config.validate.seeds={args.seeds}", f"--config.method={method}",
+                 f"--config.validate.boost={tuple(args.boost)!r}",
+                 f"--config.validate.boost_factor={args.boost_factor}"]
     sweep = to_json_dict(load_experiment(
         f"experiments/mixture_sweep.py:size={args.size}", overrides,
         schema=sweep_config_lib.SweepConfig, convert=sweep_config_lib.from_config_dict).config)
@@ -86,11 +96,28 @@ def heuristic_spearman(sweep_dir: Path, domains: list[str]) -> dict:
     return out
 
 
+def noise_ceiling(sweep_dir: Path) -> dict | None:
+    """How well any predictor could rank the trials: the seed noise of the proxy-scale validation
+    runs (pooled std of each mixture's seeds) against the spread of the trials' mean losses. The
+    measured loss is signal + seed noise, so its correlation with the signal is at most
+    sqrt(1 - seed_var / trial_var)."""
+    v = json.loads((sweep_dir / "validate.json").read_text())["scales"].get("proxy")
+    if not v:
+        return None
+    var = [c["std"]["loss/mean"] ** 2 for c in v["candidates"].values() if c["n"] > 1]
+    table = pd.read_csv(sweep_dir / "trials.csv", keep_default_na=False)
+    trial_std = float(table.loc[table["failed"] == "", "loss/mean"].astype(float).std(ddof=1))
+    seed_std = float(np.sqrt(np.mean(var)))
+    return {"seed_std": seed_std, "trial_std": trial_std,
+            "ceiling": float(np.sqrt(max(0.0, 1 - seed_std ** 2 / trial_std ** 2)))}
+
+
 def validation_figures(sweep_dir: Path) -> dict:
+    from sweeps.runner import UPWEIGHTING
     v = json.loads((sweep_dir / "validate.json").read_text())
     target = v["scales"]["target"]
     return {"seconds": v["seconds"], "winner_vs": target["winner_vs"],
-            "upweighting": target["upweighting"],
+            **{key: target.get(key) for key, _ in UPWEIGHTING},
             "winner_mean": target["candidates"]["winner"]["mean"]["loss/mean"],
             "winner_std": target["candidates"]["winner"]["std"]["loss/mean"],
             "proxy_winner_vs": v["scales"]["proxy"]["winner_vs"]}
@@ -102,19 +129,21 @@ def main() -> None:
     from sweeps.runner import run_sweep
     steps.tune_host_malloc()
     root = Path(args.work)
-    results: dict = {"trials": args.trials, "size": args.size, "seeds": args.seeds}
+    results: dict = {"trials": args.trials, "size": args.size, "seeds": args.seeds,
+                     "proxy_steps": args.proxy_steps}
 
     t0 = time.perf_counter()
-    reg_dir = run_sweep(sweep_config(args, "regression"), root, log=lambda s: print(s, flush=True))
+    reg_dir = run_sweep(sweep_config(args, "regression", args.proxy_steps), root, log=lambda s: print(s, flush=True))
     results["regression_s"] = time.perf_counter() - t0
     fit = json.loads((reg_dir / "fit.json").read_text())
     domains = json.loads((reg_dir / "sweep.json").read_text())["domains"]
     results["holdout"] = fit["holdout"]
     results["heuristic"] = heuristic_spearman(reg_dir, domains)
+    results["noise"] = noise_ceiling(reg_dir)
     results["regression"] = validation_figures(reg_dir)
 
     if not args.no_doremi:
-        base = sweep_config(args, "regression").proxy["train"]["steps"]
+        base = args.proxy_steps or sweep_config(args, "regression").proxy["train"]["steps"]
         t0 = time.perf_counter()
         dro_dir = run_sweep(sweep_config(args, "doremi", proxy_steps=base * args.trials // 2),
                             root, log=lambda s: print(s, flush=True))
@@ -128,12 +157,16 @@ def main() -> None:
 
 
 def report(r: dict, domains: list[str]) -> None:
-    from sweeps.runner import verdict
+    from sweeps.runner import UPWEIGHTING, describe_upweighting, verdict
     h = r["holdout"]
     print(f"\n== mixture quality ({r['trials']} trials, size={r['size']}, {r['seeds']} seeds) ==")
     print(f"regression sweep + validation: {r['regression_s']:.0f}s")
     print(f"held-out mixtures: {h['n']}; Spearman (mean-of-domains loss) {h['spearman']:.3f} "
           f"(target >= 0.9); regret {h['regret']:.4f}")
+    if r.get("noise"):
+        n = r["noise"]
+        print(f"seed noise at proxy scale: pooled std {n['seed_std']:.4f} vs {n['trial_std']:.4f} "
+              f"across trials -> no predictor ranks the measured loss above ~{n['ceiling']:.2f}")
     print(f"{'domain':<14}{'fit':>8}{'own weight':>12}   Spearman on held-out trials")
     for d in domains:
         x = r["heuristic"][d]
@@ -146,11 +179,10 @@ def report(r: dict, domains: list[str]) -> None:
         for name, c in v["winner_vs"].items():
             print(f"  vs {name:<11} {c['relative']:+.2%} lower (2 sigma = {2 * c['sigma']:.4f}) -> "
                   f"{verdict(c)}   [target >= 2% lower, beyond 2 sigma]")
-        up = v["upweighting"]
-        if up:
-            print(f"  end-of-training stage (boosts {', '.join(up['boosted'])}): " + ", ".join(
-                f"{d} {x:+.2%}" for d, x in up["domains"].items()) + f"; mean {up['mean']:+.2%}"
-                "   [target: upweighted <= -5%, mean <= +1%]")
+        for key, label in UPWEIGHTING:
+            if v.get(key):
+                print(f"  {describe_upweighting(v[key], label)}"
+                      "   [target: upweighted <= -5%, mean <= +1%]")
     if "doremi" in r:
         gap = r["doremi"]["winner_mean"] - r["regression"]["winner_mean"]
         print(f"DoReMi vs regression at equal proxy compute: DoReMi's winner {gap:+.4f} nats "

@@ -56,5 +56,7 @@ def get_config(arg=None):
     c.doremi = dict(eta=1.0, smoothing=1e-3, reference="prior")
     c.resources = dict(cpus_per_trial=1, max_concurrent=0, max_failures=1)
     # target scale: empty = d_model x2 (about 4x non-embedding params), steps x4 (4x tokens)
-    c.validate = dict(enabled=True, seeds=2, scales=("proxy", "target"), target={})
+    # boost=("code",): also measure that domain upweighted x boost_factor over the end stage
+    c.validate = dict(enabled=True, seeds=2, scales=("proxy", "target"), target={}, boost=(),
+                      boost_factor=4.0)
     return c

@@ -51,7 +51,12 @@ class ResourcesConfig:
 @dataclasses.dataclass(frozen=True)
 class ValidateConfig:
     """The winner against baselines (natural, uniform, the best trial, the winner without its
-    end-of-training stage), each with `seeds` seeds, at proxy and at target scale."""
+    end-of-training stage), each with `seeds` seeds, at proxy and at target scale.
+
+    `boost` declares an end-of-training upweighting to measure on its own, as the Gemini recipe
+    uses one: the winner's base stage, then over its last stage (or from the middle of
+    `space.anneal_start`) the same weights with these domains multiplied by `boost_factor`,
+    renormalized under the caps; compared with the base stage alone."""
 
     enabled: bool = True
     seeds: int = 2
@@ -59,6 +64,8 @@ class ValidateConfig:
     # fields replacing the proxy's at target scale, e.g. {"model": {"d_model": 128}}; empty =
     # d_model x2 (about 4x the non-embedding parameters) and steps x4 (4x the tokens)
     target: Mapping[str, Any] = dataclasses.field(default_factory=lambda: EMPTY)
+    boost: tuple[str, ...] = ()
+    boost_factor: float = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +139,9 @@ def _check(s: SweepConfig) -> None:
     scales = s.validate.scales
     if not scales or not set(scales) <= {"proxy", "target"} or len(set(scales)) < len(scales):
         raise UserError(f"config.validate.scales={scales}: 'proxy', 'target' or both")
+    factor = s.validate.boost_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise UserError(f"config.validate.boost_factor={factor!r}: expected a number > 1")
     if s.method not in ("regression", "doremi"):
         raise UserError(f"config.method={s.method!r}: expected 'regression' or 'doremi'")
     check_doremi(s.doremi)
@@ -153,4 +163,8 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> SweepConfig:
     for d in sweep.objective.targets:
         if d not in domains:
             raise UserError(f"config.objective.targets.{d}: not in config.proxy.data.domains")
+    unknown = [d for d in sweep.validate.boost if d not in domains]
+    if unknown:
+        raise UserError(f"config.validate.boost={tuple(sweep.validate.boost)!r}: unknown "
+                        f"domain(s) {', '.join(unknown)} (known: {', '.join(domains)})")
     return sweep

@@ -74,7 +74,8 @@ def _short(value, limit: int = 100) -> str:
 
 WEIGHT, LOSS = "weight/", "loss/"
 CANDIDATES = {"winner": "#d62728", "natural": "#7f7f7f", "uniform": "#bcbd22",
-              "best_trial": "#1f77b4", "winner_no_anneal": "#ff9896"}
+              "best_trial": "#1f77b4", "winner_no_anneal": "#ff9896",
+              "winner_boost": "#9467bd"}
 ROLE_COLORS = {"fit": "#1f77b4", "held out": "#ff7f0e", "failed": "#d62728", "ok": "#1f77b4"}
 
 
@@ -468,7 +469,8 @@ def _winner_table(s: SweepData) -> str:
 
 
 def _validation_tables(s: SweepData) -> str:
-    from sweeps.runner import verdict  # runner imports this module lazily, at a sweep's end
+    from sweeps.runner import UPWEIGHTING, describe_upweighting, verdict  # runner imports
+    # this module lazily, at a sweep's end
     keys = [f"{LOSS}{d}" for d in s.domains] + [f"{LOSS}mean"]
     out = []
     for scale, v in s.validate["scales"].items():
@@ -486,11 +488,8 @@ def _validation_tables(s: SweepData) -> str:
             direction = "lower" if c["gap"] > 0 else "higher"
             notes.append(f"winner vs {name}: mean loss {abs(c['relative']):.2%} {direction}, "
                          f"2σ = {2 * c['sigma']:.4f}: {verdict(c)}")
-        up = v.get("upweighting")
-        if up:
-            notes.append(f"end-of-training stage (boosts {', '.join(up['boosted']) or 'none'}): "
-                         + ", ".join(f"{d} {x:+.2%}" for d, x in up["domains"].items())
-                         + f"; mean {up['mean']:+.2%}")
+        notes += [describe_upweighting(v[key], label) for key, label in UPWEIGHTING
+                  if v.get(key)]
         out.append(f"<h3>{_e(scale)} scale</h3><table><thead><tr><th>candidate</th><th>seeds</th>"
                    f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table><ul>"
                    + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")

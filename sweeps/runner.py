@@ -433,7 +433,24 @@ def candidates(plan: SweepPlan, result: dict) -> dict[str, MixtureSchedule]:
     if len(winner.stages) > 1:
         # the same base mixture without its end-of-training stage: what upweighting buys
         out["winner_no_anneal"] = MixtureSchedule((Stage(0.0, dict(winner.stages[0].weights)),))
+    if plan.sweep.validate.boost:
+        out["winner_boost"] = _boosted(plan, winner)
     return out
+
+
+def _boosted(plan: SweepPlan, winner: MixtureSchedule) -> MixtureSchedule:
+    """The winner's base stage, then validate.boost's domains multiplied by boost_factor (under
+    the caps and minimum weight) from the winner's end-stage start, or mid anneal_start."""
+    v, space = plan.sweep.validate, plan.sweep.space
+    base = winner.stages[0].weights
+    cap = space_lib.caps(space, plan.domains, plan.tokens, plan.target_tokens)
+    boosted_D = space_lib.project_to_capped_simplex(
+        np.array([base.get(d, 0.0) * (v.boost_factor if d in v.boost else 1.0)
+                  for d in plan.domains]),
+        np.full(len(plan.domains), space.min_weight), np.array([cap[d] for d in plan.domains]))
+    start = winner.stages[-1].start if len(winner.stages) > 1 else sum(space.anneal_start) / 2
+    return MixtureSchedule((Stage(0.0, dict(base)),
+                            Stage(start, dict(zip(plan.domains, boosted_D.tolist())))))
 
 
 def _stats(rows: list[dict], domains) -> dict:
@@ -462,7 +479,9 @@ def validate(plan: SweepPlan, result: dict, log: Log) -> dict:
                              if j["scale"] == scale and f"/{name}/" in j["name"]], plan.domains)
                for name in cands}
         out["scales"][scale] = {"candidates": per, "winner_vs": _comparisons(per),
-                                "upweighting": _upweighting(per, cands["winner"], plan.domains)}
+                                "upweighting": _upweighting(per, "winner", cands, plan.domains)}
+        if "winner_boost" in cands:
+            out["scales"][scale]["boost"] = _upweighting(per, "winner_boost", cands, plan.domains)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -496,18 +515,39 @@ def verdict(c: dict) -> str:
     return "within seed noise"
 
 
-def _upweighting(per: dict, winner: MixtureSchedule, domains) -> dict | None:
-    """Loss change from the end-of-training stage on the domains it upweights, and on the mean."""
-    if len(winner.stages) < 2 or "winner_no_anneal" not in per:
+def _upweighting(per: dict, name: str, cands: dict[str, MixtureSchedule], domains
+                 ) -> dict | None:
+    """Loss change from candidate `name`'s end-of-training stage, against its base stage alone
+    (winner_no_anneal; the winner itself when it has one stage), on the domains the stage
+    upweights and on the mean."""
+    schedule = cands[name]
+    reference = "winner_no_anneal" if "winner_no_anneal" in per else "winner"
+    if len(schedule.stages) < 2 or reference == name:
         return None
-    base, end = winner.stages[0].weights, winner.stages[-1].weights
+    base, end = schedule.stages[0].weights, schedule.stages[-1].weights
     boosted = [d for d in domains if end.get(d, 0) > base.get(d, 0)]
-    w, n = per["winner"]["mean"], per["winner_no_anneal"]["mean"]
+    w, n = per[name]["mean"], per[reference]["mean"]
     if w[f"{LOSS}mean"] is None or n[f"{LOSS}mean"] is None:
         return None
-    return {"boosted": boosted,
+    return {"boosted": boosted, "start": schedule.stages[-1].start,
+            "weights": {d: end.get(d, 0.0) for d in boosted},
             "domains": {d: (w[f"{LOSS}{d}"] - n[f"{LOSS}{d}"]) / n[f"{LOSS}{d}"] for d in boosted},
             "mean": (w[f"{LOSS}mean"] - n[f"{LOSS}mean"]) / n[f"{LOSS}mean"]}
+
+
+UPWEIGHTING = (("upweighting", "the winner's end-of-training stage"),
+               ("boost", "declared boost (validate.boost)"))
+
+
+def describe_upweighting(up: dict, label: str) -> str:
+    """One line: an end-of-training stage's effect on the domains it boosts and on the mean."""
+    weights = up.get("weights", {})
+    boosted = ", ".join(f"{d}" + (f" to {weights[d]:.2f}" if d in weights else "")
+                        for d in up["boosted"]) or "none"
+    start = f" from {up['start']:.0%} of training" if "start" in up else ""
+    return (f"{label} (boosts {boosted}{start}): "
+            + ", ".join(f"{d} {x:+.2%}" for d, x in up["domains"].items())
+            + f"; mean {up['mean']:+.2%}")
 
 
 def format_validation(v: dict, domains) -> str:
@@ -526,11 +566,8 @@ def format_validation(v: dict, domains) -> str:
             lines.append(f"    winner vs {name}: mean loss {abs(c['relative']):.2%} {direction}, "
                          f"2 sigma of seed noise = {2 * c['sigma']:.4f} -> "
                          f"{verdict(c)}")
-        up = s["upweighting"]
-        if up:
-            lines.append(f"    end-of-training stage (boosts {', '.join(up['boosted'])}): "
-                         + ", ".join(f"{d} {x:+.2%}" for d, x in up["domains"].items())
-                         + f"; mean {up['mean']:+.2%}")
+        lines += [f"    {describe_upweighting(s[key], label)}" for key, label in UPWEIGHTING
+                  if s.get(key)]
     return "\n".join(lines)
 
 

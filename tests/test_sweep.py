@@ -32,7 +32,8 @@ def sweep_args(corpus: Path, cache: Path) -> list[str]:
             f"--config.proxy.data.root={corpus}", f"--config.proxy.data.cache_dir={cache}",
             f"--config.space.trials={TRIALS}", "--config.fit.folds=2",
             "--config.fit.samples=2000", "--config.proxy.tracking.wandb=false",
-            "--config.validate.scales=target"]  # proxy scale too by default: the same code
+            "--config.validate.scales=target",  # proxy scale too by default: the same code
+            "--config.validate.boost=('code',)"]
 
 
 def done_runs(runs: Path) -> dict[str, str]:
@@ -179,8 +180,19 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
     val = json.loads((sweep_dir / "validate.json").read_text())
     assert list(val["scales"]) == ["target"]
     cands = val["scales"]["target"]["candidates"]
-    assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_no_anneal"}
+    assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_no_anneal",
+                          "winner_boost"}
     assert all(c["n"] == 2 and c["std"]["loss/mean"] > 0 for c in cands.values())
+    # the declared boost: the winner's base, then code x4 over the winner's end stage
+    boosted = MixtureSchedule.load(sweep_dir / "schedules" / "validate-winner_boost.json")
+    assert boosted.stages[0].weights == pytest.approx(winner.stages[0].weights)
+    assert boosted.stages[1].start == winner.stages[1].start
+    assert boosted.stages[1].weights["code"] > winner.stages[0].weights["code"]
+    boost = val["scales"]["target"]["boost"]
+    assert boost["boosted"] == ["code"] and set(boost["domains"]) == {"code"}
+    no_anneal = cands["winner_no_anneal"]["mean"]
+    assert boost["mean"] == pytest.approx(
+        cands["winner_boost"]["mean"]["loss/mean"] / no_anneal["loss/mean"] - 1)
     assert set(val["scales"]["target"]["winner_vs"]) == {"natural", "uniform", "best_trial"}
     target_runs = json.loads(next(
         p for p in (runs / "mixture_sweep_tiny").glob("*/config.json")
@@ -223,11 +235,13 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
     from gemini_core.errors import UserError
     from gemini_core.experiment import load_experiment
     from sweeps import config as sweep_config
-    for scales in ("target,target", "tagret"):
-        with pytest.raises(UserError, match=r"config\.validate\.scales=.*'proxy', 'target'"):
+    for override, error in [("validate.scales=target,target", r"scales=.*'proxy', 'target'"),
+                            ("validate.scales=tagret", r"scales=.*'proxy', 'target'"),
+                            ("validate.boost=('cod',)", r"boost=.*unknown domain\(s\) cod "),
+                            ("validate.boost_factor=1.0", r"boost_factor=1.0: expected a number")]:
+        with pytest.raises(UserError, match=rf"config\.validate\.{error}"):
             load_experiment("experiments/mixture_sweep.py:size=tiny",
-                            [f"--config.proxy.data.root={corpus_root}",
-                             f"--config.validate.scales={scales}"],
+                            [f"--config.proxy.data.root={corpus_root}", f"--config.{override}"],
                             schema=sweep_config.SweepConfig,
                             convert=sweep_config.from_config_dict)
 
