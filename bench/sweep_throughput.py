@@ -1,8 +1,8 @@
 """Sweep throughput: proxy trials per hour with 1 and with 2 concurrent trials, in one run, and
 the seconds to the first step (compile) of the first trial vs the later ones.
 
-Both sweeps are the same test-scale sweep (experiments/mixture_sweep.py:size=tiny, longer
-proxies so that training, not process start, dominates a trial), each in a fresh runs root with
+Both sweeps are the same sweep (experiments/mixture_sweep.py, `--size small`: the default
+sweep's 2-layer d=64 proxy, or `tiny`: the test-scale one), each in a fresh runs root with
 a cold JAX compilation cache, run through `gx sweep --no-validate`. Trials per hour = trials /
 wall seconds of the trial stage; parallel efficiency = (rate with 2 / rate with 1) / 2. That
 stage also pays fixed costs once (Ray and its workers starting, the first compile into a cold
@@ -10,7 +10,7 @@ cache), so the steady-state rate is given too: trials finished after each worker
 the time from the k-th finish (k = concurrent trials) to the last (finish = the run's
 summary.json written).
 
-usage: python bench/sweep_throughput.py [--trials 16] [--steps 150] [--out results.json]
+usage: python bench/sweep_throughput.py [--size small] [--trials 16] [--steps 150] [--out F]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ TARGET_EFFICIENCY = 0.85
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
+    p.add_argument("--size", default="small", help="experiments/mixture_sweep.py size")
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--out", default="")
@@ -40,7 +41,7 @@ def parse() -> argparse.Namespace:
 def sweep(args: argparse.Namespace, concurrent: int, work: Path) -> dict:
     runs = work / f"runs-{concurrent}"
     cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs), "sweep",
-           "experiments/mixture_sweep.py:size=tiny", "--no-validate",
+           f"experiments/mixture_sweep.py:size={args.size}", "--no-validate",
            f"--config.proxy.data.root={args.corpus}", f"--config.space.trials={args.trials}",
            f"--config.proxy.train.steps={args.steps}", "--config.proxy.tracking.wandb=false",
            # checkpoints every third of the run, as the experiment sets them for its own steps
@@ -56,7 +57,7 @@ def sweep(args: argparse.Namespace, concurrent: int, work: Path) -> dict:
     fit = json.loads((sweep_dir / "fit.json").read_text())
     trials_s = fit["seconds"]["trials"]
     firsts, ends = [], []  # (start time, seconds to the first step) per trial; finish times
-    for status in (runs / "mixture_sweep_tiny").glob("*/status.json"):
+    for status in (runs / f"mixture_sweep_{args.size}").glob("*/status.json"):
         st = json.loads(status.read_text())
         summary = status.parent / "summary.json"
         firsts.append((st["start"], json.loads(summary.read_text())["perf/first_step_s"]))

@@ -117,6 +117,16 @@ class _Scorer:
         return np.concatenate(scores), np.concatenate(preds)
 
 
+class _Tiled:
+    """A scorer of (M, 1, D) weights: the one mixture repeated over the template's S stages."""
+
+    def __init__(self, scorer: _Scorer, n_stages: int):
+        self.scorer, self.n_stages = scorer, n_stages
+
+    def __call__(self, W_Mx1xD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.scorer(np.repeat(W_Mx1xD, self.n_stages, axis=1))
+
+
 def _template(stage_template: MixtureSchedule | None, domains: Sequence[str]
               ) -> tuple[list[float], np.ndarray | None]:
     """Stage starts, and the template's (S, D) weights when it has concrete ones."""
@@ -188,10 +198,19 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
                          f"features; the fit used {result.n_features}")
     rng = np.random.default_rng(seed)
     center_SxD = template_SxD if template_SxD is not None else np.full((S, D), 1.0 / D)
+    if all(getattr(m, "stage_blind", False) for m in result.models.values()):
+        # the fit sees only each domain's share of all tokens, so it cannot tell an end stage
+        # from the base: search one mixture for every stage rather than hand back an end stage
+        # the model is indifferent to
+        scorer = _Tiled(scorer, S)
+        shares_D = np.diff([*starts, 1.0]) @ center_SxD
+        center_SxD, template_SxD = shares_D[None], (
+            None if template_SxD is None else shares_D[None])
     W_MxSxD = _sample(rng, samples, center_SxD)
     # the template itself and the uniform mixture are always candidates: the baseline is
     # feasible by construction when the model predicts it well
-    fixed = [np.full((S, D), 1.0 / D)] + ([template_SxD] if template_SxD is not None else [])
+    fixed = ([np.full(center_SxD.shape, 1.0 / D)]
+             + ([template_SxD] if template_SxD is not None else []))
     W_MxSxD = _project(np.concatenate([np.stack(fixed), W_MxSxD]), lower_D, upper_D)
     score_M, _ = scorer(W_MxSxD)
     order_M = np.argsort(score_M, kind="stable")
@@ -206,6 +225,7 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
                                    lower_D, upper_D, refine_steps)
         best_SxD = W_KxSxD[int(np.argmin(score_K))]
     best_score, pred_1xD = scorer(best_SxD[None])
+    best_SxD = np.broadcast_to(best_SxD, (S, D))
     if best_score[0] >= INFEASIBLE:
         warnings.warn(f"no mixture found meets the constraint "
                       f"(max_worse_than_baseline={objective.max_worse_than_baseline:g}); the "

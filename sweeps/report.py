@@ -453,6 +453,10 @@ def _fit_table(s: SweepData) -> str:
         + f"<td>{_e(_num(s.fit['predicted'].get(d)))}</td>"
           f"<td>{_e(_num(s.fit['natural_predicted'].get(d)))}</td></tr>"
         for d, m in s.fit["chosen"].items())
+    if "objective" in s.fit["cv_mse"]:  # what chose the one regressor for every domain
+        rows += ("<tr><td>objective</td><td></td>" + "".join(
+            f"<td>{_e(_num(v, 5))}</td>" for v in s.fit["cv_mse"]["objective"].values())
+            + "<td></td><td></td></tr>")
     names = list(next(iter(s.fit["cv_mse"].values()), {}))
     head = "".join(f"<th>CV MSE {_e(n)}</th>" for n in names)
     return (f"<table><thead><tr><th>domain</th><th>chosen</th>{head}<th>winner predicted</th>"

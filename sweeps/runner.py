@@ -327,9 +327,9 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
     hold_rows = ok[ok["trial"].isin(hold_idx)]
     X = np.stack([fit_lib.features(plan.schedules[t], plan.domains) for t in train_rows["trial"]])
     Y = train_rows[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64)
-    result = fit_lib.fit(X, Y, plan.domains, folds=min(f.folds, len(train_rows)),
-                         seed=plan.sweep.space.seed, regressors=f.regressors)
     objective = _objective(plan.sweep)
+    result = fit_lib.fit(X, Y, plan.domains, folds=min(f.folds, len(train_rows)),
+                         seed=plan.sweep.space.seed, regressors=f.regressors, objective=objective)
     holdout = None
     if len(hold_rows):
         Xh = np.stack([fit_lib.features(plan.schedules[t], plan.domains)
@@ -430,7 +430,7 @@ def candidates(plan: SweepPlan, result: dict) -> dict[str, MixtureSchedule]:
     }
     if "best_trial" in result:  # a regression sweep's best proxy trial
         out["best_trial"] = plan.schedules[result["best_trial"]["trial"]]
-    if len(winner.stages) > 1:
+    if any(st.weights != winner.stages[0].weights for st in winner.stages[1:]):
         # the same base mixture without its end-of-training stage: what upweighting buys
         out["winner_no_anneal"] = MixtureSchedule((Stage(0.0, dict(winner.stages[0].weights)),))
     if plan.sweep.validate.boost:

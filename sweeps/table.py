@@ -251,7 +251,7 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
     hold = (_aligned_holdout(train, Path(holdout), weight_prefix, loss_prefix, start_prefix)
             if holdout is not None else None)
     result = fit(train.X_NxF, train.Y_NxD, train.domains, folds=folds, seed=seed,
-                 regressors=regressors)
+                 regressors=regressors, objective=objective)
     S, D = len(train.stages), len(train.domains)
     # the search keeps the stage starts the runs used (their median) and centres its samples
     # on the runs' average mixture
@@ -298,13 +298,14 @@ def format_fit_report(result: dict) -> str:
              f"{len(result['stages'])} stage(s); {result['folds']}-fold CV; objective: "
              f"{result['objective']}",
              "",
-             "cross-validated MSE per domain (* = chosen: the simplest within one standard "
-             "error of the best)",
+             "cross-validated MSE per domain and of the objective (* = chosen for every "
+             "domain: the simplest within one standard error of the best on the objective)",
              "domain".ljust(width) + "".join(n.rjust(13) for n in names) + "   chosen"]
-    for d in domains:
+    chosen = {**result["chosen"], "objective": result["chosen"][domains[0]]}
+    for d in [*domains, "objective"]:
         row = "".join((_num(result["cv_mse"][d][n], ".3e")
-                       + ("*" if n == result["chosen"][d] else " ")).rjust(13) for n in names)
-        lines.append(d.ljust(width) + row + "   " + result["chosen"][d])
+                       + ("*" if n == chosen[d] else " ")).rjust(13) for n in names)
+        lines.append(d.ljust(width) + row + "   " + chosen[d])
     for d, note in result.get("notes", {}).items():
         lines.append(f"  note: {d}: loglinear {note}")
     if result.get("ignored_columns"):

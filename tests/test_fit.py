@@ -173,6 +173,49 @@ def test_cv_picks_loglinear_for_curved_law_and_linear_for_linear_law():
     assert result.predict(X[:5]).shape == (5, 3)
 
 
+def power_law_trials(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-stage trials (end stage from 0.8) whose every domain's loss is a power law in the
+    domains' shares of all tokens: L_d = c_d + sum_j b_dj log(share_j), plus noise."""
+    rng = np.random.default_rng(seed)
+    W = rng.dirichlet(np.full(3, 2.0), (n, 2))
+    X = np.concatenate([W.reshape(n, 6), np.full((n, 1), 0.8)], 1)
+    b_DxD = np.array([[-0.30, -0.05, 0.02], [-0.04, -0.20, -0.03], [0.01, -0.06, -0.25]])
+    shares = 0.8 * W[:, 0] + 0.2 * W[:, 1]
+    Y = np.array([3.0, 2.0, 2.5]) + np.log(shares) @ b_DxD.T + rng.normal(0, 0.003, (n, 3))
+    return X, Y, b_DxD
+
+
+def test_objective_selection_gives_every_domain_the_regressor_best_on_the_objective():
+    X, Y, _ = power_law_trials(48, seed=21)
+    per_domain = fit(X, Y, DOMAINS, folds=4)
+    joint = fit(X, Y, DOMAINS, folds=4, objective=Objective())
+    assert "objective" not in per_domain.cv_mse
+    assert set(joint.chosen.values()) == {"logweight"}  # the law's own form, for all three
+    cv = joint.cv_mse["objective"]
+    assert set(cv) == set(fitmod.REGRESSORS) and cv["logweight"] < cv["linear"] / 3
+    # objective-weighted: only math counts, and the choice is made on math's errors
+    math_only = fit(X, Y, DOMAINS, folds=4, objective=Objective({"math": 1.0}))
+    assert math_only.cv_mse["objective"] == pytest.approx(math_only.cv_mse["math"])
+
+
+def test_choose_with_a_stage_blind_fit_gives_every_stage_the_closed_form_optimum():
+    """logweight sees only the token shares, so it is indifferent to how an end stage differs
+    from the base: the winner repeats one mixture, the optimum of sum_j B_j log w_j
+    (B_j = mean_d b_dj < 0), which is w_j = B_j / sum B."""
+    X, Y, b_DxD = power_law_trials(48, seed=22)
+    result = fit(X, Y, DOMAINS, folds=4, regressors=("logweight",), objective=Objective())
+    template = MixtureSchedule.from_stage_weights([
+        (0.0, dict.fromkeys(DOMAINS, 1 / 3)), (0.8, dict.fromkeys(DOMAINS, 1 / 3))])
+    for method in ("search", "topk"):
+        sched, _ = choose(result, DOMAINS, template, {}, 0.0, Objective(), samples=20_000,
+                          refine_steps=60, method=method)
+        W_SxD = sched.weight_matrix(DOMAINS)
+        assert [st.start for st in sched.stages] == [0.0, 0.8]
+        np.testing.assert_array_equal(W_SxD[0], W_SxD[1])
+        B_D = b_DxD.mean(0)
+        assert np.abs(W_SxD[0] - B_D / B_D.sum()).sum() < (0.03 if method == "search" else 0.1)
+
+
 def test_fit_refuses_too_few_trials_and_unknown_regressors():
     X = dirichlet(4, seed=11)
     with pytest.raises(UserError, match=r"4 trials are fewer trials than the fit needs \(5"):
