@@ -39,8 +39,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--size", default="small", help="experiments/mixture_sweep.py size")
     p.add_argument("--seeds", type=int, default=3, help="seeds per validated mixture")
     p.add_argument("--proxy-steps", type=int, default=0,
-                   help="train the proxies this long (0: the size's default); the target scale "
-                        "stays 2x width and 4x the default proxy's steps")
+                   help="train the proxies this long (0: the size's default)")
+    p.add_argument("--target-steps", type=int, default=600,
+                   help="the target scale's steps; its width is 2x the proxy's")
     p.add_argument("--work", default="/tmp/gx-bench-mixture-quality",
                    help="runs root (kept: a rerun reuses finished runs)")
     p.add_argument("--boost", nargs="*", default=["code"],
@@ -65,12 +66,13 @@ def sweep_config(args, method: str, proxy_steps: int | None = None):
         f"experiments/mixture_sweep.py:size={args.size}", overrides,
         schema=sweep_config_lib.SweepConfig, convert=sweep_config_lib.from_config_dict).config)
     proxy = sweep["proxy"]
-    # one target scale for both methods: 2x width (~4x non-embedding params), 4x the tokens
+    # one target scale for both methods: 2x width (~4x non-embedding params), --target-steps
+    # (warmup 1/40 and checkpoints every 1/12 of them: the figures in README were made so)
+    steps = args.target_steps
     sweep["validate"]["target"] = {
         "model": {"d_model": 2 * proxy["model"]["d_model"], "mlp_dim": 2 * proxy["model"]["mlp_dim"]},
-        "train": {"steps": 4 * proxy["train"]["steps"],
-                  "checkpoint_every": proxy["train"]["checkpoint_every"]},
-        "optimizer": {"warmup_steps": proxy["optimizer"]["warmup_steps"]}}
+        "train": {"steps": steps, "checkpoint_every": max(steps // 12, 1)},
+        "optimizer": {"warmup_steps": max(steps // 40, 1)}}
     if proxy_steps:
         proxy["train"].update(steps=proxy_steps, checkpoint_every=max(proxy_steps // 3, 1))
         proxy["optimizer"]["warmup_steps"] = max(proxy_steps // 10, 1)
@@ -130,7 +132,7 @@ def main() -> None:
     steps.tune_host_malloc()
     root = Path(args.work)
     results: dict = {"trials": args.trials, "size": args.size, "seeds": args.seeds,
-                     "proxy_steps": args.proxy_steps}
+                     "proxy_steps": args.proxy_steps, "target_steps": args.target_steps}
 
     t0 = time.perf_counter()
     reg_dir = run_sweep(sweep_config(args, "regression", args.proxy_steps), root, log=lambda s: print(s, flush=True))

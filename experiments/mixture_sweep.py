@@ -6,8 +6,9 @@ domain, and the mixture it predicts best, written as winner.json.
     gx run experiments/pretrain.py:size=nano,d=256 --config.data.root=../shared/corpus \\
         --config.data.schedule=runs/sweeps/<sweep>/winner.json
 
-`size=small` (default): 24 trials of a 2-layer d=64 proxy; `size=tiny`: 8 trials of a
-1-layer d=32 proxy for a test-scale run in a few minutes. `--config.method=doremi` replaces
+`size=small` (default): 24 trials of a 2-layer d=64 proxy trained 600 steps (1.2M tokens; ~20
+minutes on 2 cores: 150-step proxies were too noisy to rank mixtures, README "Mixture
+quality"); `size=tiny`: 8 trials of a 1-layer d=32 proxy for a test-scale run in a few minutes. `--config.method=doremi` replaces
 the swarm and the fit by DoReMi's two proxy runs.
 """
 
@@ -16,7 +17,7 @@ import ml_collections
 from gemini_core.config import parse_arg
 
 PROXIES = {  # d_model, layers, heads, steps, batch, seq, vocab, trials
-    "small": (64, 2, 2, 150, 16, 128, 2048, 24),
+    "small": (64, 2, 2, 600, 16, 128, 2048, 24),
     "tiny": (32, 1, 2, 24, 4, 32, 384, 8),
 }
 

@@ -19,8 +19,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     sw.add_argument("--no-validate", action="store_true",
                     help="skip training the winner and the baselines with seeds at proxy and target scale")
     ft = sub.add_parser("fit", help="fit and choose a mixture from any table of runs (CSV or parquet)",
-                        description="Per-domain regressors (linear, linear in log token shares, "
-                        "Data Mixing Laws log-linear, LightGBM) chosen by K-fold CV on TABLE, then the mixture they predict "
+                        description="A regressor per domain (linear, linear in log token shares, "
+                        "Data Mixing Laws log-linear or LightGBM: one form for all domains, the one "
+                        "K-fold CV on TABLE finds best on the objective), then the mixture they predict "
                         "best. Columns: <weight-prefix><stage>/<domain> (or "
                         "<weight-prefix><domain>) and <loss-prefix><domain>.")
     ft.add_argument("table", help="CSV or parquet, one row per run")
