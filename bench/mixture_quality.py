@@ -135,7 +135,8 @@ def main() -> None:
                      "proxy_steps": args.proxy_steps, "target_steps": args.target_steps}
 
     t0 = time.perf_counter()
-    reg_dir = run_sweep(sweep_config(args, "regression", args.proxy_steps), root, log=lambda s: print(s, flush=True))
+    reg_dir = run_sweep(sweep_config(args, "regression", args.proxy_steps), root,
+                        log=lambda s: print(s, flush=True))
     results["regression_s"] = time.perf_counter() - t0
     fit = json.loads((reg_dir / "fit.json").read_text())
     domains = json.loads((reg_dir / "sweep.json").read_text())["domains"]

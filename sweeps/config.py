@@ -51,7 +51,8 @@ class ResourcesConfig:
 @dataclasses.dataclass(frozen=True)
 class ValidateConfig:
     """The winner against baselines (natural, uniform, the best trial, the winner without its
-    end-of-training stage), each with `seeds` seeds, at proxy and at target scale.
+    end-of-training stage when it has its own), each with `seeds` seeds, at proxy and at target
+    scale.
 
     `boost` declares an end-of-training upweighting to measure on its own, as the Gemini recipe
     uses one: the winner's base stage, then over its last stage (or from the middle of
