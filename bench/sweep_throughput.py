@@ -10,7 +10,8 @@ cache), so the steady-state rate is given too: trials finished after each worker
 the time from the k-th finish (k = concurrent trials) to the last (finish = the run's
 summary.json written).
 
-usage: python bench/sweep_throughput.py [--size small] [--trials 16] [--steps 150] [--out F]
+usage: python bench/sweep_throughput.py [--size small] [--trials 12] [--steps 600] [--out F]
+(the defaults are the default sweep's proxy and README's figures: about 26 minutes)
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
     p.add_argument("--size", default="small", help="experiments/mixture_sweep.py size")
-    p.add_argument("--trials", type=int, default=16)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", default="")
     return p.parse_args()
 

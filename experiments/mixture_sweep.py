@@ -8,8 +8,8 @@ domain, and the mixture it predicts best, written as winner.json.
 
 `size=small` (default): 24 trials of a 2-layer d=64 proxy trained 600 steps (1.2M tokens; ~20
 minutes on 2 cores: 150-step proxies were too noisy to rank mixtures, README "Mixture
-quality"); `size=tiny`: 8 trials of a 1-layer d=32 proxy for a test-scale run in a few minutes. `--config.method=doremi` replaces
-the swarm and the fit by DoReMi's two proxy runs.
+quality"); `size=tiny`: 8 trials of a 1-layer d=32 proxy for a test-scale run in a few
+minutes. `--config.method=doremi` replaces the swarm and the fit by DoReMi's two proxy runs.
 """
 
 import ml_collections

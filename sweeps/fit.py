@@ -436,10 +436,9 @@ def fit(X_NxF: np.ndarray, Y_NxD: np.ndarray, domains: Sequence[str], *, folds: 
               for d, domain in enumerate(domains)}
     if objective is not None:
         weight_D = objective.weight_vector(domains)
-        cv_mse["objective"] = {name: float(((r_NxD @ weight_D) ** 2).mean())
-                               for name, r_NxD in resid.items()}
-        one = pick({name: (r_NxD @ weight_D) ** 2 for name, r_NxD in resid.items()})
-        chosen = {domain: one for domain in domains}
+        sq_err = {name: (r_NxD @ weight_D) ** 2 for name, r_NxD in resid.items()}
+        cv_mse["objective"] = {name: float(e.mean()) for name, e in sq_err.items()}
+        chosen = dict.fromkeys(domains, pick(sq_err))
     else:
         chosen = {domain: pick({name: r_NxD[:, d] ** 2 for name, r_NxD in resid.items()})
                   for d, domain in enumerate(domains)}

@@ -444,9 +444,9 @@ def _boosted(plan: SweepPlan, winner: MixtureSchedule) -> MixtureSchedule:
     v, space = plan.sweep.validate, plan.sweep.space
     base = winner.stages[0].weights
     cap = space_lib.caps(space, plan.domains, plan.tokens, plan.target_tokens)
+    base_D = np.array([base.get(d, 0.0) for d in plan.domains])
     boosted_D = space_lib.project_to_capped_simplex(
-        np.array([base.get(d, 0.0) * (v.boost_factor if d in v.boost else 1.0)
-                  for d in plan.domains]),
+        base_D * space_lib.boost_factors(plan.domains, v.boost, v.boost_factor),
         np.full(len(plan.domains), space.min_weight), np.array([cap[d] for d in plan.domains]))
     start = winner.stages[-1].start if len(winner.stages) > 1 else sum(space.anneal_start) / 2
     return MixtureSchedule((Stage(0.0, dict(base)),

@@ -361,6 +361,11 @@ def _vector(stages: list[tuple[float, np.ndarray]]) -> np.ndarray:
     return np.concatenate([np.concatenate([[start], w_D]) for start, w_D in stages])
 
 
+def boost_factors(domains: Sequence[str], boosted: Sequence[str], factor: float) -> np.ndarray:
+    """(D,) the multiplier of each domain's weight in an end stage that boosts `boosted`."""
+    return np.array([factor if d in boosted else 1.0 for d in domains])
+
+
 def sample_schedules(space: SpaceConfig, domains: Sequence[str], tokens: Mapping[str, int],
                      target_tokens: int) -> list[MixtureSchedule]:
     """`space.trials` distinct, validated schedules; the first is the centre (module docstring).
@@ -376,8 +381,7 @@ def sample_schedules(space: SpaceConfig, domains: Sequence[str], tokens: Mapping
                      np.array([cap[d] for d in domains]), lo_q, hi_q)
     prior_D = np.array([prior_weights(space, domains, tokens)[d] for d in domains])
     centre_D = bounds.feasible(prior_D)
-    boost_D = np.array([space.anneal_boost_factor if d in space.anneal_boost else 1.0
-                        for d in domains])
+    boost_D = boost_factors(domains, space.anneal_boost, space.anneal_boost_factor)
 
     def anneal_weights(base_D: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         if space.anneal_boost:
