@@ -10,6 +10,12 @@ cache), so the steady-state rate is given too: trials finished after each worker
 the time from the k-th finish (k = concurrent trials) to the last (finish = the run's
 summary.json written).
 
+Before the sweeps, the machine's own ceiling: a fixed single-thread XLA workload (the proxy's
+largest matmul, its LM head, forward and backward) timed alone on one CPU, then as two
+processes at once, each pinned to a CPU of its own. Their speed together over twice the lone
+speed bounds any sweep's parallel efficiency on this machine (shared caches, memory bandwidth,
+or virtual CPUs that share a physical core all show in it).
+
 usage: python bench/sweep_throughput.py [--size small] [--trials 12] [--steps 600] [--out F]
 (the defaults are the default sweep's proxy and README's figures: about 26 minutes)
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +44,49 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", default="")
     return p.parse_args()
+
+
+# the proxy's LM head at the default sweep's shapes: (B*T, d) @ (d, vocab), forward + backward
+_CEILING_WORK = r"""
+import os, sys, time
+os.sched_setaffinity(0, [int(sys.argv[1])])
+os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+import jax, jax.numpy as jnp
+x_NxD = jnp.ones((2048, 64)) * 0.01
+w_DxV = jnp.ones((64, 2048)) * 0.01
+step = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))))
+step(w_DxV, x_NxD).block_until_ready()
+print("ready", flush=True)
+sys.stdin.readline()  # go: all processes start timing together
+t0, n = time.perf_counter(), 0
+while time.perf_counter() - t0 < float(sys.argv[2]):
+    w_DxV = w_DxV - 1e-3 * step(w_DxV, x_NxD); w_DxV.block_until_ready(); n += 1
+print(n / (time.perf_counter() - t0), flush=True)
+"""
+
+
+def _steps_per_s(cpus: list[int], seconds: float) -> list[float]:
+    procs = [subprocess.Popen([sys.executable, "-c", _CEILING_WORK, str(c), str(seconds)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for c in cpus]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return [float(p.communicate()[0]) for p in procs]
+
+
+def machine_ceiling(seconds: float = 20.0) -> dict:
+    """Two single-CPU compute processes at once vs one alone: the best 2-vs-1 efficiency."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    alone = _steps_per_s(cpus[:1], seconds)[0]
+    both = _steps_per_s(cpus, seconds)
+    ceiling = sum(both) / (2 * alone)
+    print(f"machine ceiling: one single-CPU XLA process alone {alone:.0f} steps/s; two at once "
+          f"on CPUs {cpus} {both[0]:.0f} + {both[1]:.0f} steps/s: efficiency at most "
+          f"{ceiling:.2f}", flush=True)
+    return {"alone_steps_per_s": alone, "both_steps_per_s": both, "ceiling": ceiling}
 
 
 def sweep(args: argparse.Namespace, concurrent: int, work: Path) -> dict:
@@ -81,6 +131,7 @@ def sweep(args: argparse.Namespace, concurrent: int, work: Path) -> dict:
 def main() -> int:
     args = parse()
     work = Path(tempfile.mkdtemp(prefix="gx-bench-sweep-"))
+    ceiling = machine_ceiling()
     one, two = sweep(args, 1, work), sweep(args, 2, work)
     efficiency = two["trials_per_hour"] / one["trials_per_hour"] / 2
     steady = two["steady_per_hour"] / one["steady_per_hour"] / 2
@@ -92,13 +143,15 @@ def main() -> int:
     lines += ["", f"parallel efficiency 2 vs 1: {efficiency:.2f} over the trial stage, {steady:.2f} "
               f"in steady state (target >= {TARGET_EFFICIENCY}: "
               f"{'met' if efficiency >= TARGET_EFFICIENCY else 'NOT met'} over the stage, "
-              f"{'met' if steady >= TARGET_EFFICIENCY else 'NOT met'} in steady state)"]
+              f"{'met' if steady >= TARGET_EFFICIENCY else 'NOT met'} in steady state); "
+              f"this machine's ceiling {ceiling['ceiling']:.2f}"]
     text = "\n".join(lines)
     print()
     print(text)
     if args.out:
         Path(args.out).write_text(json.dumps({"one": one, "two": two, "efficiency": efficiency,
-                                              "steady_efficiency": steady}, indent=1))
+                                              "steady_efficiency": steady, "ceiling": ceiling},
+                                             indent=1))
         Path(args.out).with_suffix(".md").write_text(text + "\n")
     return 0
 

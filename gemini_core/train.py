@@ -8,6 +8,7 @@ data (cached), resolves the mixture schedule, derives the run id, then trains â€
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -36,8 +37,12 @@ def cache_root(cfg: ExperimentConfig, runs_root: Path) -> Path:
 
 
 def enable_compilation_cache(root: Path) -> None:
-    """JAX's persistent cache: a second process (a resumed run, a sweep trial) skips compiling."""
-    jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
+    """JAX's persistent cache: a second process (a resumed run, a sweep trial) skips compiling.
+
+    JAX_COMPILATION_CACHE_DIR, when set, wins over `root`: one cache shared by several runs
+    roots (a CI job, a test session, a team's scratch disk)."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 

@@ -30,6 +30,7 @@ from gemini_core.errors import UserError
 from gemini_core.rundir import fingerprint, write_json_atomic
 from sweeps import fit as fit_lib
 from sweeps import optimize, space as space_lib
+from sweeps.cpus import trial_cpus
 from sweeps.config import SweepConfig, proxy_config, target_config
 
 Log = Callable[[str], None]
@@ -109,16 +110,6 @@ def _write_plan(plan: SweepPlan) -> None:
 # one trial (runs in a Ray worker process)
 
 
-def _pin_threads(cpus: int) -> None:
-    """Before JAX starts in this worker: XLA uses the trial's CPUs, not the whole machine."""
-    # (XLA_FLAGS takes xla_* flags only: an unknown --flag aborts the process.) Set once, not
-    # appended: a reused worker runs many trials, and JAX's persistent cache key hashes
-    # XLA_FLAGS as written, so a flag repeated per trial made every trial miss the cache.
-    flag = "--xla_cpu_multi_thread_eigen="
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}{'true' if cpus > 1 else 'false'}"])
-
-
 def _tags(schedule: MixtureSchedule) -> list[str]:
     tags = []
     for k, stage in enumerate(schedule.stages):
@@ -142,15 +133,18 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
 
 
 def run_job(config: dict, sweep_dir: str, cpus: int) -> None:
-    """The Ray Tune function trainable: one run, reported once at its end."""
-    _pin_threads(cpus)
+    """The Ray Tune function trainable: one run on CPUs of its own, reported once at its end."""
+    with trial_cpus(cpus):
+        _run_job(config["job"], Path(sweep_dir))
+
+
+def _run_job(job: dict, sweep_dir: Path) -> None:
     from ray import tune
 
     from gemini_core import steps, train
     steps.tune_host_malloc()
-    job = config["job"]
-    cfg = job_config(Path(sweep_dir), job)
-    meta = json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    cfg = job_config(sweep_dir, job)
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
     root = Path(meta["runs_root"])
     if job.get("doremi"):  # the Group-DRO proxy against a finished reference run
         from gemini_core.rundir import find_run

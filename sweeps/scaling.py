@@ -661,20 +661,21 @@ def _job_config(cfg: ExperimentConfig) -> dict:
 
 
 def run_rung(config: dict, runs_root: str, cpus: int) -> None:
-    """The Ray Tune function trainable: one ladder run, reported once at its end."""
-    from sweeps.runner import _pin_threads
-    _pin_threads(cpus)
-    from ray import tune
+    """The Ray Tune function trainable: one ladder run on CPUs of its own, reported once at its
+    end."""
+    from sweeps.cpus import trial_cpus
+    with trial_cpus(cpus):  # before JAX starts: XLA's thread flag
+        from ray import tune
 
-    from gemini_core import steps, train
-    steps.tune_host_malloc()
-    job = config["job"]
-    cfg = gc_config.from_config_dict(job["config"])
-    summary = train.run_experiment(cfg, Path(runs_root), log=lambda _: None)
-    loss = float(summary["eval/mean/loss"])
-    tune.report({"name": job["name"], "run_id": summary["run_id"],
-                 "failed": "" if math.isfinite(loss) else "non-finite loss",
-                 f"{LOSS}mean": loss})
+        from gemini_core import steps, train
+        steps.tune_host_malloc()
+        job = config["job"]
+        cfg = gc_config.from_config_dict(job["config"])
+        summary = train.run_experiment(cfg, Path(runs_root), log=lambda _: None)
+        loss = float(summary["eval/mean/loss"])
+        tune.report({"name": job["name"], "run_id": summary["run_id"],
+                     "failed": "" if math.isfinite(loss) else "non-finite loss",
+                     f"{LOSS}mean": loss})
 
 
 def _run_on_tune(plan: LadderPlan, pending: list[Planned], log: Log) -> dict[str, str]:

@@ -40,10 +40,11 @@ def _config(role: str, corpus, cache, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def teacher(corpus_root, tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("cache")
-    summary = train.run_experiment(_config("teacher", corpus_root, cache), root, log=lambda _: None)
-    return root, cache, summary["run_id"]
+def teacher(corpus_root, tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("runs")
+    summary = train.run_experiment(_config("teacher", corpus_root, data_cache), root,
+                                   log=lambda _: None)
+    return root, data_cache, summary["run_id"]
 
 
 def _student(teacher, corpus, *extra: str) -> dict:

@@ -19,10 +19,9 @@ DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
 
 
 @pytest.fixture(scope="module")
-def proxy(corpus_root, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def proxy(corpus_root, data_cache):
     exp = load_experiment("experiments/mixture_sweep.py:size=tiny", [
-        f"--config.proxy.data.root={corpus_root}", f"--config.proxy.data.cache_dir={cache}",
+        f"--config.proxy.data.root={corpus_root}", f"--config.proxy.data.cache_dir={data_cache}",
         "--config.proxy.tracking.wandb=false", "--config.proxy.train.log_every=1",
         "--config.proxy.train.checkpoint_every=0"],
         schema=sweep_config.SweepConfig, convert=sweep_config.from_config_dict)

@@ -50,8 +50,8 @@ NO_CKPT = "--config.train.checkpoint_every=0"  # only the final checkpoint
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults-cache")
+def cache_dir(data_cache):
+    return data_cache
 
 
 @pytest.fixture(autouse=True)

@@ -35,8 +35,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
+def cache_dir(data_cache):
+    return data_cache
 
 
 def gx(*args: str, runs_root: Path, cache: Path, corpus: Path, check=True, **kw):

@@ -148,8 +148,8 @@ def env(tmp_path_factory) -> dict:
     return {**os.environ, "GX_RAY_TEMP_DIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
 
 
-def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, env):
-    runs, cache = tmp_path / "runs", tmp_path / "cache"
+def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, env, data_cache):
+    runs, cache = tmp_path / "runs", data_cache
     cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs),
            *sweep_args(corpus_root, cache)]
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -246,22 +246,6 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
                             [f"--config.proxy.data.root={corpus_root}", f"--config.{override}"],
                             schema=sweep_config.SweepConfig,
                             convert=sweep_config.from_config_dict)
-
-
-def test_pinning_threads_again_leaves_xla_flags_as_they_were(monkeypatch):
-    """A reused Ray worker pins threads once per trial; JAX's persistent cache key hashes
-    XLA_FLAGS as written, so a growing XLA_FLAGS would make every later trial recompile."""
-    from sweeps.runner import _pin_threads
-
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    _pin_threads(1)
-    once = os.environ["XLA_FLAGS"]
-    _pin_threads(1)
-    assert os.environ["XLA_FLAGS"] == once == (
-        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false")
-    _pin_threads(2)
-    assert os.environ["XLA_FLAGS"].split()[-1] == "--xla_cpu_multi_thread_eigen=true"
-    assert os.environ["XLA_FLAGS"].count("multi_thread_eigen") == 1
 
 
 def test_validation_says_when_the_winner_is_worse_beyond_seed_noise():
