@@ -105,3 +105,19 @@ def _check_peak_file(tmp_path, monkeypatch):
     monkeypatch.setattr(flops, "_PEAK_CACHE", {})
     assert flops.device_peak_flops() > 0
     assert key in json.loads((tmp_path / "jax" / "cpu_matmul_peak.json").read_text())
+
+
+def test_an_environment_compilation_cache_wins_over_the_runs_roots(tmp_path, monkeypatch):
+    """One cache for several runs roots (this test session's, a CI job's); without the
+    variable, each runs root keeps its own."""
+    from gemini_core.train import enable_compilation_cache
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "shared"))
+        enable_compilation_cache(tmp_path / "root")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "shared")
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        enable_compilation_cache(tmp_path / "root")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "root" / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
