@@ -45,10 +45,10 @@ def _two_processes(runs: Path, data: list[str]) -> tuple[list[str], list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus_root):
+def reference(tmp_path_factory, corpus_root, data_cache):
     """The same run in one process with 8 devices."""
     root = tmp_path_factory.mktemp("multihost")
-    data = data_args(tmp_path_factory, corpus_root)
+    data = data_args(data_cache, corpus_root)
     _finish(_gx(*TINY, *data, *MESH, runs=root / "one-process", env=_env(8)))
     run = _only_run(root / "one-process")
     return {"root": root, "data": data, "run_id": run.run_id, "losses": _losses(run.path)}

@@ -67,11 +67,11 @@ def _env(devices: int | None = None, **extra: str) -> dict:
     return env
 
 
-def data_args(tmp_path_factory, corpus_root: Path) -> list[str]:
-    """The corpus, and a tokenizer/token cache shared by this module and test_multihost.py
-    (a fixed folder under the session's base temp; concurrent builders wait on its lock)."""
-    cache = tmp_path_factory.getbasetemp() / "sharding-data-cache"
-    return [f"--config.data.root={corpus_root}", f"--config.data.cache_dir={cache}"]
+def data_args(data_cache: Path, corpus_root: Path) -> list[str]:
+    """The corpus, and the session's tokenizer/token cache (conftest.py; shared with
+    test_multihost.py and, under pytest-xdist, across workers: concurrent builders wait on
+    its lock)."""
+    return [f"--config.data.root={corpus_root}", f"--config.data.cache_dir={data_cache}"]
 
 
 def _gx(*args: str, runs: Path, env: dict) -> subprocess.Popen:
@@ -107,10 +107,10 @@ def _assert_close(got: dict[int, float], want: dict[int, float], what: str) -> N
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus_root):
+def runs(tmp_path_factory, corpus_root, data_cache):
     """The 1-device CLI run, then the 8-device worker (the presets)."""
     root = tmp_path_factory.mktemp("sharding")
-    data = data_args(tmp_path_factory, corpus_root)
+    data = data_args(data_cache, corpus_root)
     one = _finish(_gx(*TINY, *data, runs=root / "one", env=_env()))
     # a distilled student of that run, on 1 device here and under fsdp_tp in the worker (full
     # teacher distribution; and its top-K cache with K = V, which is the same distribution)
