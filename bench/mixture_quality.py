@@ -48,6 +48,8 @@ def parse() -> argparse.Namespace:
                    help="domains the declared end-of-training boost upweights (validate.boost; "
                         "none: only the winner's own end stage is measured)")
     p.add_argument("--boost-factor", type=float, default=4.0)
+    p.add_argument("--scales", nargs="+", default=["proxy", "target"],
+                   help="validate.scales: the scales the validation trains at")
     p.add_argument("--no-doremi", action="store_true")
     p.add_argument("--out", default="")
     return p.parse_args()
@@ -61,7 +63,8 @@ def sweep_config(args, method: str, proxy_steps: int | None = None):
                  "--config.proxy.tracking.wandb=false", "--config.fit.holdout_fraction=0.35",
                  f"--config.validate.seeds={args.seeds}", f"--config.method={method}",
                  f"--config.validate.boost={tuple(args.boost)!r}",
-                 f"--config.validate.boost_factor={args.boost_factor}"]
+                 f"--config.validate.boost_factor={args.boost_factor}",
+                 f"--config.validate.scales={tuple(args.scales)!r}"]
     sweep = to_json_dict(load_experiment(
         f"experiments/mixture_sweep.py:size={args.size}", overrides,
         schema=sweep_config_lib.SweepConfig, convert=sweep_config_lib.from_config_dict).config)
@@ -122,7 +125,7 @@ def validation_figures(sweep_dir: Path) -> dict:
             **{key: target.get(key) for key, _ in UPWEIGHTING},
             "winner_mean": target["candidates"]["winner"]["mean"]["loss/mean"],
             "winner_std": target["candidates"]["winner"]["std"]["loss/mean"],
-            "proxy_winner_vs": v["scales"]["proxy"]["winner_vs"]}
+            "proxy_winner_vs": v["scales"].get("proxy", {}).get("winner_vs")}
 
 
 def main() -> None:
@@ -141,6 +144,7 @@ def main() -> None:
     fit = json.loads((reg_dir / "fit.json").read_text())
     domains = json.loads((reg_dir / "sweep.json").read_text())["domains"]
     results["holdout"] = fit["holdout"]
+    results["choice"] = {**fit["choice"], "objective_predicted": fit["objective_predicted"]}
     results["heuristic"] = heuristic_spearman(reg_dir, domains)
     results["noise"] = noise_ceiling(reg_dir)
     results["regression"] = validation_figures(reg_dir)
@@ -170,6 +174,11 @@ def report(r: dict, domains: list[str]) -> None:
         n = r["noise"]
         print(f"seed noise at proxy scale: pooled std {n['seed_std']:.4f} vs {n['trial_std']:.4f} "
               f"across trials -> no predictor ranks the measured loss above ~{n['ceiling']:.2f}")
+    c = r["choice"]
+    print(f"choice: {c['from']} (the fit's own mixture predicted {c['predicted_gain']:+.4f} better "
+          f"than {c['best_measured']}, measured; the fit's CV error {c['margin']:.4f}); "
+          "objective predicted: " + ", ".join(
+              f"{k} {v:.4f}" for k, v in c["objective_predicted"].items()))
     print(f"{'domain':<14}{'fit':>8}{'own weight':>12}   Spearman on held-out trials")
     for d in domains:
         x = r["heuristic"][d]

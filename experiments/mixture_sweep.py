@@ -45,12 +45,15 @@ def get_config(arg=None):
     c.name = f"mixture_sweep_{a.size}"
     c.proxy = proxy
     c.target_tokens = 0  # 0 = 4x the proxy's tokens
+    # trial 0 is the prior's centre, then the anchors: the baselines validation compares with
     c.space = dict(trials=trials, prior="natural", prior_power=0.5, concentration=(0.3, 5.0),
                    min_weight=0.02, max_epochs=4.0, anneal=True, anneal_start=(0.8, 0.9),
-                   seed=0)
+                   anchors=("natural", "uniform"), seed=0)
     c.objective = dict(targets={}, max_worse_than_baseline=0.0)
+    # prefer_measured: the best measured trial wins unless the fit predicts its own mixture
+    # better by more than the fit's cross-validated error
     c.fit = dict(folds=4, regressors=("linear", "logweight", "loglinear", "lightgbm"),
-                 holdout_fraction=0.25, method="search", samples=50_000)
+                 holdout_fraction=0.25, method="search", samples=50_000, prefer_measured=True)
     # regression (the swarm above) or doremi: a reference proxy on the prior, then a Group-DRO
     # proxy whose domain weights, averaged over steps, are the choice (sweeps/doremi.py)
     c.method = "regression"

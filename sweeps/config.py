@@ -39,6 +39,9 @@ class FitConfig:
     holdout_fraction: float = 0.25  # trials never used in fitting: Spearman and regret
     method: str = "search"  # search | topk
     samples: int = 100_000
+    # the best measured trial wins when the fit predicts its own mixture better than it by less
+    # than the fit's cross-validated error on the objective (sweeps.runner._prefer_measured)
+    prefer_measured: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -412,6 +412,12 @@ def _doremi_table(s: SweepData) -> str:
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
+def _choice_note(s: SweepData) -> str:
+    """Where the winner came from: the fit's mixture, or a measured trial (fit.prefer_measured)."""
+    from sweeps.runner import describe_choice  # runner imports this module
+    return f"<p id='choice'>{_e(describe_choice(s.fit))}.</p>" if s.fit.get("choice") else ""
+
+
 def _trials_table(s: SweepData) -> str:
     if s.doremi:
         return _doremi_table(s)
@@ -613,8 +619,8 @@ def render_html(s: SweepData, svgs: dict[str, str | None] | None = None) -> str:
                        "fit.json has no per-trial predictions (a sweep fitted before they were "
                        "recorded): no predicted-vs-actual plot.")
         + f'<div class="scroll">{_fit_table(s)}</div></section>',
-        '<section id="winner"><h2>Winner</h2>'
-        f'<div class="scroll">{_winner_table(s)}</div>'
+        '<section id="winner"><h2>Winner</h2>' + _choice_note(s)
+        + f'<div class="scroll">{_winner_table(s)}</div>'
         + _figure_html("schedule", svgs, "The winner's weights over training "
                        "(winner.json, a MixtureSchedule).", "")
         + "</section>",

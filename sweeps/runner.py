@@ -48,6 +48,7 @@ class SweepPlan:
     schedules: list[MixtureSchedule]
     dir: Path
     runs_root: Path
+    fixed: dict[str, int]  # "centre" and the space's anchors -> trial index; always fitted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
     proxy_tokens = proxy.train.steps * proxy.train.batch_size * proxy.data.seq_len
     target = sweep.target_tokens or 4 * proxy_tokens
     space_lib.check_space(sweep.space, domains, tokens, target)
-    schedules = space_lib.sample_schedules(sweep.space, domains, tokens, target)
+    schedules, fixed = space_lib.sample_space(sweep.space, domains, tokens, target)
     ident = gc_config.to_json_dict(sweep)
     for path_field in ("root", "cache_dir", "schedule"):  # where things are, not what
         ident["proxy"]["data"].pop(path_field, None)
@@ -90,7 +91,7 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
                       "schedules": [s.to_dict() for s in schedules]})
     out = runs_root / "sweeps" / f"{sweep.name}-{fp[:8]}"
     return SweepPlan(sweep, proxy, _trial_base(target_config(sweep)), domains, tokens,
-                     target, schedules, out, runs_root)
+                     target, schedules, out, runs_root, fixed)
 
 
 def _write_plan(plan: SweepPlan) -> None:
@@ -313,10 +314,12 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
     for _, row in failed.iterrows():
         log(f"sweep: trial {row['trial']} left out of the fit: {row['failed']}")
     f = plan.sweep.fit
-    # every k-th trial after the prior (trial 0) is held out: never seen by the fit
-    n_hold = int(round(f.holdout_fraction * (len(ok) - 1)))
-    hold_idx = set(ok["trial"].iloc[1:].iloc[::max(1, (len(ok) - 1) // max(n_hold, 1))]
-                   .iloc[:n_hold]) if n_hold else set()
+    # every k-th drawn trial is held out: never seen by the fit (the centre and the anchors,
+    # the baselines, are always fitted)
+    drawn = ok["trial"][~ok["trial"].isin(plan.fixed.values())]
+    n_hold = int(round(f.holdout_fraction * len(drawn)))
+    hold_idx = set(drawn.iloc[::max(1, len(drawn) // max(n_hold, 1))].iloc[:n_hold]) \
+        if n_hold else set()
     train_rows = ok[~ok["trial"].isin(hold_idx)]
     hold_rows = ok[ok["trial"].isin(hold_idx)]
     X = np.stack([fit_lib.features(plan.schedules[t], plan.domains) for t in train_rows["trial"]])
@@ -330,12 +333,9 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
                        for t in hold_rows["trial"]])
         Yh = hold_rows[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64)
         holdout = fit_lib.evaluate_holdout(result, Xh, Yh, objective)
-    natural = space_lib.prior_weights(dataclasses.replace(plan.sweep.space, prior_power=1.0),
-                                      plan.domains, plan.tokens)
     template = plan.schedules[0]
-    baseline = MixtureSchedule(tuple(Stage(s.start, dict(natural)) for s in template.stages))
-    baseline_pred = dict(zip(plan.domains, result.predict(
-        fit_lib.features(baseline, plan.domains)[None, :])[0]))
+    baselines = _baselines(plan)
+    baseline_pred = optimize.predict_schedule(result, baselines["natural"])
     caps = space_lib.caps(plan.sweep.space, plan.domains, plan.tokens, plan.target_tokens)
     # trust region: no domain above the largest weight any fitted trial gave it; a fit of a few
     # dozen trials says nothing about corners of the simplex no trial visited
@@ -347,7 +347,12 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
         result, plan.domains, template, caps, plan.sweep.space.min_weight, objective,
         baseline_pred if objective.max_worse_than_baseline > 0 else None,
         samples=f.samples, seed=plan.sweep.space.seed, method=f.method)
-    best = ok.loc[ok[f"{LOSS}mean"].idxmin()]
+    measured_N = fit_lib.objective_values(
+        ok[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64), plan.domains, objective)
+    best = ok.iloc[int(np.argmin(measured_N))]
+    winner, predicted, choice = _prefer_measured(
+        plan, result, objective, (winner, predicted), int(best["trial"]), float(measured_N.min()),
+        log)
     # the report's predicted-vs-actual plot: every finished trial, fitted and held out
     pred_ok = result.predict(np.stack([fit_lib.features(plan.schedules[t], plan.domains)
                                        for t in ok["trial"]]))
@@ -359,11 +364,50 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
             "n_fit": len(train_rows), "n_holdout": len(hold_rows), "n_failed": len(failed),
             "winner": winner.to_dict(), "predicted": {d: float(v) for d, v in predicted.items()},
             "natural_predicted": {d: float(v) for d, v in baseline_pred.items()},
-            "objective_predicted": {name: float(fit_lib.objective_values(
-                np.array([[p[d] for d in plan.domains]]), plan.domains, objective)[0])
-                for name, p in (("winner", predicted), ("natural", baseline_pred))},
+            "objective_predicted": {name: _objective_of(p, plan.domains, objective) for name, p in (
+                ("winner", predicted), *((b, optimize.predict_schedule(result, sched))
+                                         for b, sched in baselines.items()),
+                ("best_trial", optimize.predict_schedule(result, plan.schedules[best["trial"]])))},
+            "choice": choice,
             "best_trial": {"trial": int(best["trial"]), "run_id": best["run_id"],
-                           "loss/mean": float(best[f"{LOSS}mean"])}}
+                           "loss/mean": float(best[f"{LOSS}mean"]),
+                           "objective": float(measured_N.min())}}
+
+
+def _objective_of(losses: dict[str, float], domains, objective: fit_lib.Objective) -> float:
+    return float(fit_lib.objective_values(np.array([[losses[d] for d in domains]]), domains,
+                                          objective)[0])
+
+
+def _baselines(plan: SweepPlan) -> dict[str, MixtureSchedule]:
+    """The natural (token shares) and uniform mixtures in every stage of the sweep's schedules,
+    as the validation runs them (the anchors of the space are these, projected on its caps)."""
+    natural = space_lib.prior_weights(dataclasses.replace(plan.sweep.space, prior_power=1.0),
+                                      plan.domains, plan.tokens)
+    uniform = {d: 1.0 / len(plan.domains) for d in plan.domains}
+    return {name: MixtureSchedule(tuple(Stage(s.start, dict(w)) for s in plan.schedules[0].stages))
+            for name, w in (("natural", natural), ("uniform", uniform))}
+
+
+def _prefer_measured(plan: SweepPlan, result: fit_lib.FitResult, objective: fit_lib.Objective,
+                     fitted: tuple[MixtureSchedule, dict[str, float]], best: int,
+                     best_measured: float, log: Log
+                     ) -> tuple[MixtureSchedule, dict[str, float], dict]:
+    """The fit's mixture, unless it is predicted better than the best measured trial by less
+    than the fit's cross-validated error on the objective: then that trial, a loss measured
+    rather than an extrapolation the fit cannot tell apart from it (fit.prefer_measured)."""
+    winner, predicted = fitted
+    margin = math.sqrt(result.cv_mse["objective"][result.chosen[plan.domains[0]]])
+    gain = best_measured - _objective_of(predicted, plan.domains, objective)
+    label = next((f"trial {best} ({name})" for name, i in plan.fixed.items() if i == best),
+                 f"trial {best}")
+    choice = {"from": "fit", "best_measured": label, "predicted_gain": gain, "margin": margin}
+    if gain >= margin or not plan.sweep.fit.prefer_measured:
+        return winner, predicted, choice
+    log(f"sweep: the fit's mixture is predicted {gain:+.4f} against {label}'s measured "
+        f"objective, within the fit's CV error {margin:.4f}: the winner is {label}")
+    schedule = plan.schedules[best]
+    return schedule, optimize.predict_schedule(result, schedule), {**choice, "from": label}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,16 +456,8 @@ def run_doremi(plan: SweepPlan, log: Log) -> dict:
 
 
 def candidates(plan: SweepPlan, result: dict) -> dict[str, MixtureSchedule]:
-    template = plan.schedules[0]
-    natural = space_lib.prior_weights(dataclasses.replace(plan.sweep.space, prior_power=1.0),
-                                      plan.domains, plan.tokens)
-    uniform = {d: 1.0 / len(plan.domains) for d in plan.domains}
     winner = MixtureSchedule.from_dict(result["winner"])
-    out = {
-        "winner": winner,
-        "natural": MixtureSchedule(tuple(Stage(s.start, dict(natural)) for s in template.stages)),
-        "uniform": MixtureSchedule(tuple(Stage(s.start, dict(uniform)) for s in template.stages)),
-    }
+    out = {"winner": winner, **_baselines(plan)}
     if "best_trial" in result:  # a regression sweep's best proxy trial
         out["best_trial"] = plan.schedules[result["best_trial"]["trial"]]
     if any(st.weights != winner.stages[0].weights for st in winner.stages[1:]):
@@ -462,15 +498,18 @@ def validate(plan: SweepPlan, result: dict, log: Log) -> dict:
     cands = candidates(plan, result)
     for name, schedule in cands.items():
         schedule.validate(plan.domains).dump(plan.dir / "schedules" / f"validate-{name}.json")
+    # a candidate equal to an earlier one (the winner kept a measured trial: best_trial, or an
+    # anchor such as uniform) is the same run: trained once, reported under both names
+    same = {name: next(n for n in cands if cands[n].to_dict() == cands[name].to_dict())
+            for name in cands}
+    scales, seeds = plan.sweep.validate.scales, range(plan.sweep.validate.seeds)
     jobs = [{"name": f"{scale}/{name}/seed{k}", "scale": scale,
              "schedule": f"validate-{name}.json", "seed": plan.proxy.seed + k}
-            for scale in plan.sweep.validate.scales for name in cands
-            for k in range(plan.sweep.validate.seeds)]
+            for scale in scales for name in cands if same[name] == name for k in seeds]
     runs = run_jobs(plan, jobs, "validate", log)
     out: dict = {"scales": {}, "seconds": None}
-    for scale in plan.sweep.validate.scales:
-        per = {name: _stats([runs[j["name"]] for j in jobs
-                             if j["scale"] == scale and f"/{name}/" in j["name"]], plan.domains)
+    for scale in scales:
+        per = {name: _stats([runs[f"{scale}/{same[name]}/seed{k}"] for k in seeds], plan.domains)
                for name in cands}
         out["scales"][scale] = {"candidates": per, "winner_vs": _comparisons(per),
                                 "upweighting": _upweighting(per, "winner", cands, plan.domains)}
@@ -519,7 +558,7 @@ def _upweighting(per: dict, name: str, cands: dict[str, MixtureSchedule], domain
     if len(schedule.stages) < 2 or reference == name:
         return None
     base, end = schedule.stages[0].weights, schedule.stages[-1].weights
-    boosted = [d for d in domains if end.get(d, 0) > base.get(d, 0)]
+    boosted = [d for d in domains if end.get(d, 0) > base.get(d, 0) + 1e-6]  # not float dust
     w, n = per[name]["mean"], per[reference]["mean"]
     if w[f"{LOSS}mean"] is None or n[f"{LOSS}mean"] is None:
         return None
@@ -640,6 +679,15 @@ def _format_doremi(result: dict, domains) -> list[str]:
                 f"{d}={w:.3f}" for d, w in result["winner"]["stages"][0]["weights"].items())]
 
 
+def describe_choice(result: dict) -> str:
+    """fit.json's choice in one line: the fit's mixture or a measured trial, and why."""
+    c = result["choice"]
+    within = "within" if c["predicted_gain"] < c["margin"] else "beyond"
+    return (f"choice: {c['from']}: the fit's mixture was predicted {c['predicted_gain']:+.4f} "
+            f"better than {c['best_measured']}'s measured {result['best_trial']['objective']:.4f}"
+            f", {within} the fit's CV error {c['margin']:.4f}")
+
+
 def _format_trials(sweep_dir: Path, result: dict, domains) -> list[str]:
     import pandas as pd
     table = pd.read_csv(sweep_dir / "trials.csv", keep_default_na=False)
@@ -667,12 +715,12 @@ def _format_trials(sweep_dir: Path, result: dict, domains) -> list[str]:
     lines.append("  " + ", ".join(f"{d} {result['predicted'][d]:.4f} "
                                    f"({result['natural_predicted'][d]:.4f})" for d in domains))
     obj, h = result.get("objective_predicted"), result["holdout"]
-    if obj and h and math.isfinite(h.get("objective_rmse", math.nan)):
-        gain = obj["natural"] - obj["winner"]
-        lines.append(f"  objective predicted: winner {obj['winner']:.4f}, natural "
-                     f"{obj['natural']:.4f} (gain {gain:.4f}); the fit's error on held-out "
-                     f"trials {h['objective_rmse']:.4f}" + (
-                         " -- the gain is within it: the fit cannot tell the winner from "
-                         "natural (validation measures it)" if gain < h["objective_rmse"]
-                         else ""))
+    if obj:
+        names = ("winner", "natural", "uniform", "best_trial")  # JSON sorts them
+        lines.append("  objective predicted: " + ", ".join(
+            f"{name.replace('_', ' ')} {obj[name]:.4f}" for name in names if name in obj) + (
+            f"; the fit's error on held-out trials {h['objective_rmse']:.4f}"
+            if h and math.isfinite(h.get("objective_rmse", math.nan)) else ""))
+    if result.get("choice"):
+        lines.append(f"  {describe_choice(result)}")
     return lines

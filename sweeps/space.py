@@ -24,8 +24,12 @@ A trial's schedule is a base stage plus, when `anneal` is on, an end-of-training
   `anneal_boost` names domains, the base weights with those domains multiplied by
   `anneal_boost_factor`, renormalized and projected like any stage.
 - Trial 0 is always the centre itself (anneal stage: the centre again, or its boost, starting at
-  the middle of the range): a baseline every sweep contains. Every trial has the same stage
-  structure, so the regression sees the same features for each.
+  the middle of the range): a baseline every sweep contains. Then the `anchors`, by default the
+  natural (token-proportional) and the uniform mixture, each in every stage, projected onto the
+  constraints: the baselines the validation compares the winner against, so the fit sees them
+  measured rather than extrapolates to them (uniform beat all 48 sampled trials of a sweep that
+  lacked it: README "Mixture quality"). An anchor that duplicates a kept schedule is skipped.
+  Every trial has the same stage structure, so the regression sees the same features for each.
 - Duplicates are dropped greedily: a schedule whose distance to a kept one, L1 over all stages'
   weights plus |difference of stage starts|, is below `dedup_tol` (or is exactly 0) is
   redrawn, at most 50 draws per trial in all.
@@ -46,6 +50,7 @@ from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.errors import UserError
 
 PRIORS = ("natural", "uniform")
+ANCHORS = PRIORS  # baseline mixtures a space can include as trials of their own
 GRID = 10**6  # schedule weights are multiples of 1/GRID: short, stable JSON
 DRAWS_PER_TRIAL = 50  # how many candidates a trial may cost before the space counts as too narrow
 
@@ -66,6 +71,8 @@ class SpaceConfig:
     anneal_start: tuple[float, float] = (0.8, 0.9)  # drawn uniformly; equal ends = fixed
     anneal_boost: tuple[str, ...] = ()  # set: base weights with these boosted; unset: a new draw
     anneal_boost_factor: float = 2.0
+    # after the centre: these baselines as trials (natural = token shares, power 1; uniform)
+    anchors: tuple[str, ...] = ANCHORS
     seed: int = 0
 
 
@@ -149,6 +156,10 @@ def _check_fields(space: SpaceConfig, domains: Sequence[str], where: str, min_tr
     if not _is_number(space.anneal_boost_factor) or space.anneal_boost_factor <= 0:
         raise UserError(f"{where}.anneal_boost_factor={space.anneal_boost_factor!r}: expected a "
                         "number > 0")
+    if isinstance(space.anchors, str) or any(a not in ANCHORS for a in space.anchors) \
+            or len(set(space.anchors)) < len(space.anchors):
+        raise UserError(f"{where}.anchors={space.anchors!r}: expected a tuple of distinct names "
+                        f"from {', '.join(ANCHORS)} (or () for none)")
     if not isinstance(space.seed, (int, np.integer)) or isinstance(space.seed, bool) \
             or space.seed < 0:
         raise UserError(f"{where}.seed={space.seed!r}: expected an integer >= 0")
@@ -213,6 +224,13 @@ def prior_weights(space: SpaceConfig, domains: Sequence[str], tokens: Mapping[st
     raised_D = np.where(shares_D > 0, shares_D ** float(space.prior_power), 0.0)
     raised_D /= raised_D.sum()
     return dict(zip(domains, raised_D.tolist()))
+
+
+def _anchor_weights(space: SpaceConfig, name: str, domains: Sequence[str],
+                    tokens: Mapping[str, int]) -> np.ndarray:
+    """(D,) an anchor's weights before the constraints: the natural shares (power 1) or 1/K."""
+    w = prior_weights(dataclasses.replace(space, prior=name, prior_power=1.0), domains, tokens)
+    return np.array([w[d] for d in domains])
 
 
 def project_to_capped_simplex(w: np.ndarray, lower: np.ndarray, upper: np.ndarray
@@ -368,7 +386,14 @@ def boost_factors(domains: Sequence[str], boosted: Sequence[str], factor: float)
 
 def sample_schedules(space: SpaceConfig, domains: Sequence[str], tokens: Mapping[str, int],
                      target_tokens: int) -> list[MixtureSchedule]:
-    """`space.trials` distinct, validated schedules; the first is the centre (module docstring).
+    """`space.trials` distinct, validated schedules: the centre, the anchors, then draws."""
+    return sample_space(space, domains, tokens, target_tokens)[0]
+
+
+def sample_space(space: SpaceConfig, domains: Sequence[str], tokens: Mapping[str, int],
+                 target_tokens: int) -> tuple[list[MixtureSchedule], dict[str, int]]:
+    """The schedules of `sample_schedules`, and the trial index of each fixed one: "centre" and
+    every anchor kept (module docstring).
 
     Raises UserError for a bad space (check_space) or one too narrow to give `trials` distinct
     schedules within DRAWS_PER_TRIAL * trials draws.
@@ -394,24 +419,35 @@ def sample_schedules(space: SpaceConfig, domains: Sequence[str], tokens: Mapping
             return [(0.0, base_D)]
         return [(0.0, base_D), (start, anneal_weights(base_D, rng))]
 
+    mid = _start(space, 0.5)
+    fixed = {"centre": stages(centre_D, mid, None)}
+    for name in space.anchors:  # the same mixture in every stage, as validation runs it
+        anchor_D = bounds.feasible(_anchor_weights(space, name, domains, tokens))
+        fixed[name] = [(0.0, anchor_D), (mid, anchor_D)][:1 + space.anneal]
+    kept: list[list[tuple[float, np.ndarray]]] = []
+    vectors_NxV = np.empty((space.trials, len(_vector(fixed["centre"]))))
+
+    def keep(candidate: list[tuple[float, np.ndarray]]) -> bool:
+        v = _vector(candidate)
+        dist_N = np.abs(vectors_NxV[:len(kept)] - v).sum(1)
+        if (dist_N < space.dedup_tol).any() or (dist_N == 0).any():
+            return False
+        vectors_NxV[len(kept)] = v
+        kept.append(candidate)
+        return True
+
+    index = {}
+    for name, candidate in list(fixed.items())[:space.trials]:
+        if keep(candidate):
+            index[name] = len(kept) - 1
     rng = np.random.Generator(np.random.PCG64(space.seed))
-    kept = [stages(centre_D, _start(space, 0.5), None)]
-    first = _vector(kept[0])
-    vectors_NxV = np.empty((space.trials, len(first)))
-    vectors_NxV[0] = first
     budget = DRAWS_PER_TRIAL * space.trials
     draws = 0
     while len(kept) < space.trials and draws < budget:
         draws += 1
         base_D = bounds.feasible(_draw(rng, centre_D, space))
         start = _start(space, rng.uniform()) if space.anneal else 0.0
-        candidate = stages(base_D, start, rng)
-        v = _vector(candidate)
-        dist_N = np.abs(vectors_NxV[:len(kept)] - v).sum(1)
-        if (dist_N < space.dedup_tol).any() or (dist_N == 0).any():
-            continue
-        vectors_NxV[len(kept)] = v
-        kept.append(candidate)
+        keep(stages(base_D, start, rng))
     if len(kept) < space.trials:
         raise UserError(
             f"config.space: too narrow for trials={space.trials}: {draws:,} draws gave only "
@@ -422,4 +458,4 @@ def sample_schedules(space: SpaceConfig, domains: Sequence[str], tokens: Mapping
             f"{space.max_epochs:g}) or config.space.min_weight={space.min_weight:g}, lower "
             "dedup_tol, or ask for fewer trials")
     return [_schedule(domains, st).validate(domains, f"config.space trial {i}")
-            for i, st in enumerate(kept)]
+            for i, st in enumerate(kept)], index

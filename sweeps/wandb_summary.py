@@ -41,6 +41,12 @@ def summary_metrics(s: report.SweepData) -> dict[str, float]:
     out.update({f"fit/predicted/{d}": v for d, v in f["predicted"].items()})
     out.update({f"fit/natural_predicted/{d}": v
                 for d, v in (f.get("natural_predicted") or {}).items()})
+    out.update({f"fit/objective_predicted/{k}": v
+                for k, v in (f.get("objective_predicted") or {}).items()})
+    if f.get("choice"):  # 1: the fit's own mixture won; 0: a measured trial did
+        out["fit/choice/from_fit"] = float(f["choice"]["from"] == "fit")
+        out["fit/choice/predicted_gain"] = f["choice"]["predicted_gain"]
+        out["fit/choice/margin"] = f["choice"]["margin"]
     for d, per in (f.get("cv_mse") or {}).items():
         out.update({f"fit/cv_mse/{d}/{name}": v for name, v in per.items()})
     for k, v in (f.get("seconds") or {}).items():

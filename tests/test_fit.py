@@ -439,3 +439,56 @@ def test_fit_table_end_to_end_with_holdout(tmp_path):
     for needle in ("Spearman", "regret", "chosen mixture", "stage anneal (start "
                    "0.850)", "predicted loss"):
         assert needle in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep's choice: the fit's mixture, or a measured trial the fit cannot tell it from
+
+
+def _choice(beta_D: np.ndarray, noise: float, log: list[str]):
+    """fit_and_choose on a sweep plan whose trials' losses follow L_d = 3 - beta_d log(share_d)
+    (+ seeded noise): the mean loss is lowest at shares proportional to beta."""
+    from sweeps.config import FitConfig, SweepConfig
+    from sweeps.runner import SweepPlan, fit_and_choose, trials_table
+    from sweeps.space import SpaceConfig, sample_space
+
+    domains = ("web", "code", "math", "books")
+    tokens = {"web": 4 * 10**8, "code": 2 * 10**8, "math": 10**8, "books": 10**8}
+    sweep = SweepConfig(name="t", proxy=None, space=SpaceConfig(trials=40, min_weight=0.02),
+                        fit=FitConfig(folds=4, regressors=("logweight",), samples=5000))
+    schedules, fixed = sample_space(sweep.space, domains, tokens, 10**8)
+    plan = SweepPlan(sweep, None, None, domains, tokens, 10**8, schedules, None, None, fixed)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, s in enumerate(schedules):
+        share_D = fitmod.token_shares(features(s, domains)[None], len(domains))[0]
+        loss_D = 3 - beta_D * np.log(share_D) + noise * rng.standard_normal(len(domains))
+        rows.append({"trial": i, "run_id": f"r{i}", "failed": "",
+                     **{f"loss/{d}": v for d, v in zip(domains, loss_D)},
+                     "loss/mean": float(loss_D.mean())})
+    return plan, fit_and_choose(plan, trials_table(plan, rows), log.append)
+
+
+def test_sweep_keeps_a_measured_trial_the_fit_cannot_beat():
+    # every domain alike: the optimum is uniform, one of the anchors; no mixture the fit finds
+    # is better than the best measured trial by more than the fit's own error
+    log = []
+    plan, result = _choice(np.full(4, 0.1), 0.01, log)
+    c, best = result["choice"], result["best_trial"]["trial"]
+    assert c["from"].startswith(f"trial {best}") and c["predicted_gain"] < c["margin"]
+    assert result["winner"] == plan.schedules[best].to_dict()
+    assert any("the winner is trial" in line for line in log)
+    assert set(result["objective_predicted"]) == {"winner", "natural", "uniform", "best_trial"}
+    assert {plan.fixed["natural"], plan.fixed["uniform"]} <= {
+        t["trial"] for t in result["per_trial_predicted"] if not t["held_out"]}
+
+
+def test_sweep_chooses_the_fits_mixture_when_it_is_clearly_better():
+    # web matters 12x more than any other domain: the fit's optimum (web 0.8, the rest 1/15)
+    # beats every measured trial by more than the fit's error
+    plan, result = _choice(np.array([0.6, 0.05, 0.05, 0.05]), 0.01, [])
+    c = result["choice"]
+    assert c["from"] == "fit" and c["predicted_gain"] > c["margin"] > 0
+    got = result["winner"]["stages"][0]["weights"]
+    assert got == pytest.approx({"web": 0.8, "code": 1 / 15, "math": 1 / 15, "books": 1 / 15},
+                                abs=0.03)

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from gemini_core.data.mixture import WEIGHT_TOLERANCE
 from gemini_core.errors import UserError
 from sweeps.space import (SpaceConfig, caps, check_space, prior_weights,
-                          project_to_capped_simplex, sample_schedules)
+                          project_to_capped_simplex, sample_schedules, sample_space)
 
 DOMAINS = ("web", "code", "math", "books")
 # math is tiny: at the target's 1e8 tokens, max_epochs=4 caps it at 4e6 / 1e8 = 0.04
@@ -125,7 +125,7 @@ def test_reproducible_for_a_seed_and_different_across_seeds():
     c = sample_schedules(dataclasses.replace(space, seed=4), DOMAINS, TOKENS, TARGET)
     assert _json(a) == _json(b)
     assert _json(a) != _json(c)
-    assert _json(a[:1]) == _json(c[:1])  # the prior baseline does not depend on the seed
+    assert _json(a[:3]) == _json(c[:3])  # the centre and the anchors do not depend on the seed
 
 
 def test_first_schedule_is_the_prior():
@@ -190,8 +190,10 @@ def test_anneal_start_within_range_and_fixed_when_ends_equal():
 
 
 def test_boost_mode_boosts_exactly_the_named_domains():
+    # no cap binds: the boost is visible everywhere; no anchors (baselines: one mixture in
+    # every stage, tested below)
     space = SpaceConfig(trials=30, anneal_boost=("math", "code"), anneal_boost_factor=2.0,
-                        max_epochs=1000.0)  # no cap binds: the boost is visible everywhere
+                        max_epochs=1000.0, anchors=())
     schedules = sample_schedules(space, DOMAINS, TOKENS, TARGET)
     boosted = [DOMAINS.index("math"), DOMAINS.index("code")]
     others = [DOMAINS.index("web"), DOMAINS.index("books")]
@@ -213,7 +215,31 @@ def test_boost_mode_boosts_exactly_the_named_domains():
 def test_sampled_anneal_stage_differs_from_the_base():
     schedules = sample_schedules(SpaceConfig(trials=10), DOMAINS, TOKENS, TARGET)
     w = _weights(schedules)
-    assert (np.abs(w[1:, 0] - w[1:, 1]).sum(-1) > 1e-3).all()
+    # after the centre and the anchors (natural, uniform): one mixture in both stages
+    assert (np.abs(w[3:, 0] - w[3:, 1]).sum(-1) > 1e-3).all()
+
+
+def test_anchors_are_the_baselines_under_the_caps_and_leave_the_draws_alone():
+    space = SpaceConfig(trials=10)
+    schedules, fixed = sample_space(space, DOMAINS, TOKENS, TARGET)
+    assert fixed == {"centre": 0, "natural": 1, "uniform": 2}
+    natural, uniform = _weights(schedules[1:3])
+    for w, s in zip((natural, uniform), schedules[1:3]):  # one mixture in every stage,
+        np.testing.assert_array_equal(w[0], w[1])  # ending where the centre's does
+        assert s.stages[1].start == schedules[0].stages[1].start
+    shares = np.array([TOKENS[d] for d in DOMAINS], float)
+    np.testing.assert_allclose(natural[0], shares / shares.sum(), atol=1e-6)  # under its caps
+    # uniform breaks math's cap (0.25 > 0.04): projected onto it, the rest stays equal
+    assert dict(zip(DOMAINS, uniform[0])) == pytest.approx(
+        {"web": 0.32, "code": 0.32, "math": 0.04, "books": 0.32})
+    # the random draws are the same with or without anchors
+    plain, plain_fixed = sample_space(dataclasses.replace(space, anchors=()), DOMAINS, TOKENS,
+                                      TARGET)
+    assert plain_fixed == {"centre": 0}
+    assert _json(plain[1:8]) == _json(schedules[3:])
+    # a uniform prior makes the centre the uniform anchor: kept once
+    flat = SpaceConfig(trials=4, prior="uniform", max_epochs=100.0)
+    assert sample_space(flat, DOMAINS, TOKENS, TARGET)[1] == {"centre": 0, "natural": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +267,10 @@ def test_sampled_anneal_stage_differs_from_the_base():
     (dict(anneal_boost_factor=0.0), r"config\.space\.anneal_boost_factor=0\.0"),
     (dict(dedup_tol=-0.1), r"config\.space\.dedup_tol=-0\.1"),
     (dict(seed=-1), r"config\.space\.seed=-1: expected an integer >= 0"),
+    (dict(anchors=("natral",)), r"config\.space\.anchors=\('natral',\): expected a tuple of "
+                                r"distinct names from natural, uniform"),
+    (dict(anchors=("uniform", "uniform")), r"config\.space\.anchors=\('uniform', 'uniform'\)"),
+    (dict(anchors="uniform"), r"config\.space\.anchors='uniform'"),
 ])
 def test_check_space_errors_name_the_key(change, message):
     space = dataclasses.replace(SpaceConfig(), **change)

@@ -85,6 +85,7 @@ def check_html_report(sweep_dir: Path, scratch: Path) -> None:
     figures = re.findall(r'<figure id="plot-(\w+)" class="plot"><svg\b', text)
     assert figures == ["weights", "fit", "schedule", "validation", "curves"], figures
     assert text.count("<tr class=") == TRIALS and "held-out Spearman" in text
+    assert re.search(r"<p id='choice'>choice: (fit|trial \d)", text)  # where the winner came from
     check_report_page(page, scratch / "ok", plots=5)
 
     # a failed trial (no losses) is marked with its reason, and every text is escaped: the
@@ -123,6 +124,8 @@ def check_wandb_summary(sweep_dir: Path, runs: Path) -> None:
     assert s["report._type"] == "html-file" and s["plots/fit._type"] == "html-file"
     fit = json.loads((sweep_dir / "fit.json").read_text())
     assert s["trials/n_fit"] == fit["n_fit"] and "validate/target/winner/loss_mean" in s
+    assert s["fit/choice/from_fit"] == float(fit["choice"]["from"] == "fit")
+    assert s["fit/objective_predicted/uniform"] == fit["objective_predicted"]["uniform"]
     records = tracking._inspect_records(tracking._session_logs(sweep_dir)[0])
     (art,) = [r["artifact"] for r in records
               if r.get("type") == "artifact" and r["artifact"]["type"] == "mixture-schedule"]
@@ -206,6 +209,7 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
     compare = gx("compare", "mixture_sweep_tiny", runs=runs, env=env)
     assert compare.returncode == 0 and "held-out" in compare.stdout, compare.stderr
     assert "objective predicted: winner" in compare.stdout  # against the fit's own error
+    assert "choice: " in compare.stdout and "the fit's CV error" in compare.stdout
     assert f"report: {sweep_dir / 'report.html'}" in compare.stdout
 
     from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
