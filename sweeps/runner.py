@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -240,10 +241,16 @@ def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[st
     trainable, concurrent = tune_trainable(run_job, res, log, sweep_dir=str(plan.dir))
     cpus = res.cpus_per_trial
     path = plan.dir / "tune" / stage
-    if tune.Tuner.can_restore(str(path)):
+    listed = plan.dir / "tune" / f"{stage}.jobs.json"
+    if tune.Tuner.can_restore(str(path)) and listed.is_file() \
+            and json.loads(listed.read_text()) == jobs:
         log(f"{stage}: resuming {path} (finished runs are not rerun)")
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
+        # a stage interrupted with other jobs (its candidates changed, e.g. another winner)
+        # would restore those: start afresh instead; finished runs are reused by fingerprint
+        shutil.rmtree(path, ignore_errors=True)
+        write_json_atomic(listed, jobs)
         tuner = tune.Tuner(
             trainable, param_space={"job": tune.grid_search(jobs)},
             # reused worker processes: a trial after the first skips process start and imports
@@ -381,11 +388,13 @@ def _objective_of(losses: dict[str, float], domains, objective: fit_lib.Objectiv
 
 def _baselines(plan: SweepPlan) -> dict[str, MixtureSchedule]:
     """The natural (token shares) and uniform mixtures in every stage of the sweep's schedules,
-    as the validation runs them (the anchors of the space are these, projected on its caps)."""
+    as the validation runs them: the space's anchor trial where it has one (the same mixture on
+    the caps and the weight grid, so the same runs), else the exact shares."""
     natural = space_lib.prior_weights(dataclasses.replace(plan.sweep.space, prior_power=1.0),
                                       plan.domains, plan.tokens)
     uniform = {d: 1.0 / len(plan.domains) for d in plan.domains}
-    return {name: MixtureSchedule(tuple(Stage(s.start, dict(w)) for s in plan.schedules[0].stages))
+    return {name: plan.schedules[plan.fixed[name]] if name in plan.fixed else MixtureSchedule(
+                tuple(Stage(s.start, dict(w)) for s in plan.schedules[0].stages))
             for name, w in (("natural", natural), ("uniform", uniform))}
 
 

@@ -41,11 +41,11 @@ def data_cache(tmp_path_factory) -> Path:
     return _session_dir(tmp_path_factory, "data-cache")
 
 
-# the longest modules (about 170, 130, 95, 85, 80, 75, 65, 57, 54 and 53 s alone on 2 cores),
-# started first: pytest-xdist (pyproject's addopts: 2 workers, a module per worker at a time)
-# then ends both workers together instead of leaving one long module running alone at the end
-SLOWEST_FIRST = ("test_sweep", "test_recipe", "test_multihost", "test_faults", "test_scaling",
-                 "test_sharding", "test_run", "test_distill", "test_curation", "test_model")
+# the longest modules (under pyproject's 3 pytest-xdist workers, a module per worker at a time:
+# recipe, sweep and scaling about 4 minutes each, the rest 2 or less), started first: the workers
+# then end together instead of leaving one long module running alone at the end
+SLOWEST_FIRST = ("test_recipe", "test_sweep", "test_scaling", "test_sharding", "test_curation",
+                 "test_run", "test_multihost", "test_distill", "test_faults", "test_model")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -445,7 +445,7 @@ def test_fit_table_end_to_end_with_holdout(tmp_path):
 # the sweep's choice: the fit's mixture, or a measured trial the fit cannot tell it from
 
 
-def _choice(beta_D: np.ndarray, noise: float, log: list[str]):
+def _choice(beta_D: np.ndarray, noise: float, log: list[str], prefer_measured: bool = True):
     """fit_and_choose on a sweep plan whose trials' losses follow L_d = 3 - beta_d log(share_d)
     (+ seeded noise): the mean loss is lowest at shares proportional to beta."""
     from sweeps.config import FitConfig, SweepConfig
@@ -455,7 +455,8 @@ def _choice(beta_D: np.ndarray, noise: float, log: list[str]):
     domains = ("web", "code", "math", "books")
     tokens = {"web": 4 * 10**8, "code": 2 * 10**8, "math": 10**8, "books": 10**8}
     sweep = SweepConfig(name="t", proxy=None, space=SpaceConfig(trials=40, min_weight=0.02),
-                        fit=FitConfig(folds=4, regressors=("logweight",), samples=5000))
+                        fit=FitConfig(folds=4, regressors=("logweight",), samples=5000,
+                                      prefer_measured=prefer_measured))
     schedules, fixed = sample_space(sweep.space, domains, tokens, 10**8)
     plan = SweepPlan(sweep, None, None, domains, tokens, 10**8, schedules, None, None, fixed)
     rng = np.random.default_rng(0)
@@ -481,6 +482,10 @@ def test_sweep_keeps_a_measured_trial_the_fit_cannot_beat():
     assert set(result["objective_predicted"]) == {"winner", "natural", "uniform", "best_trial"}
     assert {plan.fixed["natural"], plan.fixed["uniform"]} <= {
         t["trial"] for t in result["per_trial_predicted"] if not t["held_out"]}
+    # switched off: the fit's own mixture, whatever its margin
+    _, off = _choice(np.full(4, 0.1), 0.01, [], prefer_measured=False)
+    assert off["choice"]["from"] == "fit" and off["choice"]["predicted_gain"] == c["predicted_gain"]
+    assert off["winner"] != result["winner"]
 
 
 def test_sweep_chooses_the_fits_mixture_when_it_is_clearly_better():
