@@ -66,7 +66,8 @@ class ValidateConfig:
     seeds: int = 2
     scales: tuple[str, ...] = ("proxy", "target")  # or one of them
     # fields replacing the proxy's at target scale, e.g. {"model": {"d_model": 128}}; empty =
-    # d_model x2 (about 4x the non-embedding parameters) and steps x4 (4x the tokens)
+    # d_model x2 (about 4x the non-embedding parameters) and steps x4 (4x the tokens; as many
+    # checkpoints as the proxy's)
     target: Mapping[str, Any] = dataclasses.field(default_factory=lambda: EMPTY)
     boost: tuple[str, ...] = ()
     boost_factor: float = 4.0
@@ -113,9 +114,11 @@ def target_config(sweep: SweepConfig) -> ExperimentConfig:
     if sweep.validate.target:
         update = gc_config.to_json_dict(sweep.validate.target)
     else:
-        m = proxy["model"]
+        m, t = proxy["model"], proxy["train"]
+        # 4x the steps, and 4x the checkpoint interval: as many checkpoints as a proxy writes
         update = {"model": {"d_model": 2 * m["d_model"], "mlp_dim": 2 * m["mlp_dim"]},
-                  "train": {"steps": 4 * proxy["train"]["steps"]}}
+                  "train": {"steps": 4 * t["steps"],
+                            "checkpoint_every": 4 * t["checkpoint_every"]}}
     try:
         return gc_config.from_config_dict(_merge(proxy, update))
     except UserError as e:

@@ -241,16 +241,20 @@ def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[st
     trainable, concurrent = tune_trainable(run_job, res, log, sweep_dir=str(plan.dir))
     cpus = res.cpus_per_trial
     path = plan.dir / "tune" / stage
+    # what the stage runs: its jobs and the configs they build on (sweep.json's)
+    spec = {"jobs": jobs, **{k: v for k, v in json.loads((plan.dir / "sweep.json").read_text())
+                             .items() if k in ("proxy", "target")}}
     listed = plan.dir / "tune" / f"{stage}.jobs.json"
     if tune.Tuner.can_restore(str(path)) and listed.is_file() \
-            and json.loads(listed.read_text()) == jobs:
+            and json.loads(listed.read_text()) == spec:
         log(f"{stage}: resuming {path} (finished runs are not rerun)")
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
-        # a stage interrupted with other jobs (its candidates changed, e.g. another winner)
-        # would restore those: start afresh instead; finished runs are reused by fingerprint
+        # a stage interrupted with other jobs or configs (another winner, another target
+        # scale) would restore those: start afresh instead; finished runs are reused by
+        # fingerprint
         shutil.rmtree(path, ignore_errors=True)
-        write_json_atomic(listed, jobs)
+        write_json_atomic(listed, spec)
         tuner = tune.Tuner(
             trainable, param_space={"job": tune.grid_search(jobs)},
             # reused worker processes: a trial after the first skips process start and imports
