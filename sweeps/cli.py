@@ -13,8 +13,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     sw = sub.add_parser("sweep", help="mixture sweep: proxy runs on Ray Tune, fit, winner.json",
                         description="Run the mixture sweep declared in EXPERIMENT (see "
                         "experiments/mixture_sweep.py). Override any field with "
-                        "--config.a.b=value. Running it again resumes it: finished trials are "
-                        "not rerun.")
+                        "--config.a.b=value. The natural and uniform mixtures are trials too "
+                        "(space.anchors); the winner is the fit's mixture unless a measured trial "
+                        "is as good within the fit's error (fit.prefer_measured). Running it "
+                        "again resumes it: finished trials are not rerun.")
     sw.add_argument("experiment", help="e.g. experiments/mixture_sweep.py:size=tiny")
     sw.add_argument("--no-validate", action="store_true",
                     help="skip training the winner and the baselines with seeds at proxy and target scale")

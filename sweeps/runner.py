@@ -242,8 +242,8 @@ def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[st
     cpus = res.cpus_per_trial
     path = plan.dir / "tune" / stage
     # what the stage runs: its jobs and the configs they build on (sweep.json's)
-    spec = {"jobs": jobs, **{k: v for k, v in json.loads((plan.dir / "sweep.json").read_text())
-                             .items() if k in ("proxy", "target")}}
+    meta = json.loads((plan.dir / "sweep.json").read_text())
+    spec = {"jobs": jobs, "proxy": meta["proxy"], "target": meta["target"]}
     listed = plan.dir / "tune" / f"{stage}.jobs.json"
     if tune.Tuner.can_restore(str(path)) and listed.is_file() \
             and json.loads(listed.read_text()) == spec:
