@@ -345,8 +345,9 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
         Yh = hold_rows[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64)
         holdout = fit_lib.evaluate_holdout(result, Xh, Yh, objective)
     template = plan.schedules[0]
-    baselines = _baselines(plan)
-    baseline_pred = optimize.predict_schedule(result, baselines["natural"])
+    baseline_preds = {name: optimize.predict_schedule(result, schedule)
+                      for name, schedule in _baselines(plan).items()}
+    baseline_pred = baseline_preds["natural"]
     caps = space_lib.caps(plan.sweep.space, plan.domains, plan.tokens, plan.target_tokens)
     # trust region: no domain above the largest weight any fitted trial gave it; a fit of a few
     # dozen trials says nothing about corners of the simplex no trial visited
@@ -376,8 +377,7 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
             "winner": winner.to_dict(), "predicted": {d: float(v) for d, v in predicted.items()},
             "natural_predicted": {d: float(v) for d, v in baseline_pred.items()},
             "objective_predicted": {name: _objective_of(p, plan.domains, objective) for name, p in (
-                ("winner", predicted), *((b, optimize.predict_schedule(result, sched))
-                                         for b, sched in baselines.items()),
+                ("winner", predicted), *baseline_preds.items(),
                 ("best_trial", optimize.predict_schedule(result, plan.schedules[best["trial"]])))},
             "choice": choice,
             "best_trial": {"trial": int(best["trial"]), "run_id": best["run_id"],

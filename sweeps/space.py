@@ -423,7 +423,7 @@ def sample_space(space: SpaceConfig, domains: Sequence[str], tokens: Mapping[str
     fixed = {"centre": stages(centre_D, mid, None)}
     for name in space.anchors:  # the same mixture in every stage, as validation runs it
         anchor_D = bounds.feasible(_anchor_weights(space, name, domains, tokens))
-        fixed[name] = [(0.0, anchor_D), (mid, anchor_D)][:1 + space.anneal]
+        fixed[name] = [(0.0, anchor_D)] + ([(mid, anchor_D)] if space.anneal else [])
     kept: list[list[tuple[float, np.ndarray]]] = []
     vectors_NxV = np.empty((space.trials, len(_vector(fixed["centre"]))))
 
