@@ -83,7 +83,8 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
     tokens = {d: int(len(data.train[d])) for d in domains}
     proxy_tokens = proxy.train.steps * proxy.train.batch_size * proxy.data.seq_len
     target = sweep.target_tokens or 4 * proxy_tokens
-    space_lib.check_space(sweep.space, domains, tokens, target)
+    space_lib.check_space(sweep.space, domains, tokens, target,
+                          min_trials=_min_trials(sweep) if sweep.method == "regression" else 1)
     schedules, fixed = space_lib.sample_space(sweep.space, domains, tokens, target)
     ident = gc_config.to_json_dict(sweep)
     for path_field in ("root", "cache_dir", "schedule"):  # where things are, not what
@@ -93,6 +94,16 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
     out = runs_root / "sweeps" / f"{sweep.name}-{fp[:8]}"
     return SweepPlan(sweep, proxy, _trial_base(target_config(sweep)), domains, tokens,
                      target, schedules, out, runs_root, fixed)
+
+
+def _min_trials(sweep: SweepConfig) -> int:
+    """The fewest trials that leave the fit fit_lib.MIN_TRIALS rows after `fit_and_choose`
+    holds out its share of the drawn ones (counting every trial but the centre as drawn: an
+    anchor may be dropped as a duplicate)."""
+    trials = fit_lib.MIN_TRIALS
+    while trials - round(sweep.fit.holdout_fraction * (trials - 1)) < fit_lib.MIN_TRIALS:
+        trials += 1
+    return trials
 
 
 def _write_plan(plan: SweepPlan) -> None:

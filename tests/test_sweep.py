@@ -237,6 +237,13 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert "config.space" in bad.stderr
     assert not (tmp_path / "runs" / "sweeps").exists()
+    # fewer trials than the fit needs once a quarter of the drawn ones are held out
+    few = gx("sweep", "experiments/mixture_sweep.py:size=tiny",
+             f"--config.proxy.data.root={corpus_root}", "--config.space.trials=4",
+             runs=tmp_path / "runs", env=env)
+    assert few.returncode == 2 and "Traceback" not in few.stderr, few.stderr
+    assert "config.space.trials=4: the fit needs at least 5" in few.stderr
+    assert not (tmp_path / "runs" / "sweeps").exists()
 
     from gemini_core.errors import UserError
     from gemini_core.experiment import load_experiment
