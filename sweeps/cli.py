@@ -24,7 +24,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                         description="A regressor per domain (linear, linear in log token shares, "
                         "Data Mixing Laws log-linear or LightGBM: one form for all domains, the one "
                         "K-fold CV on TABLE finds best on the objective), then the mixture they predict "
-                        "best. Columns: <weight-prefix><stage>/<domain> (or "
+                        "best, unless a measured row is as good within the fit's error "
+                        "(--no-prefer-measured: the fit's mixture always). Columns: "
+                        "<weight-prefix><stage>/<domain> (or "
                         "<weight-prefix><domain>) and <loss-prefix><domain>.")
     ft.add_argument("table", help="CSV or parquet, one row per run")
     ft.add_argument("--holdout", default=None, help="a second table of rows never used in fitting: Spearman and regret")
@@ -33,6 +35,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ft.add_argument("--folds", type=int, default=5)
     ft.add_argument("--regressors", default=",".join(fit_lib.REGRESSORS),
                     help="comma-separated, the ones K-fold CV chooses among (default: %(default)s)")
+    ft.add_argument("--prefer-measured", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the best measured row (of TABLE and --holdout) when the fit's "
+                    "mixture is predicted better by less than the fit's cross-validated error "
+                    "on the objective (default: on, as a sweep's fit.prefer_measured)")
     ft.add_argument("--out", default=None, help="write the chosen mixture here as winner.json")
     cmp_ = sub.add_parser("compare", help="a sweep's trials, fit, winner and validation; or runs side by side",
                           description="gx compare SWEEP: the sweep's report, printed and written as "
@@ -90,11 +96,13 @@ def cmd_fit(args, overrides: list[str]) -> int:
     result = table.fit_table(Path(args.table), Path(args.holdout) if args.holdout else None,
                              weight_prefix=args.weight_prefix, loss_prefix=args.loss_prefix,
                              objective=fit_lib.Objective(), folds=args.folds, seed=0,
-                             regressors=tuple(r for r in args.regressors.split(",") if r))
+                             regressors=tuple(r for r in args.regressors.split(",") if r),
+                             prefer_measured=args.prefer_measured)
     print(table.format_fit_report(result))
     if args.out:
         optimize.write_winner(Path(args.out), MixtureSchedule.from_dict(result["winner"]),
-                              result["predicted"], {"table": str(Path(args.table).absolute())})
+                              result["predicted"], {"table": str(Path(args.table).absolute()),
+                                                    "choice": result["choice"]})
         print(f"wrote {args.out}")
     return 0
 

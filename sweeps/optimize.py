@@ -26,7 +26,7 @@ import numpy as np
 
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
-from sweeps.fit import FitResult, Objective, features
+from sweeps.fit import FitResult, Objective, features, objective_values
 
 INFEASIBLE = 1e9  # score offset of a schedule that breaks the baseline constraint
 _CONCENTRATIONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # Dirichlet total concentration / D
@@ -241,6 +241,41 @@ def predict_schedule(result: FitResult, schedule: MixtureSchedule) -> dict[str, 
     """Predicted per-domain losses of one schedule."""
     pred_D = result.predict(features(schedule, result.domains)[None])[0]
     return {d: float(v) for d, v in zip(result.domains, pred_D)}
+
+
+def objective_of(losses: Mapping[str, float], objective: Objective,
+                 domains: Sequence[str]) -> float:
+    """The objective of one set of per-domain losses."""
+    return float(objective_values(np.array([[losses[d] for d in domains]]), domains,
+                                  objective)[0])
+
+
+def prefer_measured(result: FitResult, objective: Objective,
+                    fitted: tuple[MixtureSchedule, dict[str, float]],
+                    measured: tuple[MixtureSchedule, float], label: str, enabled: bool = True
+                    ) -> tuple[MixtureSchedule, dict[str, float], dict]:
+    """The fit's (schedule, predicted losses), unless it is predicted better than the best
+    measured run (its schedule and measured objective, named `label`) by less than the fit's
+    cross-validated error on the objective: then that run, a loss measured rather than an
+    extrapolation the fit cannot tell apart from it. Also returns the choice's record."""
+    schedule, predicted = fitted
+    best, best_objective = measured
+    margin = math.sqrt(result.cv_mse["objective"][result.chosen[result.domains[0]]])
+    gain = best_objective - objective_of(predicted, objective, result.domains)
+    choice = {"from": "fit", "best_measured": label, "measured": best_objective,
+              "predicted_gain": gain, "margin": margin}
+    if gain >= margin or not enabled:
+        return schedule, predicted, choice
+    return best, predict_schedule(result, best), {**choice, "from": label}
+
+
+def describe_choice(choice: Mapping, measured: float | None = None) -> str:
+    """The choice in one line: the fit's mixture or a measured run, and why."""
+    measured = choice.get("measured", measured)  # fit.json of sweeps before it was recorded
+    within = "within" if choice["predicted_gain"] < choice["margin"] else "beyond"
+    return (f"choice: {choice['from']}: the fit's mixture was predicted "
+            f"{choice['predicted_gain']:+.4f} better than {choice['best_measured']}'s measured "
+            f"{measured:.4f}, {within} the fit's CV error {choice['margin']:.4f}")
 
 
 def _plain(obj):

@@ -373,9 +373,14 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
     measured_N = fit_lib.objective_values(
         ok[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64), plan.domains, objective)
     best = ok.iloc[int(np.argmin(measured_N))]
-    winner, predicted, choice = _prefer_measured(
-        plan, result, objective, (winner, predicted), int(best["trial"]), float(measured_N.min()),
-        log)
+    best_trial = int(best["trial"])
+    label = next((f"trial {best_trial} ({name})" for name, i in plan.fixed.items()
+                  if i == best_trial), f"trial {best_trial}")
+    winner, predicted, choice = optimize.prefer_measured(
+        result, objective, (winner, predicted),
+        (plan.schedules[best_trial], float(measured_N.min())), label, enabled=f.prefer_measured)
+    if choice["from"] != "fit":
+        log(f"sweep: {optimize.describe_choice(choice)}: the winner is {label}")
     # the report's predicted-vs-actual plot: every finished trial, fitted and held out
     pred_ok = result.predict(np.stack([fit_lib.features(plan.schedules[t], plan.domains)
                                        for t in ok["trial"]]))
@@ -387,18 +392,14 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
             "n_fit": len(train_rows), "n_holdout": len(hold_rows), "n_failed": len(failed),
             "winner": winner.to_dict(), "predicted": {d: float(v) for d, v in predicted.items()},
             "natural_predicted": {d: float(v) for d, v in baseline_pred.items()},
-            "objective_predicted": {name: _objective_of(p, plan.domains, objective) for name, p in (
+            "objective_predicted": {name: optimize.objective_of(p, objective, plan.domains)
+                                    for name, p in (
                 ("winner", predicted), *baseline_preds.items(),
-                ("best_trial", optimize.predict_schedule(result, plan.schedules[best["trial"]])))},
+                ("best_trial", optimize.predict_schedule(result, plan.schedules[best_trial])))},
             "choice": choice,
-            "best_trial": {"trial": int(best["trial"]), "run_id": best["run_id"],
+            "best_trial": {"trial": best_trial, "run_id": best["run_id"],
                            "loss/mean": float(best[f"{LOSS}mean"]),
                            "objective": float(measured_N.min())}}
-
-
-def _objective_of(losses: dict[str, float], domains, objective: fit_lib.Objective) -> float:
-    return float(fit_lib.objective_values(np.array([[losses[d] for d in domains]]), domains,
-                                          objective)[0])
 
 
 def _baselines(plan: SweepPlan) -> dict[str, MixtureSchedule]:
@@ -411,27 +412,6 @@ def _baselines(plan: SweepPlan) -> dict[str, MixtureSchedule]:
     return {name: plan.schedules[plan.fixed[name]] if name in plan.fixed else MixtureSchedule(
                 tuple(Stage(s.start, dict(w)) for s in plan.schedules[0].stages))
             for name, w in (("natural", natural), ("uniform", uniform))}
-
-
-def _prefer_measured(plan: SweepPlan, result: fit_lib.FitResult, objective: fit_lib.Objective,
-                     fitted: tuple[MixtureSchedule, dict[str, float]], best: int,
-                     best_measured: float, log: Log
-                     ) -> tuple[MixtureSchedule, dict[str, float], dict]:
-    """The fit's mixture, unless it is predicted better than the best measured trial by less
-    than the fit's cross-validated error on the objective: then that trial, a loss measured
-    rather than an extrapolation the fit cannot tell apart from it (fit.prefer_measured)."""
-    winner, predicted = fitted
-    margin = math.sqrt(result.cv_mse["objective"][result.chosen[plan.domains[0]]])
-    gain = best_measured - _objective_of(predicted, plan.domains, objective)
-    label = next((f"trial {best} ({name})" for name, i in plan.fixed.items() if i == best),
-                 f"trial {best}")
-    choice = {"from": "fit", "best_measured": label, "predicted_gain": gain, "margin": margin}
-    if gain >= margin or not plan.sweep.fit.prefer_measured:
-        return winner, predicted, choice
-    log(f"sweep: the fit's mixture is predicted {gain:+.4f} against {label}'s measured "
-        f"objective, within the fit's CV error {margin:.4f}: the winner is {label}")
-    schedule = plan.schedules[best]
-    return schedule, optimize.predict_schedule(result, schedule), {**choice, "from": label}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,11 +685,7 @@ def _format_doremi(result: dict, domains) -> list[str]:
 
 def describe_choice(result: dict) -> str:
     """fit.json's choice in one line: the fit's mixture or a measured trial, and why."""
-    c = result["choice"]
-    within = "within" if c["predicted_gain"] < c["margin"] else "beyond"
-    return (f"choice: {c['from']}: the fit's mixture was predicted {c['predicted_gain']:+.4f} "
-            f"better than {c['best_measured']}'s measured {result['best_trial']['objective']:.4f}"
-            f", {within} the fit's CV error {c['margin']:.4f}")
+    return optimize.describe_choice(result["choice"], result["best_trial"]["objective"])
 
 
 def _format_trials(sweep_dir: Path, result: dict, domains) -> list[str]:

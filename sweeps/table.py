@@ -29,7 +29,7 @@ from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from sweeps.fit import (REGRESSORS, Objective, check_trials, evaluate_holdout, fit,
                         objective_values)
-from sweeps.optimize import choose
+from sweeps import optimize
 
 SUM_TOLERANCE = 1e-3
 SINGLE_STAGE = ""  # the stage name of `weight/<domain>` columns
@@ -63,7 +63,11 @@ def _where(df: pd.DataFrame) -> str:
 
 
 def _row(df: pd.DataFrame, i: int) -> str:
-    return f"row {i + 1}" + (f" (line {i + 2})" if df.attrs.get("csv") else "")
+    return _row_name(i, bool(df.attrs.get("csv")))
+
+
+def _row_name(i: int, csv: bool) -> str:
+    return f"row {i + 1}" + (f" (line {i + 2})" if csv else "")
 
 
 def weight_column(stage: str, domain: str, weight_prefix: str = "weight/") -> str:
@@ -202,6 +206,17 @@ class Table:
     starts_NxS: np.ndarray
     ignored: tuple[str, ...]  # loss columns of domains without weights
 
+    def schedule(self, i: int) -> MixtureSchedule:
+        """The mixture schedule row i trained on."""
+        S, D = len(self.stages), len(self.domains)
+        w_SxD = self.X_NxF[i, :S * D].reshape(S, D)
+        return MixtureSchedule.from_stage_weights(
+            [(float(start), dict(zip(self.domains, map(float, w_D))))
+             for start, w_D in zip(self.starts_NxS[i], w_SxD)])
+
+    def row(self, i: int) -> str:
+        return f"{Path(self.path).name} {_row_name(i, self.path.endswith('.csv'))}"
+
 
 def load_table(path: Path, weight_prefix: str = "weight/", loss_prefix: str = "loss/",
                start_prefix: str = "start/") -> Table:
@@ -243,8 +258,10 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
               objective: Objective = Objective(), folds: int = 5, seed: int = 0,
               baseline: Mapping[str, float] | None = None,
               regressors: Sequence[str] = REGRESSORS, samples: int = 100_000,
-              refine_steps: int = 200) -> dict:
-    """Fit, choose by CV, score the holdout rows, search the uncapped simplex; prints nothing."""
+              refine_steps: int = 200, prefer_measured: bool = True) -> dict:
+    """Fit, choose by CV, score the holdout rows, search the uncapped simplex, and keep the best
+    measured row (of both tables) when the fit cannot tell its own mixture from it (as a sweep's
+    fit.prefer_measured does); prints nothing."""
     train = load_table(path, weight_prefix, loss_prefix, start_prefix)
     objective.check(train.domains, where="objective")
     check_trials(len(train.Y_NxD), folds, where=train.path)
@@ -261,9 +278,12 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
     template = MixtureSchedule.from_stage_weights(
         [(float(st), dict(zip(train.domains, map(float, w_D / w_D.sum()))))
          for st, w_D in zip(starts_S, center_SxD)])
-    schedule, predicted = choose(result, train.domains, template, {}, 0.0, objective, baseline,
-                                 samples=samples, refine_steps=refine_steps, seed=seed,
-                                 method="search")
+    fitted = optimize.choose(result, train.domains, template, {}, 0.0, objective, baseline,
+                    samples=samples, refine_steps=refine_steps, seed=seed, method="search")
+    table, i = _best_row([train] + ([hold] if hold is not None else []), objective)
+    schedule, predicted, choice = optimize.prefer_measured(
+        result, objective, fitted, (table.schedule(i), _objectives(table, objective)[i]),
+        table.row(i), enabled=prefer_measured)
     return {
         "table": train.path,
         "n_train": len(train.Y_NxD),
@@ -279,11 +299,20 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
                          table=hold.path) if hold is not None else None),
         "winner": schedule.to_dict(),
         "predicted": predicted,
-        "predicted_objective": float(objective_values(
-            np.array([[predicted[d] for d in train.domains]]), train.domains, objective)[0]),
-        "best_observed_objective": float(objective_values(train.Y_NxD, train.domains,
-                                                          objective).min()),
+        "predicted_objective": optimize.objective_of(predicted, objective, train.domains),
+        "best_observed_objective": choice["measured"],
+        "choice": choice,
     }
+
+
+def _objectives(table: Table, objective: Objective) -> np.ndarray:
+    return objective_values(table.Y_NxD, table.domains, objective)
+
+
+def _best_row(tables: Sequence[Table], objective: Objective) -> tuple[Table, int]:
+    """The table and row of the lowest measured objective."""
+    return min(((t, int(np.argmin(_objectives(t, objective)))) for t in tables),
+               key=lambda ti: _objectives(ti[0], objective)[ti[1]])
 
 
 def _num(x: float, fmt: str = ".4g") -> str:
@@ -320,7 +349,9 @@ def format_fit_report(result: dict) -> str:
             f"{d} {_num(v, '.3f')}" for d, v in hold["per_domain_spearman"].items()))
     else:
         lines.append("holdout: none (--holdout TABLE2 scores the fit on runs it never saw)")
-    lines += ["", "chosen mixture:"]
+    choice = result["choice"]
+    source = "the fit's" if choice["from"] == "fit" else f"{choice['from']}, measured"
+    lines += ["", optimize.describe_choice(choice), f"chosen mixture ({source}):"]
     stage_names = result["stages"]
     for name, st in zip(stage_names, result["winner"]["stages"]):
         label = f"stage {name}" if name else "stage"
@@ -329,5 +360,5 @@ def format_fit_report(result: dict) -> str:
     lines.append("predicted loss: " + ", ".join(
         f"{d} {_num(v)}" for d, v in result["predicted"].items())
         + f"; objective {_num(result['predicted_objective'])} (best run observed: "
-        f"{_num(result['best_observed_objective'])})")
+        f"{choice['best_measured']}, {_num(result['best_observed_objective'])})")
     return "\n".join(lines)

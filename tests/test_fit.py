@@ -441,6 +441,57 @@ def test_fit_table_end_to_end_with_holdout(tmp_path):
         assert needle in text
 
 
+def log_share_table(path, n: int, seed: int, beta_D: np.ndarray, exact_row: int | None = None,
+                    noise: float = 0.005) -> None:
+    """Single-stage runs whose losses follow L_d = 3 - beta_d log(w_d) (+ seeded noise): the
+    mean loss is lowest at w proportional to beta. Row `exact_row` is the uniform mixture,
+    measured without noise."""
+    rng = np.random.default_rng(seed)
+    W_NxD = rng.dirichlet(np.ones(3), n)
+    Y_NxD = 3 - beta_D * np.log(W_NxD) + noise * rng.standard_normal((n, 3))
+    if exact_row is not None:
+        W_NxD[exact_row] = 1 / 3
+        Y_NxD[exact_row] = 3 - beta_D * np.log(1 / 3)
+    pd.DataFrame({**{f"weight/{d}": W_NxD[:, i] for i, d in enumerate(DOMAINS)},
+                  **{f"loss/{d}": Y_NxD[:, i] for i, d in enumerate(DOMAINS)}}).to_csv(
+        path, index=False)
+
+
+def test_gx_fit_keeps_a_measured_row_the_fit_cannot_beat(tmp_path, capsys):
+    from gemini_core import cli
+    # every domain alike: the optimum is uniform, and the holdout table's row 3 measured it
+    log_share_table(tmp_path / "train.csv", 30, seed=21, beta_D=np.full(3, 0.1))
+    log_share_table(tmp_path / "hold.csv", 8, seed=22, beta_D=np.full(3, 0.1), exact_row=2)
+    args = ["fit", str(tmp_path / "train.csv"), "--holdout", str(tmp_path / "hold.csv"),
+            "--regressors", "logweight", "--folds", "4"]
+    assert cli.main([*args, "--out", str(tmp_path / "winner.json")]) == 0
+    out = capsys.readouterr().out
+    assert "choice: hold.csv row 3 (line 4): the fit's mixture was predicted" in out
+    assert "within the fit's CV error" in out
+    assert "chosen mixture (hold.csv row 3 (line 4), measured)" in out
+    winner = json.loads((tmp_path / "winner.json").read_text())
+    assert winner["stages"][0]["weights"] == pytest.approx(dict.fromkeys(DOMAINS, 1 / 3))
+    c = winner["fit"]["choice"]
+    assert c["predicted_gain"] < c["margin"] and c["measured"] == pytest.approx(3 + 0.1 * np.log(3))
+    # switched off: the fit's own mixture (near uniform, but not that row)
+    assert cli.main([*args, "--no-prefer-measured", "--out", str(tmp_path / "fit.json")]) == 0
+    assert "chosen mixture (the fit's)" in capsys.readouterr().out
+    mine = json.loads((tmp_path / "fit.json").read_text())
+    assert mine["fit"]["choice"]["from"] == "fit" and mine["stages"] != winner["stages"]
+    assert mine["stages"][0]["weights"] == pytest.approx(dict.fromkeys(DOMAINS, 1 / 3), abs=0.05)
+
+
+def test_fit_table_chooses_the_fits_mixture_when_it_is_clearly_better(tmp_path):
+    # web matters 12x more than the others: the optimum (web 12/14) is far from every row
+    beta_D = np.array([0.6, 0.05, 0.05])
+    log_share_table(tmp_path / "t.csv", 30, seed=23, beta_D=beta_D, exact_row=0)
+    out = fit_table(tmp_path / "t.csv", folds=4, regressors=("logweight",), samples=5_000)
+    c = out["choice"]
+    assert c["from"] == "fit" and c["predicted_gain"] > c["margin"] > 0
+    assert out["winner"]["stages"][0]["weights"] == pytest.approx(
+        dict(zip(DOMAINS, beta_D / beta_D.sum())), abs=0.03)
+
+
 # ---------------------------------------------------------------------------------------------
 # the sweep's choice: the fit's mixture, or a measured trial the fit cannot tell it from
 
