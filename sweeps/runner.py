@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def _min_trials(sweep: SweepConfig) -> int:
     return trials
 
 
-def _write_plan(plan: SweepPlan) -> None:
+def write_plan(plan: SweepPlan) -> None:
     (plan.dir / "schedules").mkdir(parents=True, exist_ok=True)
     for i, schedule in enumerate(plan.schedules):
         path = plan.dir / "schedules" / f"trial-{i:03d}.json"
@@ -357,7 +357,7 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
         holdout = fit_lib.evaluate_holdout(result, Xh, Yh, objective)
     template = plan.schedules[0]
     baseline_preds = {name: optimize.predict_schedule(result, schedule)
-                      for name, schedule in _baselines(plan).items()}
+                      for name, schedule in baselines(plan).items()}
     baseline_pred = baseline_preds["natural"]
     caps = space_lib.caps(plan.sweep.space, plan.domains, plan.tokens, plan.target_tokens)
     # trust region: no domain above the largest weight any fitted trial gave it; a fit of a few
@@ -402,7 +402,7 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
                            "objective": float(measured_N.min())}}
 
 
-def _baselines(plan: SweepPlan) -> dict[str, MixtureSchedule]:
+def baselines(plan: SweepPlan) -> dict[str, MixtureSchedule]:
     """The natural (token shares) and uniform mixtures in every stage of the sweep's schedules,
     as the validation runs them: the space's anchor trial where it has one (the same mixture on
     the caps and the weight grid, so the same runs), else the exact shares."""
@@ -461,26 +461,28 @@ def run_doremi(plan: SweepPlan, log: Log) -> dict:
 
 def candidates(plan: SweepPlan, result: dict) -> dict[str, MixtureSchedule]:
     winner = MixtureSchedule.from_dict(result["winner"])
-    out = {"winner": winner, **_baselines(plan)}
+    out = {"winner": winner, **baselines(plan)}
     if "best_trial" in result:  # a regression sweep's best proxy trial
         out["best_trial"] = plan.schedules[result["best_trial"]["trial"]]
     if any(st.weights != winner.stages[0].weights for st in winner.stages[1:]):
         # the same base mixture without its end-of-training stage: what upweighting buys
         out["winner_no_anneal"] = MixtureSchedule((Stage(0.0, dict(winner.stages[0].weights)),))
     if plan.sweep.validate.boost:
-        out["winner_boost"] = _boosted(plan, winner)
+        out["winner_boost"] = boosted(plan, winner, plan.sweep.validate.boost,
+                                      plan.sweep.validate.boost_factor)
     return out
 
 
-def _boosted(plan: SweepPlan, winner: MixtureSchedule) -> MixtureSchedule:
-    """The winner's base stage, then validate.boost's domains multiplied by boost_factor (under
-    the caps and minimum weight) from the winner's end-stage start, or mid anneal_start."""
-    v, space = plan.sweep.validate, plan.sweep.space
+def boosted(plan: SweepPlan, winner: MixtureSchedule, domains: Sequence[str], factor: float
+            ) -> MixtureSchedule:
+    """The winner's base stage, then `domains` multiplied by `factor` (under the caps and
+    minimum weight) from the winner's end-stage start, or mid anneal_start: validate.boost."""
+    space = plan.sweep.space
     base = winner.stages[0].weights
     cap = space_lib.caps(space, plan.domains, plan.tokens, plan.target_tokens)
     base_D = np.array([base.get(d, 0.0) for d in plan.domains])
     boosted_D = space_lib.project_to_capped_simplex(
-        base_D * space_lib.boost_factors(plan.domains, v.boost, v.boost_factor),
+        base_D * space_lib.boost_factors(plan.domains, domains, factor),
         np.full(len(plan.domains), space.min_weight), np.array([cap[d] for d in plan.domains]))
     start = winner.stages[-1].start if len(winner.stages) > 1 else sum(space.anneal_start) / 2
     return MixtureSchedule((Stage(0.0, dict(base)),
@@ -616,7 +618,7 @@ def run_sweep(sweep: SweepConfig, runs_root: Path, *, validate_winner: bool = Tr
               log: Log = print) -> Path:
     t0 = time.perf_counter()
     plan = plan_sweep(sweep, runs_root, log)
-    _write_plan(plan)
+    write_plan(plan)
     log(f"sweep {plan.dir.name}: {len(plan.schedules)} mixtures over {', '.join(plan.domains)}; "
         f"caps at {plan.target_tokens:,} target tokens -> {plan.dir}")
     if sweep.method == "doremi":
