@@ -279,11 +279,12 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
         [(float(st), dict(zip(train.domains, map(float, w_D / w_D.sum()))))
          for st, w_D in zip(starts_S, center_SxD)])
     fitted = optimize.choose(result, train.domains, template, {}, 0.0, objective, baseline,
-                    samples=samples, refine_steps=refine_steps, seed=seed, method="search")
-    table, i = _best_row([train] + ([hold] if hold is not None else []), objective)
+                             samples=samples, refine_steps=refine_steps, seed=seed,
+                             method="search")
+    table, i, measured = _best_row([train] + ([hold] if hold is not None else []), objective)
     schedule, predicted, choice = optimize.prefer_measured(
-        result, objective, fitted, (table.schedule(i), _objectives(table, objective)[i]),
-        table.row(i), enabled=prefer_measured)
+        result, objective, fitted, (table.schedule(i), measured), table.row(i),
+        enabled=prefer_measured)
     return {
         "table": train.path,
         "n_train": len(train.Y_NxD),
@@ -305,14 +306,12 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
     }
 
 
-def _objectives(table: Table, objective: Objective) -> np.ndarray:
-    return objective_values(table.Y_NxD, table.domains, objective)
-
-
-def _best_row(tables: Sequence[Table], objective: Objective) -> tuple[Table, int]:
-    """The table and row of the lowest measured objective."""
-    return min(((t, int(np.argmin(_objectives(t, objective)))) for t in tables),
-               key=lambda ti: _objectives(ti[0], objective)[ti[1]])
+def _best_row(tables: Sequence[Table], objective: Objective) -> tuple[Table, int, float]:
+    """The table, row and value of the lowest measured objective."""
+    table, obj_N = min(((t, objective_values(t.Y_NxD, t.domains, objective)) for t in tables),
+                       key=lambda t_obj: t_obj[1].min())
+    i = int(np.argmin(obj_N))
+    return table, i, float(obj_N[i])
 
 
 def _num(x: float, fmt: str = ".4g") -> str:
