@@ -71,14 +71,13 @@ def base_schedule(args, plan):
     return MixtureSchedule((Stage(0.0, dict(weights)), Stage(start, dict(weights))))
 
 
-def schedules(args, plan) -> dict:
+def schedules(plan, base, factors) -> dict:
     """name -> schedule: "base" (one stage), and "<domain>x<factor>" per domain and factor."""
     from gemini_core.data.mixture import MixtureSchedule, Stage
     from sweeps.runner import boosted
-    base = base_schedule(args, plan)
     out = {"base": MixtureSchedule((Stage(0.0, dict(base.stages[0].weights)),))}
     for d in plan.domains:
-        for f in args.factors:
+        for f in factors:
             out[f"{d}x{f:g}"] = boosted(plan, base, (d,), f)
     return out
 
@@ -139,7 +138,8 @@ def main() -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
     plan = plan_sweep(sweep_config(args), Path(args.work), log)
     write_plan(plan)
-    cands = schedules(args, plan)
+    base = base_schedule(args, plan)
+    cands = schedules(plan, base, args.factors)
     for name, schedule in cands.items():
         schedule.validate(plan.domains).dump(plan.dir / "schedules" / f"upweight-{name}.json")
     jobs = [{"name": f"{name}/seed{k}", "scale": "target", "schedule": f"upweight-{name}.json",
@@ -147,9 +147,8 @@ def main() -> None:
             for name in cands for k in range(args.seeds)]
     t0 = time.perf_counter()
     runs = run_jobs(plan, jobs, "upweighting", log)
-    results = {"base": args.base, "start": cands[f"{plan.domains[0]}x{args.factors[0]:g}"]
-               .stages[1].start, "seeds": args.seeds, "factors": args.factors,
-               "target_steps": args.target_steps,
+    results = {"base": args.base, "start": base.stages[1].start, "seeds": args.seeds,
+               "factors": args.factors, "target_steps": args.target_steps,
                "seconds": time.perf_counter() - t0, "runs": len(jobs),
                "base_weights": dict(cands["base"].stages[0].weights),
                "base_loss": {d: float(np.mean([runs[f"base/seed{k}"][f"loss/{d}"]
