@@ -13,6 +13,7 @@ beat the natural and uniform mixtures at target scale? And DoReMi at equal proxy
 3. DoReMi with the same proxy compute: a reference and a Group-DRO proxy of the same shape,
    each trained for trials/2 times the proxy's steps, its choice validated at the same target
    scale (the natural and uniform runs are the same runs, reused by fingerprint).
+   `--no-regression` runs DoReMi alone: its own validation trains natural and uniform beside it.
 
 Everything goes through the real `run_sweep` (Ray Tune, real runs); a second invocation with the
 same --work reuses every finished run. usage:
@@ -51,6 +52,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--scales", nargs="+", default=["proxy", "target"],
                    help="validate.scales: the scales the validation trains at")
     p.add_argument("--no-doremi", action="store_true")
+    p.add_argument("--no-regression", action="store_true",
+                   help="skip the regression sweep (DoReMi against the baselines alone)")
     p.add_argument("--out", default="")
     return p.parse_args()
 
@@ -76,6 +79,11 @@ def sweep_config(args, method: str, proxy_steps: int | None = None):
         "model": {"d_model": 2 * proxy["model"]["d_model"], "mlp_dim": 2 * proxy["model"]["mlp_dim"]},
         "train": {"steps": steps, "checkpoint_every": max(steps // 12, 1)},
         "optimizer": {"warmup_steps": max(steps // 40, 1)}}
+    # the repetition caps of both methods are those of the regression's target run: 4x the
+    # tokens of its proxies (DoReMi's longer proxies would otherwise raise the budget)
+    regression_steps = args.proxy_steps or proxy["train"]["steps"]
+    sweep["target_tokens"] = (4 * regression_steps * proxy["train"]["batch_size"]
+                              * proxy["data"]["seq_len"])
     if proxy_steps:
         proxy["train"].update(steps=proxy_steps, checkpoint_every=max(proxy_steps // 3, 1))
         proxy["optimizer"]["warmup_steps"] = max(proxy_steps // 10, 1)
@@ -137,17 +145,18 @@ def main() -> None:
     results: dict = {"trials": args.trials, "size": args.size, "seeds": args.seeds,
                      "proxy_steps": args.proxy_steps, "target_steps": args.target_steps}
 
-    t0 = time.perf_counter()
-    reg_dir = run_sweep(sweep_config(args, "regression", args.proxy_steps), root,
-                        log=lambda s: print(s, flush=True))
-    results["regression_s"] = time.perf_counter() - t0
-    fit = json.loads((reg_dir / "fit.json").read_text())
-    domains = json.loads((reg_dir / "sweep.json").read_text())["domains"]
-    results["holdout"] = fit["holdout"]
-    results["choice"] = {**fit["choice"], "objective_predicted": fit["objective_predicted"]}
-    results["heuristic"] = heuristic_spearman(reg_dir, domains)
-    results["noise"] = noise_ceiling(reg_dir)
-    results["regression"] = validation_figures(reg_dir)
+    if not args.no_regression:
+        t0 = time.perf_counter()
+        reg_dir = run_sweep(sweep_config(args, "regression", args.proxy_steps), root,
+                            log=lambda s: print(s, flush=True))
+        results["regression_s"] = time.perf_counter() - t0
+        fit = json.loads((reg_dir / "fit.json").read_text())
+        results["domains"] = json.loads((reg_dir / "sweep.json").read_text())["domains"]
+        results["holdout"] = fit["holdout"]
+        results["choice"] = {**fit["choice"], "objective_predicted": fit["objective_predicted"]}
+        results["heuristic"] = heuristic_spearman(reg_dir, results["domains"])
+        results["noise"] = noise_ceiling(reg_dir)
+        results["regression"] = validation_figures(reg_dir)
 
     if not args.no_doremi:
         base = args.proxy_steps or sweep_config(args, "regression").proxy["train"]["steps"]
@@ -158,15 +167,21 @@ def main() -> None:
         results["doremi"] = validation_figures(dro_dir)
         results["doremi"]["weights"] = json.loads((dro_dir / "fit.json").read_text())[
             "winner"]["stages"][0]["weights"]
-    report(results, domains)
+        results["domains"] = json.loads((dro_dir / "sweep.json").read_text())["domains"]
+    report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def report(r: dict, domains: list[str]) -> None:
-    from sweeps.runner import UPWEIGHTING, describe_upweighting, verdict
-    h = r["holdout"]
+def report(r: dict) -> None:
     print(f"\n== mixture quality ({r['trials']} trials, size={r['size']}, {r['seeds']} seeds) ==")
+    if "regression" in r:
+        report_fit(r)
+    report_validation(r)
+
+
+def report_fit(r: dict) -> None:
+    h = r["holdout"]
     print(f"regression sweep + validation: {r['regression_s']:.0f}s")
     print(f"held-out mixtures: {h['n']}; Spearman (mean-of-domains loss) {h['spearman']:.3f} "
           f"(target >= 0.9); regret {h['regret']:.4f}")
@@ -180,9 +195,13 @@ def report(r: dict, domains: list[str]) -> None:
           "objective predicted: " + ", ".join(
               f"{k} {v:.4f}" for k, v in c["objective_predicted"].items()))
     print(f"{'domain':<14}{'fit':>8}{'own weight':>12}   Spearman on held-out trials")
-    for d in domains:
+    for d in r["domains"]:
         x = r["heuristic"][d]
         print(f"{d:<14}{x['fit']:>8.3f}{x['own_weight']:>12.3f}")
+
+
+def report_validation(r: dict) -> None:
+    from sweeps.runner import UPWEIGHTING, describe_upweighting, verdict
     for method in ("regression", "doremi"):
         if method not in r:
             continue
@@ -196,11 +215,11 @@ def report(r: dict, domains: list[str]) -> None:
                 print(f"  {describe_upweighting(v[key], label)}"
                       "   [target: upweighted <= -5%, mean <= +1%]")
     if "doremi" in r:
+        print("DoReMi weights: " + ", ".join(f"{d}={w:.3f}" for d, w in r["doremi"]["weights"].items()))
+    if "doremi" in r and "regression" in r:
         gap = r["doremi"]["winner_mean"] - r["regression"]["winner_mean"]
         print(f"DoReMi vs regression at equal proxy compute: DoReMi's winner {gap:+.4f} nats "
-              f"({gap / r['regression']['winner_mean']:+.2%}) at target scale; DoReMi weights "
-              + ", ".join(f"{d}={w:.3f}" for d, w in r["doremi"]["weights"].items()))
-
+              f"({gap / r['regression']['winner_mean']:+.2%}) at target scale")
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,16 @@ class ResourcesConfig:
     cpus_per_trial: int = 1  # XLA is pinned to this many threads in each trial
     max_concurrent: int = 0  # 0 = as many as the CPUs allow
     max_failures: int = 1  # retries of a failing trial
+    # a running trial's progress line (step, loss, tok/s, eta) reaches the driver this often
+    # while no trial has finished for as long: a 30-minute run is not silent; 0 = never
+    progress_every_s: float = 60.0
+
+
+def check_resources(r: ResourcesConfig) -> None:
+    if r.cpus_per_trial < 1 or r.max_concurrent < 0 or r.max_failures < 0 \
+            or r.progress_every_s < 0:
+        raise UserError(f"config.resources={dataclasses.asdict(r)}: cpus_per_trial >= 1, "
+                        "max_concurrent >= 0, max_failures >= 0, progress_every_s >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +147,7 @@ def _check(s: SweepConfig) -> None:
     if unknown or not f.regressors:
         raise UserError(f"config.fit.regressors={f.regressors}: choose from "
                         f"{', '.join(fit_lib.REGRESSORS)}")
-    r = s.resources
-    if r.cpus_per_trial < 1 or r.max_concurrent < 0 or r.max_failures < 0:
-        raise UserError(f"config.resources={dataclasses.asdict(r)}: cpus_per_trial >= 1, "
-                        "max_concurrent >= 0, max_failures >= 0")
+    check_resources(s.resources)
     if s.validate.seeds < 1:
         raise UserError(f"config.validate.seeds={s.validate.seeds}: at least 1")
     scales = s.validate.scales

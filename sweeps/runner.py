@@ -36,6 +36,7 @@ from sweeps.config import SweepConfig, proxy_config, target_config
 
 Log = Callable[[str], None]
 WEIGHT, LOSS = "weight/", "loss/"
+PROGRESS = "progress"  # the key of a running trial's intermediate Tune report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,7 @@ def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPl
                           min_trials=_min_trials(sweep) if sweep.method == "regression" else 1)
     schedules, fixed = space_lib.sample_space(sweep.space, domains, tokens, target)
     ident = gc_config.to_json_dict(sweep)
+    ident.pop("resources")  # how the trials run, not what they are: a resumed sweep may change it
     for path_field in ("root", "cache_dir", "schedule"):  # where things are, not what
         ident["proxy"]["data"].pop(path_field, None)
     fp = fingerprint({"sweep": ident, "manifest": data.manifest_hash,
@@ -145,13 +147,30 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
     return gc_config.from_config_dict(exp)
 
 
-def run_job(config: dict, sweep_dir: str, cpus: int) -> None:
-    """The Ray Tune function trainable: one run on CPUs of its own, reported once at its end."""
+def run_job(config: dict, sweep_dir: str, cpus: int, progress_every_s: float) -> None:
+    """The Ray Tune function trainable: one run on CPUs of its own, reported once at its end
+    (and its progress on the way)."""
     with trial_cpus(cpus):
-        _run_job(config["job"], Path(sweep_dir))
+        _run_job(config["job"], Path(sweep_dir), progress_log(config["job"]["name"],
+                                                              progress_every_s))
 
 
-def _run_job(job: dict, sweep_dir: Path) -> None:
+def progress_log(name: str, every_s: float) -> Log:
+    """A trial's run log: its progress lines (`step N/total  loss …  tok/s  eta …`) go to the
+    driver as intermediate Tune results, one per `every_s` at most; the other lines are
+    dropped (the run dir keeps the metrics)."""
+    from ray import tune
+    last = time.monotonic()
+
+    def log(line: str) -> None:
+        nonlocal last
+        if every_s and line.startswith("step ") and time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            tune.report({"name": name, PROGRESS: line})
+    return log
+
+
+def _run_job(job: dict, sweep_dir: Path, log: Log) -> None:
     from ray import tune
 
     from gemini_core import steps, train
@@ -164,9 +183,9 @@ def _run_job(job: dict, sweep_dir: Path) -> None:
         from sweeps import doremi
         dc = doremi.DoReMiConfig(**job["doremi"])
         summary = doremi.train_doremi(cfg, find_run(root, job["reference_run"]), dc, root,
-                                      log=lambda _: None)
+                                      log=log)
     else:
-        summary = train.run_experiment(cfg, root, log=lambda _: None)
+        summary = train.run_experiment(cfg, root, log=log)
     losses = {d: float(summary[f"eval/{d}/loss"]) for d in cfg.data.domains}
     bad = [d for d, v in losses.items() if not math.isfinite(v)]
     tune.report({"name": job["name"], "run_id": summary["run_id"],
@@ -201,8 +220,9 @@ def _init_ray(log: Log) -> None:
              _temp_dir=str(temp))
 
 
-def _live_table(stage: str, total: int, log: Log):
-    """A Tune callback printing a line per finished run on the driver: the live table."""
+def _live_table(stage: str, total: int, log: Log, progress_every_s: float = 0.0):
+    """A Tune callback printing a line per finished run on the driver: the live table; and
+    the running trials' progress lines while none has finished for `progress_every_s`."""
     from ray import tune
 
     class LiveTable(tune.Callback):
@@ -213,13 +233,18 @@ def _live_table(stage: str, total: int, log: Log):
             # also when a killed sweep is resumed: Tune restores this callback from the old
             # process, whose clock and count mean nothing here
             self.done, self.t0 = 0, time.perf_counter()
+            self.last_finished = self.t0
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.done += 1
+            now = time.perf_counter()
+            if PROGRESS in result:  # a running trial's intermediate report
+                if now - self.last_finished >= progress_every_s:
+                    log(f"{stage} {result['name']}: {result[PROGRESS]}")
+                return
+            self.done, self.last_finished = self.done + 1, now
             # finished in earlier processes too: the position in the whole stage
             position = sum(t.status == "TERMINATED" and t is not trial for t in trials) + 1
-            elapsed = time.perf_counter() - self.t0
-            eta = elapsed / self.done * max(total - position, 0)
+            eta = (now - self.t0) / self.done * max(total - position, 0)
             failed = f"  FAILED: {result['failed']}" if result.get("failed") else ""
             log(f"{stage} {result['name']} ({position}/{total}, eta {eta:.0f}s): "
                 f"mean loss {result[LOSS + 'mean']:.4f}  {result['run_id']}{failed}")
@@ -231,15 +256,16 @@ def _live_table(stage: str, total: int, log: Log):
 
 
 def tune_trainable(fn: Callable, res: Any, log: Log, **params) -> tuple[Any, int]:
-    """Ray started (or joined), and `fn(config, cpus=..., **params)` as a Tune trainable with
-    `res.cpus_per_trial` CPUs; returns it and how many trials run at once."""
+    """Ray started (or joined), and `fn(config, cpus=..., progress_every_s=..., **params)` as a
+    Tune trainable with `res.cpus_per_trial` CPUs; returns it and how many trials run at once."""
     import ray
     from ray import tune
 
     _init_ray(log)
     cpus = res.cpus_per_trial
     concurrent = res.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
-    trainable = tune.with_resources(tune.with_parameters(fn, cpus=cpus, **params), {"cpu": cpus})
+    trainable = tune.with_resources(tune.with_parameters(
+        fn, cpus=cpus, progress_every_s=res.progress_every_s, **params), {"cpu": cpus})
     return trainable, concurrent
 
 
@@ -272,7 +298,7 @@ def run_jobs(plan: SweepPlan, jobs: list[dict], stage: str, log: Log) -> dict[st
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=stage, storage_path=str(path.parent), verbose=0,
-                callbacks=[_live_table(stage, len(jobs), log)],
+                callbacks=[_live_table(stage, len(jobs), log, res.progress_every_s)],
                 failure_config=tune.FailureConfig(max_failures=res.max_failures)))
     log(f"{stage}: {len(jobs)} runs, {concurrent} at a time, {cpus} CPU each")
     return {name: {"run_id": metrics.get("run_id", ""), "failed": failed,

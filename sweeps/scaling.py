@@ -41,7 +41,7 @@ from gemini_core import config as gc_config
 from gemini_core.config import ExperimentConfig, _to_dataclass
 from gemini_core.errors import UserError
 from gemini_core.rundir import fingerprint, write_json_atomic
-from sweeps.config import ResourcesConfig
+from sweeps.config import ResourcesConfig, check_resources
 
 Log = Callable[[str], None]
 LOSS = "loss/"
@@ -164,10 +164,7 @@ def _check(ladder: LadderConfig) -> None:
     for i, c in enumerate(f.budgets):
         if not c > 0:
             raise UserError(f"config.fit.budgets[{i}]={c}: FLOPs must be > 0")
-    r = ladder.resources
-    if r.cpus_per_trial < 1 or r.max_concurrent < 0 or r.max_failures < 0:
-        raise UserError(f"config.resources={dataclasses.asdict(r)}: cpus_per_trial >= 1, "
-                        "max_concurrent >= 0, max_failures >= 0")
+    check_resources(ladder.resources)
 
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> LadderConfig:
@@ -660,18 +657,20 @@ def _job_config(cfg: ExperimentConfig) -> dict:
     return plain
 
 
-def run_rung(config: dict, runs_root: str, cpus: int) -> None:
+def run_rung(config: dict, runs_root: str, cpus: int, progress_every_s: float) -> None:
     """The Ray Tune function trainable: one ladder run on CPUs of its own, reported once at its
-    end."""
+    end (and its progress on the way)."""
     from sweeps.cpus import trial_cpus
     with trial_cpus(cpus):  # before JAX starts: XLA's thread flag
         from ray import tune
 
         from gemini_core import steps, train
+        from sweeps.runner import progress_log
         steps.tune_host_malloc()
         job = config["job"]
         cfg = gc_config.from_config_dict(job["config"])
-        summary = train.run_experiment(cfg, Path(runs_root), log=lambda _: None)
+        summary = train.run_experiment(cfg, Path(runs_root),
+                                       log=progress_log(job["name"], progress_every_s))
         loss = float(summary["eval/mean/loss"])
         tune.report({"name": job["name"], "run_id": summary["run_id"],
                      "failed": "" if math.isfinite(loss) else "non-finite loss",
@@ -700,7 +699,7 @@ def _run_on_tune(plan: LadderPlan, pending: list[Planned], log: Log) -> dict[str
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name="runs", storage_path=str(path), verbose=0,
-            callbacks=[_live_table("ladder", len(jobs), log)],
+            callbacks=[_live_table("ladder", len(jobs), log, res.progress_every_s)],
             failure_config=tune.FailureConfig(max_failures=res.max_failures)))
     log(f"ladder: {len(jobs)} runs to train, {concurrent} at a time, {res.cpus_per_trial} CPU each")
     from sweeps.runner import fit_results

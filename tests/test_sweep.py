@@ -33,7 +33,9 @@ def sweep_args(corpus: Path, cache: Path) -> list[str]:
             f"--config.space.trials={TRIALS}", "--config.fit.folds=2",
             "--config.fit.samples=2000", "--config.proxy.tracking.wandb=false",
             "--config.validate.scales=target",  # proxy scale too by default: the same code
-            "--config.validate.boost=('code',)"]
+            "--config.validate.boost=('code',)",
+            # every progress line of a running trial reaches the driver's output
+            "--config.resources.progress_every_s=0.001"]
 
 
 def done_runs(runs: Path) -> dict[str, str]:
@@ -205,6 +207,9 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
         and json.loads(p.read_text())["train"]["steps"] == 96).read_text())
     assert target_runs["model"]["d_model"] == 64  # 2x the proxy's width
     assert "winner" in proc.stdout and "trial" in proc.stdout
+    # the runs' progress on the way, not only a line when each has finished
+    assert re.search(r"^validate \S+: step \d+/96 +loss \d+\.\d+.* eta \d+m\d\ds$", proc.stdout,
+                     re.M), proc.stdout[-3000:]
 
     compare = gx("compare", "mixture_sweep_tiny", runs=runs, env=env)
     assert compare.returncode == 0 and "held-out" in compare.stdout, compare.stderr
@@ -248,11 +253,13 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
     from gemini_core.errors import UserError
     from gemini_core.experiment import load_experiment
     from sweeps import config as sweep_config
-    for override, error in [("validate.scales=target,target", r"scales=.*'proxy', 'target'"),
-                            ("validate.scales=tagret", r"scales=.*'proxy', 'target'"),
-                            ("validate.boost=('cod',)", r"boost=.*unknown domain\(s\) cod "),
-                            ("validate.boost_factor=1.0", r"boost_factor=1.0: expected a number")]:
-        with pytest.raises(UserError, match=rf"config\.validate\.{error}"):
+    for override, error in [
+            ("validate.scales=target,target", r"validate\.scales=.*'proxy', 'target'"),
+            ("validate.scales=tagret", r"validate\.scales=.*'proxy', 'target'"),
+            ("validate.boost=('cod',)", r"validate\.boost=.*unknown domain\(s\) cod "),
+            ("validate.boost_factor=1.0", r"validate\.boost_factor=1.0: expected a number"),
+            ("resources.progress_every_s=-1", r"resources=.*'progress_every_s': -1.*>= 0")]:
+        with pytest.raises(UserError, match=rf"config\.{error}"):
             load_experiment("experiments/mixture_sweep.py:size=tiny",
                             [f"--config.proxy.data.root={corpus_root}", f"--config.{override}"],
                             schema=sweep_config.SweepConfig,
