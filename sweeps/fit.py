@@ -346,6 +346,33 @@ def make_regressor(name: str, seed: int = 0, n_domains: int = 1) -> Regressor:
 # fit and choose by cross-validation
 
 
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """What the fitted rows covered, per domain: its weights (in any stage) and its losses.
+
+    A fit of a few dozen runs says nothing about mixtures far from them: a 6-domain log-weight
+    law fitted on 7 tiny proxies predicted multilingual at -4.3 nats at its minimum weight, and
+    the search went there. So the choice stays within each domain's range of weights, and a
+    mixture whose predicted loss leaves the measured range widened by that range on each side
+    (`outside`) is an extrapolation, ranked after every mixture that is not."""
+    weight_lo_D: np.ndarray
+    weight_hi_D: np.ndarray
+    loss_lo_D: np.ndarray
+    loss_hi_D: np.ndarray
+
+    @classmethod
+    def of(cls, X_NxF: np.ndarray, Y_NxD: np.ndarray) -> "Seen":
+        D = Y_NxD.shape[1]
+        weights_NSxD = X_NxF[:, :(X_NxF.shape[1] + 1) // (D + 1) * D].reshape(-1, D)
+        return cls(weights_NSxD.min(0), weights_NSxD.max(0), Y_NxD.min(0), Y_NxD.max(0))
+
+    def outside(self, pred_MxD: np.ndarray) -> np.ndarray:
+        """(M, D) how far (nats) each predicted loss lies outside its plausible range; 0 inside."""
+        spread_D = self.loss_hi_D - self.loss_lo_D
+        return np.maximum(np.maximum(self.loss_lo_D - spread_D - pred_MxD,
+                                     pred_MxD - self.loss_hi_D - spread_D), 0.0)
+
+
 @dataclasses.dataclass
 class FitResult:
     domains: tuple[str, ...]
@@ -356,6 +383,7 @@ class FitResult:
     n_rows: int = 0
     folds: int = 0
     notes: dict[str, str] = dataclasses.field(default_factory=dict)  # domain -> fallback note
+    seen: "Seen | None" = None  # what the fitted rows covered: optimize.choose keeps inside
 
     def predict(self, X_MxF: np.ndarray) -> np.ndarray:
         """(M, D) predicted per-domain losses."""
@@ -448,7 +476,7 @@ def fit(X_NxF: np.ndarray, Y_NxD: np.ndarray, domains: Sequence[str], *, folds: 
         if getattr(models[domain], "fallback", None):
             notes[domain] = models[domain].fallback
     return FitResult(domains, chosen, cv_mse, models, n_features=X_NxF.shape[1],
-                     n_rows=len(X_NxF), folds=folds, notes=notes)
+                     n_rows=len(X_NxF), folds=folds, notes=notes, seen=Seen.of(X_NxF, Y_NxD))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 `choose` samples many schedules — Dirichlet draws around the template's weights at several
 concentrations, from near-vertices to near-centre, each stage independently, projected onto
-{min_weight <= w_d <= cap_d, sum w = 1} — scores them with the fit's predicted objective, and
-then either refines the best few by random local steps that are kept when they improve
+{min_weight <= w_d <= cap_d, sum w = 1} and into each domain's range of weights in the fitted
+runs (no corner of the simplex no run visited) — scores them with the fit's predicted
+objective, and then either refines the best few by random local steps that are kept when they improve
 ("search"), or averages the top k ("topk", as RegMix does: an average of good mixtures is less
 tied to one model's quirks than the argmin). Stage starts are fixed from the template: the
 sweep varies what each stage feeds, not when the anneal begins.
@@ -29,6 +30,7 @@ from gemini_core.errors import UserError
 from sweeps.fit import FitResult, Objective, features, objective_values
 
 INFEASIBLE = 1e9  # score offset of a schedule that breaks the baseline constraint
+IMPLAUSIBLE = 2e9  # ... whose predicted losses leave what the fit saw (fit.Seen): after all
 _CONCENTRATIONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # Dirichlet total concentration / D
 _CHUNK = 20_000  # rows scored at once: bounds the feature matrix's memory
 
@@ -81,7 +83,8 @@ def _bounds(domains: Sequence[str], caps: Mapping[str, float], min_weight: float
 
 
 class _Scorer:
-    """Scores (M, S, D) stage weights: the predicted objective, or INFEASIBLE + violation."""
+    """Scores (M, S, D) stage weights: the predicted objective, or INFEASIBLE + violation, or
+    IMPLAUSIBLE + how far a predicted loss lies outside what the fit saw."""
 
     def __init__(self, result: FitResult, starts: Sequence[float], objective: Objective,
                  baseline_losses: Mapping[str, float] | None):
@@ -112,6 +115,9 @@ class _Scorer:
             if self.limit_D is not None:
                 violation_M = np.maximum(pred_MxD / self.limit_D - 1, 0).max(1)
                 score_M = np.where(violation_M > 0, INFEASIBLE + violation_M, score_M)
+            if self.result.seen is not None:
+                outside_M = self.result.seen.outside(pred_MxD).max(1)
+                score_M = np.where(outside_M > 0, IMPLAUSIBLE + outside_M, score_M)
             scores.append(score_M)
             preds.append(pred_MxD)
         return np.concatenate(scores), np.concatenate(preds)
@@ -175,6 +181,19 @@ def _refine(W_KxSxD: np.ndarray, score_K: np.ndarray, scorer: _Scorer, rng: np.r
     return W_KxSxD, score_K
 
 
+def _trust_region(result: FitResult, lower_D: np.ndarray, upper_D: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds narrowed to each domain's range of weights in the fitted rows (`fit.Seen`).
+    Rows that themselves break the bounds (a table from elsewhere) leave them as they are."""
+    if result.seen is None:
+        return lower_D, upper_D
+    lo_D = np.maximum(lower_D, result.seen.weight_lo_D)
+    hi_D = np.minimum(upper_D, result.seen.weight_hi_D)
+    if (lo_D > hi_D).any() or lo_D.sum() > 1 + 1e-9 or hi_D.sum() < 1 - 1e-9:
+        return lower_D, upper_D
+    return lo_D, hi_D
+
+
 def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSchedule | None,
            caps: Mapping[str, float], min_weight: float, objective: Objective,
            baseline_losses: Mapping[str, float] | None = None, *, samples: int = 100_000,
@@ -189,7 +208,7 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
     if samples < 1:
         raise UserError(f"samples={samples}: expected >= 1")
     objective.check(domains)
-    lower_D, upper_D = _bounds(domains, caps, min_weight)
+    lower_D, upper_D = _trust_region(result, *_bounds(domains, caps, min_weight))
     starts, template_SxD = _template(stage_template, domains)
     S, D = len(starts), len(domains)
     scorer = _Scorer(result, starts, objective, baseline_losses)
@@ -226,7 +245,11 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
         best_SxD = W_KxSxD[int(np.argmin(score_K))]
     best_score, pred_1xD = scorer(best_SxD[None])
     best_SxD = np.broadcast_to(best_SxD, (S, D))
-    if best_score[0] >= INFEASIBLE:
+    if best_score[0] >= IMPLAUSIBLE:
+        warnings.warn("every mixture searched has a predicted loss outside the range the fitted "
+                      "runs measured (widened by that range): the fit extrapolates everywhere",
+                      stacklevel=2)
+    elif best_score[0] >= INFEASIBLE:
         warnings.warn(f"no mixture found meets the constraint "
                       f"(max_worse_than_baseline={objective.max_worse_than_baseline:g}); the "
                       f"winner breaks it least (by {best_score[0] - INFEASIBLE:.3%})",
@@ -263,19 +286,34 @@ def prefer_measured(result: FitResult, objective: Objective,
     margin = math.sqrt(result.cv_mse["objective"][result.chosen[result.domains[0]]])
     gain = best_objective - objective_of(predicted, objective, result.domains)
     choice = {"from": "fit", "best_measured": label, "measured": best_objective,
-              "predicted_gain": gain, "margin": margin}
-    if gain >= margin or not enabled:
+              "predicted_gain": gain, "margin": margin,
+              "extrapolated": _extrapolated(result, predicted)}
+    if (gain >= margin and not choice["extrapolated"]) or not enabled:
         return schedule, predicted, choice
     return best, predict_schedule(result, best), {**choice, "from": label}
+
+
+def _extrapolated(result: FitResult, predicted: Mapping[str, float]) -> dict[str, float]:
+    """The domains whose predicted loss lies outside what the fit saw (fit.Seen.outside)."""
+    if result.seen is None:
+        return {}
+    pred_D = np.array([predicted[d] for d in result.domains])
+    out_D = result.seen.outside(pred_D[None])[0]
+    return {d: float(p) for d, p, o in zip(result.domains, pred_D, out_D) if o > 0}
 
 
 def describe_choice(choice: Mapping, measured: float | None = None) -> str:
     """The choice in one line: the fit's mixture or a measured run, and why."""
     measured = choice.get("measured", measured)  # fit.json of sweeps before it was recorded
     within = "within" if choice["predicted_gain"] < choice["margin"] else "beyond"
-    return (f"choice: {choice['from']}: the fit's mixture was predicted "
+    line = (f"choice: {choice['from']}: the fit's mixture was predicted "
             f"{choice['predicted_gain']:+.4f} better than {choice['best_measured']}'s measured "
             f"{measured:.4f}, {within} the fit's CV error {choice['margin']:.4f}")
+    if choice.get("extrapolated"):
+        line += ("; its predicted " + ", ".join(f"{d} {v:.4f}" for d, v in
+                                                  choice["extrapolated"].items())
+                 + " lie outside the losses the fitted runs measured: an extrapolation")
+    return line
 
 
 def _plain(obj):

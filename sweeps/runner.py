@@ -386,12 +386,6 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
                       for name, schedule in baselines(plan).items()}
     baseline_pred = baseline_preds["natural"]
     caps = space_lib.caps(plan.sweep.space, plan.domains, plan.tokens, plan.target_tokens)
-    # trust region: no domain above the largest weight any fitted trial gave it; a fit of a few
-    # dozen trials says nothing about corners of the simplex no trial visited
-    tried = {d: max(plan.schedules[t].stages[k].weights.get(d, 0.0)
-                    for t in train_rows["trial"] for k in range(len(plan.schedules[t].stages)))
-             for d in plan.domains}
-    caps = {d: min(caps[d], tried[d]) for d in plan.domains}
     winner, predicted = optimize.choose(
         result, plan.domains, template, caps, plan.sweep.space.min_weight, objective,
         baseline_pred if objective.max_worse_than_baseline > 0 else None,

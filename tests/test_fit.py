@@ -548,3 +548,60 @@ def test_sweep_chooses_the_fits_mixture_when_it_is_clearly_better():
     got = result["winner"]["stages"][0]["weights"]
     assert got == pytest.approx({"web": 0.8, "code": 1 / 15, "math": 1 / 15, "books": 1 / 15},
                                 abs=0.03)
+
+
+def narrow_runs() -> tuple[np.ndarray, np.ndarray]:
+    """12 runs that gave math 0.2 to 0.4 of the tokens, where its loss falls as 4 - 6 w."""
+    rng = np.random.default_rng(5)
+    math_N = rng.uniform(0.2, 0.4, 12)
+    rest_Nx2 = rng.dirichlet(np.ones(2), 12) * (1 - math_N)[:, None]
+    X_NxF = np.column_stack([rest_Nx2, math_N])
+    Y_NxD = np.column_stack([3 - X_NxF[:, 0], 3 - X_NxF[:, 1], 4 - 6 * math_N])
+    return X_NxF, Y_NxD + rng.normal(0, 0.001, Y_NxD.shape)
+
+
+def test_choose_stays_where_the_fitted_runs_were():
+    import dataclasses
+
+    X_NxF, Y_NxD = narrow_runs()
+    result = fit(X_NxF, Y_NxD, DOMAINS, folds=3, regressors=("linear",))
+    seen = result.seen
+    assert seen.weight_lo_D[2] == pytest.approx(X_NxF[:, 2].min())
+    assert seen.loss_hi_D[2] == pytest.approx(Y_NxD[:, 2].max())
+    math_only = Objective({"math": 1.0})
+
+    def math_weight_and_loss(r):
+        sched, pred = choose(r, DOMAINS, None, {}, 0.0, math_only, samples=5000, refine_steps=40)
+        return sched.weight_matrix(DOMAINS)[0][2], pred["math"]
+
+    # unbounded, the linear law runs math to all of the tokens and a loss of -2 nats
+    w, loss = math_weight_and_loss(dataclasses.replace(result, seen=None))
+    assert w > 0.99 and loss < -1.9
+    # the measured losses alone (1.6 to 2.8, widened by their range: >= 0.4) stop it at 0.6
+    losses_only = dataclasses.replace(seen, weight_lo_D=np.zeros(3), weight_hi_D=np.ones(3))
+    w, loss = math_weight_and_loss(dataclasses.replace(result, seen=losses_only))
+    assert w == pytest.approx(0.6, abs=0.01) and loss == pytest.approx(0.4, abs=0.06)
+    # the fit as it is: no more math than a run gave it
+    w, loss = math_weight_and_loss(result)
+    assert w == pytest.approx(X_NxF[:, 2].max(), abs=1e-6)
+
+
+def test_a_measured_run_beats_an_extrapolated_prediction():
+    import dataclasses
+
+    from sweeps.optimize import describe_choice, prefer_measured
+
+    X_NxF, Y_NxD = narrow_runs()
+    result = fit(X_NxF, Y_NxD, DOMAINS, folds=3, regressors=("linear",), objective=Objective())
+    unbounded = choose(dataclasses.replace(result, seen=None), DOMAINS, None, {}, 0.0,
+                       Objective(), samples=5000, refine_steps=40)
+    best = MixtureSchedule.from_stage_weights([(0.0, dict(zip(DOMAINS, X_NxF[0])))])
+    measured = (best, float(Y_NxD[0].mean()))
+    chosen, _, choice = prefer_measured(result, Objective(), unbounded, measured, "run 0")
+    assert chosen is best and choice["from"] == "run 0"
+    assert choice["predicted_gain"] > choice["margin"]  # a large gain, and not believed
+    assert set(choice["extrapolated"]) == {"math"}
+    assert "math -" in describe_choice(choice) and "an extrapolation" in describe_choice(choice)
+    # inside what the runs measured, the same rule as before
+    inside = choose(result, DOMAINS, None, {}, 0.0, Objective(), samples=5000, refine_steps=40)
+    assert prefer_measured(result, Objective(), inside, measured, "run 0")[2]["extrapolated"] == {}
