@@ -147,7 +147,7 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
     return gc_config.from_config_dict(exp)
 
 
-def run_job(config: dict, sweep_dir: str, cpus: int, progress_every_s: float) -> None:
+def run_job(config: dict, sweep_dir: str, cpus: int, progress_every_s: float = 0.0) -> None:
     """The Ray Tune function trainable: one run on CPUs of its own, reported once at its end
     (and its progress on the way)."""
     with trial_cpus(cpus):

@@ -657,7 +657,7 @@ def _job_config(cfg: ExperimentConfig) -> dict:
     return plain
 
 
-def run_rung(config: dict, runs_root: str, cpus: int, progress_every_s: float) -> None:
+def run_rung(config: dict, runs_root: str, cpus: int, progress_every_s: float = 0.0) -> None:
     """The Ray Tune function trainable: one ladder run on CPUs of its own, reported once at its
     end (and its progress on the way)."""
     from sweeps.cpus import trial_cpus
