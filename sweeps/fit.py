@@ -359,12 +359,17 @@ class Seen:
     weight_hi_D: np.ndarray
     loss_lo_D: np.ndarray
     loss_hi_D: np.ndarray
+    start_lo_S1: np.ndarray  # the non-first stages' starts
+    start_hi_S1: np.ndarray
 
     @classmethod
     def of(cls, X_NxF: np.ndarray, Y_NxD: np.ndarray) -> "Seen":
         D = Y_NxD.shape[1]
-        weights_NSxD = X_NxF[:, :(X_NxF.shape[1] + 1) // (D + 1) * D].reshape(-1, D)
-        return cls(weights_NSxD.min(0), weights_NSxD.max(0), Y_NxD.min(0), Y_NxD.max(0))
+        n_weights = (X_NxF.shape[1] + 1) // (D + 1) * D
+        weights_NSxD = X_NxF[:, :n_weights].reshape(-1, D)
+        starts_NxS1 = X_NxF[:, n_weights:]
+        return cls(weights_NSxD.min(0), weights_NSxD.max(0), Y_NxD.min(0), Y_NxD.max(0),
+                   starts_NxS1.min(0), starts_NxS1.max(0))
 
     def outside(self, pred_MxD: np.ndarray) -> np.ndarray:
         """(M, D) how far (nats) each predicted loss lies outside its plausible range; 0 inside."""

@@ -4,10 +4,11 @@
 concentrations, from near-vertices to near-centre, each stage independently, projected onto
 {min_weight <= w_d <= cap_d, sum w = 1} and into each domain's range of weights in the fitted
 runs (no corner of the simplex no run visited) — scores them with the fit's predicted
-objective, and then either refines the best few by random local steps that are kept when they improve
-("search"), or averages the top k ("topk", as RegMix does: an average of good mixtures is less
-tied to one model's quirks than the argmin). Stage starts are fixed from the template: the
-sweep varies what each stage feeds, not when the anneal begins.
+objective, and then either refines the best few by random local steps that are kept when they
+improve ("search"), or averages the top k ("topk", as RegMix does: an average of good mixtures is less
+tied to one model's quirks than the argmin). With one end stage whose start the trials
+varied (`space.anneal_start`) and a fit that sees starts, the search is repeated at 5 starts
+spread over the range they tried and the best is kept; otherwise the template's starts stay.
 
 The baseline constraint ("no domain predicted worse than the baseline by more than x") ranks
 every feasible schedule before any infeasible one; among infeasible ones the least violation
@@ -211,18 +212,54 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
     lower_D, upper_D = _trust_region(result, *_bounds(domains, caps, min_weight))
     starts, template_SxD = _template(stage_template, domains)
     S, D = len(starts), len(domains)
-    scorer = _Scorer(result, starts, objective, baseline_losses)
     if result.n_features and result.n_features != S * D + S - 1:
         raise ValueError(f"the template's {S} stage(s) x {D} domains give {S * D + S - 1} "
                          f"features; the fit used {result.n_features}")
-    rng = np.random.default_rng(seed)
+    # a fit that sees only each domain's share of all tokens cannot tell an end stage from the
+    # base: it gets one mixture for every stage, and the end stage's start does not matter to it
+    stage_blind = all(getattr(m, "stage_blind", False) for m in result.models.values())
+    found = []
+    for starts in [starts] if stage_blind else _start_grid(result, starts):
+        scorer = _Scorer(result, starts, objective, baseline_losses)
+        best_SxD = _search(scorer, template_SxD, S, lower_D, upper_D, stage_blind,
+                           np.random.default_rng(seed), samples, method, top_k, refine_starts,
+                           refine_steps)
+        (score,), pred_1xD = scorer(best_SxD[None])
+        found.append((score, starts, best_SxD, pred_1xD[0]))
+    best_score, starts, best_SxD, pred_D = min(found, key=lambda f: f[0])
+    if best_score >= IMPLAUSIBLE:
+        warnings.warn("every mixture searched has a predicted loss outside the range the fitted "
+                      "runs measured (widened by that range): the fit extrapolates everywhere",
+                      stacklevel=2)
+    elif best_score >= INFEASIBLE:
+        warnings.warn(f"no mixture found meets the constraint "
+                      f"(max_worse_than_baseline={objective.max_worse_than_baseline:g}); the "
+                      f"winner breaks it least (by {best_score - INFEASIBLE:.3%})",
+                      stacklevel=2)
+    schedule = MixtureSchedule.from_stage_weights(
+        [(start, {d: float(w) for d, w in zip(domains, w_D)})
+         for start, w_D in zip(starts, best_SxD)]).validate(domains, where="winner")
+    return schedule, {d: float(v) for d, v in zip(domains, pred_D)}
+
+
+def _start_grid(result: FitResult, starts: list[float]) -> list[list[float]]:
+    """The stage starts to search: the template's, or, with one end stage whose start the
+    fitted runs varied (space.anneal_start), 5 values spread over the range they tried."""
+    seen = result.seen
+    if len(starts) != 2 or seen is None or not seen.start_hi_S1[0] > seen.start_lo_S1[0]:
+        return [starts]
+    return [[0.0, float(x)] for x in np.linspace(seen.start_lo_S1[0], seen.start_hi_S1[0], 5)]
+
+
+def _search(scorer: _Scorer, template_SxD: np.ndarray | None, S: int, lower_D: np.ndarray,
+            upper_D: np.ndarray, stage_blind: bool, rng: np.random.Generator, samples: int,
+            method: str, top_k: int, refine_starts: int, refine_steps: int) -> np.ndarray:
+    """The (S, D) stage weights the scorer ranks best, at its stage starts."""
+    D = len(lower_D)
     center_SxD = template_SxD if template_SxD is not None else np.full((S, D), 1.0 / D)
-    if all(getattr(m, "stage_blind", False) for m in result.models.values()):
-        # the fit sees only each domain's share of all tokens, so it cannot tell an end stage
-        # from the base: search one mixture for every stage rather than hand back an end stage
-        # the model is indifferent to
+    if stage_blind:  # one mixture, repeated over the stages
         scorer = _Tiled(scorer, S)
-        shares_D = np.diff([*starts, 1.0]) @ center_SxD
+        shares_D = np.diff([0.0, *scorer.scorer.starts, 1.0]) @ center_SxD
         center_SxD, template_SxD = shares_D[None], (
             None if template_SxD is None else shares_D[None])
     W_MxSxD = _sample(rng, samples, center_SxD)
@@ -243,21 +280,7 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
         W_KxSxD, score_K = _refine(W_MxSxD[starts_K], score_M[starts_K], scorer, rng,
                                    lower_D, upper_D, refine_steps)
         best_SxD = W_KxSxD[int(np.argmin(score_K))]
-    best_score, pred_1xD = scorer(best_SxD[None])
-    best_SxD = np.broadcast_to(best_SxD, (S, D))
-    if best_score[0] >= IMPLAUSIBLE:
-        warnings.warn("every mixture searched has a predicted loss outside the range the fitted "
-                      "runs measured (widened by that range): the fit extrapolates everywhere",
-                      stacklevel=2)
-    elif best_score[0] >= INFEASIBLE:
-        warnings.warn(f"no mixture found meets the constraint "
-                      f"(max_worse_than_baseline={objective.max_worse_than_baseline:g}); the "
-                      f"winner breaks it least (by {best_score[0] - INFEASIBLE:.3%})",
-                      stacklevel=2)
-    schedule = MixtureSchedule.from_stage_weights(
-        [(start, {d: float(w) for d, w in zip(domains, w_D)})
-         for start, w_D in zip(starts, best_SxD)]).validate(domains, where="winner")
-    return schedule, {d: float(v) for d, v in zip(domains, pred_1xD[0])}
+    return np.broadcast_to(best_SxD, (S, D))
 
 
 def predict_schedule(result: FitResult, schedule: MixtureSchedule) -> dict[str, float]:

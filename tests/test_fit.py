@@ -605,3 +605,26 @@ def test_a_measured_run_beats_an_extrapolated_prediction():
     # inside what the runs measured, the same rule as before
     inside = choose(result, DOMAINS, None, {}, 0.0, Objective(), samples=5000, refine_steps=40)
     assert prefer_measured(result, Objective(), inside, measured, "run 0")[2]["extrapolated"] == {}
+
+
+def test_choose_searches_the_end_stage_start_the_runs_varied():
+    # two stages, the end stage starting at 0.8 to 0.9; every loss falls as the end stage
+    # starts later, and web's as the end stage gives it more
+    rng = np.random.default_rng(7)
+    W_NxSxD = rng.dirichlet(np.ones(3), (30, 2))
+    start_N = rng.uniform(0.8, 0.9, 30)
+    X_NxF = np.column_stack([W_NxSxD.reshape(30, -1), start_N])
+    Y_NxD = (3 - 2 * (start_N[:, None] - 0.85) - 0.3 * W_NxSxD[:, 1, :1]
+             + rng.normal(0, 0.001, (30, 3)))
+    template = MixtureSchedule.from_stage_weights(
+        [(0.0, dict.fromkeys(DOMAINS, 1 / 3)), (0.85, dict.fromkeys(DOMAINS, 1 / 3))])
+
+    def end_start(regressor: str) -> float:
+        result = fit(X_NxF, Y_NxD, DOMAINS, folds=3, regressors=(regressor,))
+        sched, _ = choose(result, DOMAINS, template, {}, 0.0, Objective(), samples=2000,
+                          refine_steps=20)
+        return sched.stages[1].start
+
+    assert end_start("linear") == pytest.approx(start_N.max())
+    # a fit that sees only token shares cannot tell one start from another: the template's
+    assert end_start("logweight") == 0.85
