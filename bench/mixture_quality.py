@@ -191,7 +191,7 @@ def report_fit(r: dict) -> None:
               f"across trials -> no predictor ranks the measured loss above ~{n['ceiling']:.2f}")
     c = r["choice"]
     print(f"choice: {c['from']} (the fit's own mixture predicted {c['predicted_gain']:+.4f} better "
-          f"than {c['best_measured']}, measured; the fit's CV error {c['margin']:.4f}); "
+          f"than {c['best_measured']}, measured; the fit's error {c['margin']:.4f}); "
           "objective predicted: " + ", ".join(
               f"{k} {v:.4f}" for k, v in c["objective_predicted"].items()))
     print(f"{'domain':<14}{'fit':>8}{'own weight':>12}   Spearman on held-out trials")

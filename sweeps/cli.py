@@ -37,8 +37,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                     help="comma-separated, the ones K-fold CV chooses among (default: %(default)s)")
     ft.add_argument("--prefer-measured", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the best measured row (of TABLE and --holdout) when the fit's "
-                    "mixture is predicted better by less than the fit's cross-validated error "
-                    "on the objective (default: on, as a sweep's fit.prefer_measured)")
+                    "mixture is predicted better by less than the fit's error there (its "
+                    "cross-validated error on the objective with its CV folds' spread at that "
+                    "mixture; default: on, as a sweep's fit.prefer_measured)")
     ft.add_argument("--out", default=None, help="write the chosen mixture here as winner.json")
     cmp_ = sub.add_parser("compare", help="a sweep's trials, fit, winner and validation; or runs side by side",
                           description="gx compare SWEEP: the sweep's report, printed and written as "

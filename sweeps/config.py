@@ -40,7 +40,8 @@ class FitConfig:
     method: str = "search"  # search | topk
     samples: int = 100_000
     # the best measured trial wins when the fit predicts its own mixture better than it by less
-    # than the fit's cross-validated error on the objective (sweeps.runner._prefer_measured)
+    # than the fit's error there: the CV error on the objective with the CV folds' models'
+    # spread at that mixture (sweeps.optimize.prefer_measured)
     prefer_measured: bool = True
 
 

@@ -389,13 +389,27 @@ class FitResult:
     folds: int = 0
     notes: dict[str, str] = dataclasses.field(default_factory=dict)  # domain -> fallback note
     seen: "Seen | None" = None  # what the fitted rows covered: optimize.choose keeps inside
+    # domain -> the chosen regressor fitted on each CV fold's training rows
+    fold_models: dict[str, list[Regressor]] = dataclasses.field(default_factory=dict)
 
     def predict(self, X_MxF: np.ndarray) -> np.ndarray:
         """(M, D) predicted per-domain losses."""
+        X_MxF = self._check(X_MxF)
+        return np.column_stack([self.models[d].predict(X_MxF) for d in self.domains])
+
+    def fold_predict(self, X_MxF: np.ndarray) -> np.ndarray:
+        """(K, M, D) the per-domain losses each CV fold's models predict. Where they disagree
+        the prediction rests on which rows the fit saw: a point far from them."""
+        X_MxF = self._check(X_MxF)
+        return np.stack([np.column_stack([self.fold_models[d][k].predict(X_MxF)
+                                          for d in self.domains])
+                         for k in range(len(self.fold_models[self.domains[0]]))])
+
+    def _check(self, X_MxF: np.ndarray) -> np.ndarray:
         X_MxF = _as_2d(X_MxF)
         if self.n_features and X_MxF.shape[1] != self.n_features:
             raise ValueError(f"{X_MxF.shape[1]} features given; the fit used {self.n_features}")
-        return np.column_stack([self.models[d].predict(X_MxF) for d in self.domains])
+        return X_MxF
 
 
 def fold_ids(n_rows: int, folds: int, seed: int) -> np.ndarray:
@@ -407,13 +421,14 @@ def fold_ids(n_rows: int, folds: int, seed: int) -> np.ndarray:
 
 
 def _oof_predictions(name: str, X_NxF: np.ndarray, y_N: np.ndarray, ids_N: np.ndarray,
-                     folds: int, seed: int, n_domains: int) -> np.ndarray:
-    pred_N = np.empty(len(y_N))
+                     folds: int, seed: int, n_domains: int) -> tuple[np.ndarray, list[Regressor]]:
+    """(N,) each row's prediction by the model of the fold that left it out, and those models."""
+    pred_N, models = np.empty(len(y_N)), []
     for k in range(folds):
         test = ids_N == k
-        model = make_regressor(name, seed, n_domains).fit(X_NxF[~test], y_N[~test])
-        pred_N[test] = model.predict(X_NxF[test])
-    return pred_N
+        models.append(make_regressor(name, seed, n_domains).fit(X_NxF[~test], y_N[~test]))
+        pred_N[test] = models[k].predict(X_NxF[test])
+    return pred_N, models
 
 
 def _pick(sq_err: dict[str, np.ndarray]) -> str:
@@ -456,10 +471,11 @@ def fit(X_NxF: np.ndarray, Y_NxD: np.ndarray, domains: Sequence[str], *, folds: 
         raise UserError("fit: features or losses contain NaN or infinity")
     check_trials(len(X_NxF), folds)
     ids_N = fold_ids(len(X_NxF), folds, seed)
-    # out-of-fold residuals, (N, D) per regressor
-    resid = {name: np.column_stack([
-        _oof_predictions(name, X_NxF, Y_NxD[:, d], ids_N, folds, seed, len(domains))
-        for d in range(len(domains))]) - Y_NxD for name in regressors}
+    # out-of-fold predictions and the fold models, per regressor and domain
+    oof = {name: [_oof_predictions(name, X_NxF, Y_NxD[:, d], ids_N, folds, seed, len(domains))
+                  for d in range(len(domains))] for name in regressors}
+    resid = {name: np.column_stack([pred_N for pred_N, _ in per_domain]) - Y_NxD
+             for name, per_domain in oof.items()}
 
     def pick(sq_err: dict[str, np.ndarray]) -> str:
         mse = {name: float(e.mean()) for name, e in sq_err.items()}
@@ -481,7 +497,9 @@ def fit(X_NxF: np.ndarray, Y_NxD: np.ndarray, domains: Sequence[str], *, folds: 
         if getattr(models[domain], "fallback", None):
             notes[domain] = models[domain].fallback
     return FitResult(domains, chosen, cv_mse, models, n_features=X_NxF.shape[1],
-                     n_rows=len(X_NxF), folds=folds, notes=notes, seen=Seen.of(X_NxF, Y_NxD))
+                     n_rows=len(X_NxF), folds=folds, notes=notes, seen=Seen.of(X_NxF, Y_NxD),
+                     fold_models={domain: oof[chosen[domain]][d][1]
+                                  for d, domain in enumerate(domains)})
 
 
 # ---------------------------------------------------------------------------------------------

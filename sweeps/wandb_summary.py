@@ -46,7 +46,8 @@ def summary_metrics(s: report.SweepData) -> dict[str, float]:
     if f.get("choice"):  # 1: the fit's own mixture won; 0: a measured trial did
         out["fit/choice/from_fit"] = float(f["choice"]["from"] == "fit")
         out["fit/choice/predicted_gain"] = f["choice"]["predicted_gain"]
-        out["fit/choice/margin"] = f["choice"]["margin"]
+        out.update({f"fit/choice/{k}": f["choice"][k] for k in ("margin", "cv_error", "fold_spread")
+                    if k in f["choice"]})
     for d, per in (f.get("cv_mse") or {}).items():
         out.update({f"fit/cv_mse/{d}/{name}": v for name, v in per.items()})
     for k, v in (f.get("seconds") or {}).items():

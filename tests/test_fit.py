@@ -467,7 +467,7 @@ def test_gx_fit_keeps_a_measured_row_the_fit_cannot_beat(tmp_path, capsys):
     assert cli.main([*args, "--out", str(tmp_path / "winner.json")]) == 0
     out = capsys.readouterr().out
     assert "choice: hold.csv row 3 (line 4): the fit's mixture was predicted" in out
-    assert "within the fit's CV error" in out
+    assert "within the fit's error" in out and "fold models' spread" in out
     assert "chosen mixture (hold.csv row 3 (line 4), measured)" in out
     winner = json.loads((tmp_path / "winner.json").read_text())
     assert winner["stages"][0]["weights"] == pytest.approx(dict.fromkeys(DOMAINS, 1 / 3))
@@ -628,3 +628,31 @@ def test_choose_searches_the_end_stage_start_the_runs_varied():
     assert end_start("linear") == pytest.approx(start_N.max())
     # a fit that sees only token shares cannot tell one start from another: the template's
     assert end_start("logweight") == 0.85
+
+
+def test_the_folds_spread_far_from_the_runs_widens_the_margin():
+    from sweeps.optimize import predict_schedule, prefer_measured
+
+    # 16 noisy runs near uniform: the CV folds' linear models agree there and not far away
+    rng = np.random.default_rng(9)
+    X_NxF = rng.dirichlet(np.full(3, 100.0), 16)
+    Y_NxD = 3 - np.array([0.8, 0.4, 0.2]) * X_NxF + rng.normal(0, 0.02, X_NxF.shape)
+    result = fit(X_NxF, Y_NxD, DOMAINS, folds=4, regressors=("linear",), objective=Objective())
+    assert result.fold_predict(X_NxF[:5]).shape == (4, 5, 3)
+    near, far = np.full(3, 1 / 3), np.array([0.9, 0.05, 0.05])
+    spread_2 = result.fold_predict(np.stack([near, far])).mean(2).std(0, ddof=1)
+    assert spread_2[1] > 5 * spread_2[0]
+
+    far_schedule = MixtureSchedule.from_stage_weights([(0.0, dict(zip(DOMAINS, far)))])
+    predicted = predict_schedule(result, far_schedule)
+    cv_error = float(np.sqrt(result.cv_mse["objective"]["linear"]))
+    margin = float(np.hypot(cv_error, spread_2[1]))
+    # a measured run the fit's mixture beats by more than its CV error, less than the margin
+    best = MixtureSchedule.from_stage_weights([(0.0, dict(zip(DOMAINS, X_NxF[0])))])
+    measured = float(np.mean(list(predicted.values()))) + (cv_error + margin) / 2
+    chosen, _, choice = prefer_measured(result, Objective(), (far_schedule, predicted),
+                                        (best, measured), "run 0")
+    assert choice["fold_spread"] == pytest.approx(spread_2[1])
+    assert choice["margin"] == pytest.approx(margin) and choice["cv_error"] == pytest.approx(cv_error)
+    assert cv_error < choice["predicted_gain"] < margin
+    assert chosen is best and choice["from"] == "run 0"

@@ -127,6 +127,7 @@ def check_wandb_summary(sweep_dir: Path, runs: Path) -> None:
     fit = json.loads((sweep_dir / "fit.json").read_text())
     assert s["trials/n_fit"] == fit["n_fit"] and "validate/target/winner/loss_mean" in s
     assert s["fit/choice/from_fit"] == float(fit["choice"]["from"] == "fit")
+    assert s["fit/choice/fold_spread"] == fit["choice"]["fold_spread"] > 0
     assert s["fit/objective_predicted/uniform"] == fit["objective_predicted"]["uniform"]
     records = tracking._inspect_records(tracking._session_logs(sweep_dir)[0])
     (art,) = [r["artifact"] for r in records
@@ -214,7 +215,7 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
     compare = gx("compare", "mixture_sweep_tiny", runs=runs, env=env)
     assert compare.returncode == 0 and "held-out" in compare.stdout, compare.stderr
     assert "objective predicted: winner" in compare.stdout  # against the fit's own error
-    assert "choice: " in compare.stdout and "the fit's CV error" in compare.stdout
+    assert "choice: " in compare.stdout and "the fit's error" in compare.stdout
     assert f"report: {sweep_dir / 'report.html'}" in compare.stdout
 
     from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
