@@ -25,6 +25,9 @@ but their errors add up in the objective, and a bounded form chosen for one doma
 saturates as w -> 0) lets the search starve that domain. On the 48 600-step small proxies of
 bench/mixture_quality.py, per-domain choice ranked held-out mixtures at Spearman 0.59,
 objective-level choice (logweight) at 0.93. Without `objective`, each domain picks its own.
+The chosen regressor's fold models are kept (`FitResult.fold_models`): how much they disagree at
+a mixture says how far the fit's prediction there rests on which runs it saw
+(optimize.prefer_measured).
 
 The objective (`Objective`) is the mean of domain losses, or a weighted mean over target
 domains, optionally with "no domain predicted worse than the baseline (natural mixture) by more
