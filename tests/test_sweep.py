@@ -208,6 +208,7 @@ def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, e
         and json.loads(p.read_text())["train"]["steps"] == 96).read_text())
     assert target_runs["model"]["d_model"] == 64  # 2x the proxy's width
     assert "winner" in proc.stdout and "trial" in proc.stdout
+    assert re.search(r"^sweep: \d fitted trials for 13 features", proc.stdout, re.M)
     # the runs' progress on the way, not only a line when each has finished
     assert re.search(r"^validate \S+: step \d+/96 +loss \d+\.\d+.* eta \d+m\d\ds$", proc.stdout,
                      re.M), proc.stdout[-3000:]
