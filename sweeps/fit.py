@@ -408,6 +408,13 @@ class FitResult:
                                           for d in self.domains])
                          for k in range(len(self.fold_models[self.domains[0]]))])
 
+    def underdetermined(self, runs: str = "runs") -> str:
+        """A warning when the fit saw no more rows than features, else ''."""
+        if self.n_rows > self.n_features:
+            return ""
+        return (f"{self.n_rows} fitted {runs} for {self.n_features} features: the fit can match "
+                "them all, so its predictions away from them are not evidence")
+
     def _check(self, X_MxF: np.ndarray) -> np.ndarray:
         X_MxF = _as_2d(X_MxF)
         if self.n_features and X_MxF.shape[1] != self.n_features:

@@ -372,13 +372,11 @@ def fit_and_choose(plan: SweepPlan, table, log: Log) -> dict:
     hold_rows = ok[ok["trial"].isin(hold_idx)]
     X = np.stack([fit_lib.features(plan.schedules[t], plan.domains) for t in train_rows["trial"]])
     Y = train_rows[[f"{LOSS}{d}" for d in plan.domains]].to_numpy(np.float64)
-    if len(X) <= X.shape[1]:
-        log(f"sweep: {len(X)} fitted trials for {X.shape[1]} features (weights per stage and "
-            "the end stage's start): the fit can match them all, so its predictions away from "
-            "them are not evidence; more trials (space.trials) make it a search")
     objective = _objective(plan.sweep)
     result = fit_lib.fit(X, Y, plan.domains, folds=min(f.folds, len(train_rows)),
                          seed=plan.sweep.space.seed, regressors=f.regressors, objective=objective)
+    if warning := result.underdetermined("trials"):
+        log(f"sweep: {warning}; more trials (space.trials) make it a search")
     holdout = None
     if len(hold_rows):
         Xh = np.stack([fit_lib.features(plan.schedules[t], plan.domains)
