@@ -295,6 +295,7 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
         "chosen": result.chosen,
         "cv_mse": result.cv_mse,
         "notes": result.notes,
+        "underdetermined": result.underdetermined(),
         "ignored_columns": list(train.ignored),
         "holdout": (dict(evaluate_holdout(result, hold.X_NxF, hold.Y_NxD, objective),
                          table=hold.path) if hold is not None else None),
@@ -336,6 +337,8 @@ def format_fit_report(result: dict) -> str:
         lines.append(d.ljust(width) + row + "   " + chosen[d])
     for d, note in result.get("notes", {}).items():
         lines.append(f"  note: {d}: loglinear {note}")
+    if result.get("underdetermined"):
+        lines.append(f"warning: {result['underdetermined']}")
     if result.get("ignored_columns"):
         lines.append("ignored loss columns (no weights): " + ", ".join(result["ignored_columns"]))
     hold = result.get("holdout")

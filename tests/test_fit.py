@@ -457,6 +457,27 @@ def log_share_table(path, n: int, seed: int, beta_D: np.ndarray, exact_row: int 
         path, index=False)
 
 
+def test_gx_fit_says_when_it_has_no_more_runs_than_features(tmp_path, capsys):
+    from gemini_core import cli
+
+    log_share_table(tmp_path / "few.csv", 5, seed=24, beta_D=np.full(3, 0.1))
+    table = pd.read_csv(tmp_path / "few.csv")
+    table["weight/base/web"] = table.pop("weight/web")  # two stages: 3 + 3 weights and a start
+    for d in ("code", "math"):
+        table[f"weight/base/{d}"] = table.pop(f"weight/{d}")
+    for d in DOMAINS:
+        table[f"weight/end/{d}"] = 1 / 3
+    table["start/end"] = 0.8
+    table.to_csv(tmp_path / "few.csv", index=False)
+    assert cli.main(["fit", str(tmp_path / "few.csv"), "--folds", "2", "--regressors",
+                     "linear"]) == 0
+    assert "warning: 5 fitted runs for 7 features: the fit can match them all" in \
+        capsys.readouterr().out
+    log_share_table(tmp_path / "many.csv", 12, seed=24, beta_D=np.full(3, 0.1))
+    assert cli.main(["fit", str(tmp_path / "many.csv"), "--regressors", "linear"]) == 0
+    assert "warning:" not in capsys.readouterr().out
+
+
 def test_gx_fit_keeps_a_measured_row_the_fit_cannot_beat(tmp_path, capsys):
     from gemini_core import cli
     # every domain alike: the optimum is uniform, and the holdout table's row 3 measured it
