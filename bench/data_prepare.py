@@ -39,7 +39,7 @@ def parse() -> argparse.Namespace:
 
 def gx(*args: str, runs: Path) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs),
+    proc = subprocess.run([sys.executable, "-m", "gx", "--runs-root", str(runs),
                            *args], cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"gx {' '.join(args)} failed:\n{proc.stderr[-3000:]}")

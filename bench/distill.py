@@ -41,21 +41,21 @@ def parse() -> argparse.Namespace:
 
 
 def run(args, role: str, *overrides: str) -> tuple[dict, float]:
-    from gemini_core import train
+    from gemini_core.train import trainer
     from gemini_core.experiment import load_experiment
     n, d = (args.teacher_steps, 0) if role == "teacher" else (args.student_steps, args.student_d)
     extra = (f",steps={n}" if n else "") + (f",d={d}" if d else "")
     cfg = load_experiment(f"experiments/distill_nano.py:role={role},size={args.size}{extra}", [
         f"--config.data.root={args.corpus}", "--config.tracking.wandb=false", *overrides]).config
     t0 = time.perf_counter()
-    summary = train.run_experiment(cfg, Path(args.work), log=lambda s: print(s, flush=True))
+    summary = trainer.run_experiment(cfg, Path(args.work), log=lambda s: print(s, flush=True))
     return summary, time.perf_counter() - t0
 
 
 def main() -> None:
-    from gemini_core import steps
+    from gemini_core.train import step_fns
     args = parse()
-    steps.tune_host_malloc()
+    step_fns.tune_host_malloc()
     teacher, t_teacher = run(args, "teacher")
     scratch, t_scratch = run(args, "scratch")
     rows = {"teacher": (teacher, t_teacher), "scratch": (scratch, t_scratch)}

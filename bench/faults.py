@@ -1,7 +1,7 @@
 """Faults: recovery from in-memory state vs an orbax checkpoint, and what protection costs.
 
 On the quickstart's model (V4096 D128 L4, seq 128, batch 32) with random tokens, using the real
-pieces: steps.make_train_step, faults.Guard with the default FaultsConfig, checkpoint.Checkpointer.
+pieces: step_fns.make_train_step, faults.Guard with the default FaultsConfig, checkpoint.Checkpointer.
 
 - Recovery: seconds from "the step failed" to "the state is on the device again", for the same
   state, from the Guard's host snapshot (faults.Guard.restore), from the replica in a Ray actor
@@ -26,8 +26,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gemini_core import faults, steps
-from gemini_core.checkpoint import Checkpointer
+from gemini_core.scale import faults
+from gemini_core.train import step_fns
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import FaultsConfig, ModelConfig, OptimizerConfig
 
 MODEL = ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=1, mlp_dim=512,
@@ -89,7 +90,7 @@ def timed(fn, *args):
 
 
 def overhead(args, graphdef, state, cfg: FaultsConfig, guard: faults.Guard) -> dict:
-    train_step = steps.make_train_step(graphdef)
+    train_step = step_fns.make_train_step(graphdef)
     toks = batches(args.steps)
     state = run_plain(train_step, state, toks[:3], 0)  # compile
     guard.begin(3, state)
@@ -190,9 +191,9 @@ def ray_recovery(args, state, step: int, host) -> dict:
 
 def main() -> None:
     args = parse()
-    steps.tune_host_malloc()
+    step_fns.tune_host_malloc()
     cfg = FaultsConfig()
-    graphdef, state = steps.init_state(MODEL, OPT, 100_000, seed=0)
+    graphdef, state = step_fns.init_state(MODEL, OPT, 100_000, seed=0)
     guard = faults.Guard(cfg, Path(tempfile.mkdtemp(prefix="gx-bench-faults-")),
                          run_id="bench", fingerprint="bench", log=lambda _: None)
     with guard:

@@ -138,9 +138,9 @@ def validation_figures(sweep_dir: Path) -> dict:
 
 def main() -> None:
     args = parse()
-    from gemini_core import steps
+    from gemini_core.train import step_fns
     from sweeps.runner import run_sweep
-    steps.tune_host_malloc()
+    step_fns.tune_host_malloc()
     root = Path(args.work)
     results: dict = {"trials": args.trials, "size": args.size, "seeds": args.seeds,
                      "proxy_steps": args.proxy_steps, "target_steps": args.target_steps}

@@ -40,7 +40,7 @@ def parse() -> argparse.Namespace:
 
 
 def run_ladder(args: argparse.Namespace) -> tuple[Path, float]:
-    cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", args.runs_root, "scaling",
+    cmd = [sys.executable, "-m", "gx", "--runs-root", args.runs_root, "scaling",
            "run", args.experiment, f"--config.base.data.root={args.corpus}"]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()

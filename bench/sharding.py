@@ -1,6 +1,6 @@
 """Step time and MFU of one model at 1 vs 8 CPU devices, under each mesh preset.
 
-The real path: steps.init_state / make_train_step with a sharding.Layout (state born sharded,
+The real path: step_fns.init_state / make_train_step with a sharding.Layout (state born sharded,
 host batch placed with its sharding every step, AdamW and clipping in the same jit). The global
 batch is the same at 1 and 8 devices (strong scaling). JAX fixes its device count at start, so
 each configuration runs in its own child process (XLA_FLAGS=--xla_force_host_platform_device_
@@ -50,15 +50,16 @@ def child(devices: int, preset: str, args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from gemini_core import flops, sharding, steps
+    from gemini_core.scale import flops, sharding
+    from gemini_core.train import step_fns
     from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
 
-    steps.tune_host_malloc()
+    step_fns.tune_host_malloc()
     assert jax.device_count() == devices, jax.devices()
     model = ModelConfig(**MODEL)
     layout = sharding.Layout.from_config(MeshConfig(preset=preset))
-    graphdef, state = steps.init_state(model, OptimizerConfig(lr=3e-4), 10_000, 0, layout)
-    step = steps.make_train_step(graphdef, layout)
+    graphdef, state = step_fns.init_state(model, OptimizerConfig(lr=3e-4), 10_000, 0, layout)
+    step = step_fns.make_train_step(graphdef, layout)
     rng = np.random.default_rng(0)
     tokens = [rng.integers(0, model.vocab_size, (BATCH, SEQ + 1), dtype=np.int32)
               for _ in range(4)]
@@ -74,7 +75,7 @@ def child(devices: int, preset: str, args: argparse.Namespace) -> dict:
         times.append((time.perf_counter() - start) / args.steps)
     step_s = statistics.median(times)
     flops_per_step = flops.flops_per_token(model, SEQ) * BATCH * SEQ
-    peak = sharding.peak_flops(layout)
+    peak = flops.mesh_peak_flops(layout.mesh)
     return {"devices": devices, "preset": preset, "mesh": layout.sizes, "step_s": step_s,
             "tokens_per_s": BATCH * SEQ / step_s, "mfu": flops_per_step / step_s / peak,
             "peak_gflops": peak / 1e9, "loss": float(metrics["loss"])}

@@ -91,7 +91,7 @@ def machine_ceiling(seconds: float = 20.0) -> dict:
 
 def sweep(args: argparse.Namespace, concurrent: int, work: Path) -> dict:
     runs = work / f"runs-{concurrent}"
-    cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs), "sweep",
+    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs), "sweep",
            f"experiments/mixture_sweep.py:size={args.size}", "--no-validate",
            f"--config.proxy.data.root={args.corpus}", f"--config.space.trials={args.trials}",
            f"--config.proxy.train.steps={args.steps}", "--config.proxy.tracking.wandb=false",

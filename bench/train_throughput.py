@@ -1,6 +1,6 @@
 """Training throughput of our jitted train step vs the compiled PyTorch peer, in one run.
 
-Ours: the real steps.make_train_step (donated state, AdamW + clipping in the same jit) on
+Ours: the real step_fns.make_train_step (donated state, AdamW + clipping in the same jit) on
 random tokens; median step time over --steps after warmup, synchronised with
 block_until_ready. Peer: /work/shared/peers/torch_lm.py --compile (its venv is built by
 setup_peers.sh when missing), run as a subprocess between our rounds. The machine is shared and
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from gemini_core import steps
+from gemini_core.train import step_fns
 
 PEERS_SRC = Path("/work/shared/peers")
 TARGET_RATIO = 1.15
@@ -89,8 +89,8 @@ class OurRunner:
         import jax.numpy as jnp
         from gemini_core.config import OptimizerConfig
         self.case, self.cfg = case, model_config(case)
-        graphdef, self.state = steps.init_state(self.cfg, OptimizerConfig(lr=3e-4), 10_000, 0)
-        self.step = steps.make_train_step(graphdef)
+        graphdef, self.state = step_fns.init_state(self.cfg, OptimizerConfig(lr=3e-4), 10_000, 0)
+        self.step = step_fns.make_train_step(graphdef)
         keys = jax.random.split(jax.random.key(1), 4)
         self.batches = [jax.random.randint(k, (case.batch, case.seq + 1), 0, case.vocab,
                                            dtype=jnp.int32) for k in keys]
@@ -98,7 +98,7 @@ class OurRunner:
         self._run(1)
         self.compile_s = time.perf_counter() - start
         self._run(warmup)
-        self.params = steps.count_params(self.state)
+        self.params = step_fns.count_params(self.state)
 
     def _run(self, n: int) -> list[float]:
         import jax
@@ -169,7 +169,7 @@ def median_or_none(xs: list[float]) -> float | None:
 
 def bench(args: argparse.Namespace) -> dict:
     import jax
-    from gemini_core import flops
+    from gemini_core.scale import flops
     cases = [c for c in CASES if c.name in args.cases.split(",")]
     peak = flops.measure_matmul_peak(2048, 20)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; f32 matmul peak "
@@ -292,7 +292,7 @@ def targets(result: dict) -> list[str]:
 def main() -> int:
     args = parse()
     # before JAX's first computation: its worker threads must bind to the main malloc arena
-    if not args.no_malloc_tuning and not steps.tune_host_malloc():
+    if not args.no_malloc_tuning and not step_fns.tune_host_malloc():
         print("note: glibc malloc tuning unavailable; expect ~1 GB of page faults per step")
     import jax
     cache = Path(os.environ.get("TMPDIR") or "/tmp") / "gemini_core_jax_cache"

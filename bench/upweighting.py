@@ -132,9 +132,9 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     args = parse()
-    from gemini_core import steps
+    from gemini_core.train import step_fns
     from sweeps.runner import plan_sweep, run_jobs, write_plan
-    steps.tune_host_malloc()
+    step_fns.tune_host_malloc()
     log = lambda s: print(s, flush=True)  # noqa: E731
     plan = plan_sweep(sweep_config(args), Path(args.work), log)
     write_plan(plan)

@@ -121,13 +121,13 @@ class TrackingConfig:
 
 
 def _default_mesh_rules() -> dict[str, str]:
-    from gemini_core import sharding  # imports jax: only when a MeshConfig is made
+    from gemini_core.scale import sharding  # imports jax: only when a MeshConfig is made
     return sharding.default_rules()
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh (axes data, fsdp, model) and the logical-axis rules; gemini_core.sharding.
+    """The device mesh (axes data, fsdp, model) and the logical-axis rules; gemini_core.scale.sharding.
 
     Sizes: 0 = the preset's, -1 = the devices the other axes leave (at most one axis). Rules:
     logical axis -> comma-separated mesh axes ("data,fsdp"), "" = replicated, "preset" = the
@@ -145,7 +145,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    """Multi-host JAX (jax.distributed.initialize); gemini_core.distributed. Where the run
+    """Multi-host JAX (jax.distributed.initialize); gemini_core.scale.distributed. Where the run
     runs, not what it computes: not in the fingerprint. Unset fields come from the environment
     (GX_COORDINATOR_ADDRESS or JAX_COORDINATOR_ADDRESS, GX_NUM_PROCESSES, GX_PROCESS_ID)."""
 
@@ -157,7 +157,7 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FaultsConfig:
-    """Surviving faults inside one process (gemini_core.faults). How a run is protected, not
+    """Surviving faults inside one process (gemini_core.scale.faults). How a run is protected, not
     what it computes (a rolled-back or rechecked run is bit-identical): not in the fingerprint.
     Defaults cost about 1% of step time (README, "Faults and recovery")."""
 
@@ -170,7 +170,7 @@ class FaultsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """A student trained towards a teacher run's distribution (gemini_core.distill)."""
+    """A student trained towards a teacher run's distribution (gemini_core.train.distill)."""
 
     teacher: str = ""  # a done run's id (or unique prefix, or run dir); "" = no distillation
     alpha: float = 0.5  # weight of the KL term; 1 - alpha on the data's cross-entropy
@@ -224,7 +224,7 @@ def _convert_scalar(value: Any, tp: Any, path: str) -> Any:
 def _convert(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _to_dataclass(value, tp, path)
+        return to_dataclass(value, tp, path)
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise UserError(f"{path}={value!r}: expected a tuple, got {type(value).__name__}")
@@ -251,7 +251,7 @@ def _items(value: Any) -> list[tuple[str, Any]]:
     return list(value.items())
 
 
-def _to_dataclass(value: Any, cls: type, path: str) -> Any:
+def to_dataclass(value: Any, cls: type, path: str) -> Any:
     if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
         raise UserError(f"{path}={value!r}: expected a section of keys ({cls.__name__})")
     given = dict(_items(value))
@@ -311,13 +311,13 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def require_data_root(d: DataConfig) -> None:
-    """Training needs the corpus; a --dry-run plan does not, so this is not in _check_data."""
+    """Training needs the corpus; a --dry-run plan does not, so this is not in check_data."""
     if not d.root:
         raise UserError("config.data.root='': set it to the corpus folder, e.g. "
                         "--config.data.root=../shared/corpus")
 
 
-def _check_data(d: DataConfig) -> None:
+def check_data(d: DataConfig) -> None:
     p = "config.data"
     _positive(f"{p}.seq_len", d.seq_len)
     _positive(f"{p}.max_epochs", d.max_epochs)
@@ -432,20 +432,20 @@ def _check_distill(d: DistillConfig) -> None:
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConfig:
     """Validates and converts a user's experiment config; raises UserError on any mistake."""
-    exp = _to_dataclass(cfg, ExperimentConfig, "config")
+    exp = to_dataclass(cfg, ExperimentConfig, "config")
     if not exp.name:
         raise UserError("config.name='': every experiment needs a name")
     model = dataclasses.replace(exp.model, vocab_size=exp.data.tokenizer.vocab_size)
     exp = dataclasses.replace(exp, model=model)
     _check_model(exp.model)
-    _check_data(exp.data)
+    check_data(exp.data)
     _check_train(exp.train)
     _check_optimizer(exp.optimizer, exp.train)
     _check_mixture(exp.mixture, exp.data.domains)
     _check_distributed(exp.distributed)
     _check_faults(exp.faults)
     _check_distill(exp.distill)
-    from gemini_core import sharding
+    from gemini_core.scale import sharding
     exp = dataclasses.replace(exp, mesh=sharding.resolve_config(exp.mesh))
     return exp
 

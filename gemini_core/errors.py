@@ -14,7 +14,7 @@ class UserError(Exception):
 
 class TrainingStopped(Exception):
     """Training stopped on purpose, with a message that says why and what to do (no traceback):
-    a fault the trainer could not recover from (gemini_core.faults), or a preemption."""
+    a fault the trainer could not recover from (gemini_core.scale.faults), or a preemption."""
 
     exit_code = 1
 

@@ -42,7 +42,7 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
-def _load_module(path: Path):
+def load_module(path: Path):
     if not path.is_file():
         raise UserError(f"{path}: experiment file not found")
     spec = importlib.util.spec_from_file_location(f"gx_experiment_{path.stem}", path)
@@ -63,7 +63,7 @@ def _user_frame(e: BaseException, path: Path) -> str:
     return f"{path}:{frames[-1].lineno}" if frames else str(path)
 
 
-def _call_get_config(module, path: Path, arg: str | None) -> ml_collections.ConfigDict:
+def call_get_config(module, path: Path, arg: str | None) -> ml_collections.ConfigDict:
     try:
         cfg = module.get_config(arg) if arg is not None else module.get_config()
     except Exception as e:
@@ -175,8 +175,8 @@ def load_experiment(spec: str, overrides: Sequence[str] = (), *,
     `schema`/`convert` name another typed config, e.g. a data-curation pipeline's.
     """
     path, arg = split_spec(spec)
-    module = _load_module(path)
-    defaults = with_schema_defaults(_call_get_config(module, path, arg), path.stem, schema)
+    module = load_module(path)
+    defaults = with_schema_defaults(call_get_config(module, path, arg), path.stem, schema)
     cfg = ml_collections.ConfigDict(defaults.to_dict())
     apply_overrides(cfg, overrides)
     exp_cfg = convert(cfg)

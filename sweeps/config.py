@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from gemini_core import config as gc_config
-from gemini_core.config import ExperimentConfig, _to_dataclass
+from gemini_core.config import ExperimentConfig, to_dataclass
 from gemini_core.errors import UserError
 from sweeps import fit as fit_lib
 from sweeps.doremi import DoReMiConfig, check as check_doremi
@@ -165,7 +165,7 @@ def _check(s: SweepConfig) -> None:
 
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> SweepConfig:
-    sweep = _to_dataclass(cfg, SweepConfig, "config")
+    sweep = to_dataclass(cfg, SweepConfig, "config")
     if not sweep.name:
         raise UserError("config.name='': every sweep needs a name")
     if not isinstance(sweep.proxy, Mapping) or not sweep.proxy:

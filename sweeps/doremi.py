@@ -25,15 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemini_core import steps, train
-from gemini_core.checkpoint import Checkpointer
+from gemini_core.train import step_fns, trainer
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import Sampler
 from gemini_core.errors import UserError
-from gemini_core.evaluate import EvalSet, evaluate
-from gemini_core.progress import Progress
-from gemini_core.rundir import RunDir, fingerprint, run_id
-from gemini_core.tracking import Tracker
+from gemini_core.eval.domain_loss import EvalSet, evaluate
+from gemini_core.train.progress import Progress
+from gemini_core.runs.rundir import RunDir, fingerprint, run_id
+from gemini_core.runs.tracking import Tracker
 
 Log = Callable[[str], None]
 
@@ -116,8 +116,8 @@ def train_doremi(cfg: ExperimentConfig, reference: RunDir, dc: DoReMiConfig, run
                  log: Log = print) -> dict:
     """Trains the DRO proxy (or reuses a done one, or resumes); returns its summary."""
     runs_root = Path(runs_root).absolute()
-    train.enable_compilation_cache(train.cache_root(cfg, runs_root))
-    p = train.prepare(cfg, runs_root, log)
+    trainer.enable_compilation_cache(trainer.cache_root(cfg, runs_root))
+    p = trainer.prepare(cfg, runs_root, log)
     name = f"{cfg.name}_doremi"
     ident = {**p.identity, "doremi": dataclasses.asdict(dc), "reference_run": reference.run_id}
     fp = fingerprint(ident)
@@ -126,16 +126,16 @@ def train_doremi(cfg: ExperimentConfig, reference: RunDir, dc: DoReMiConfig, run
         return run.summary() or {}
     run.write_config({**ident, "fingerprint": fp, "run_id": run.run_id})
     run.set_status("running")
-    return train.record_outcome(run, lambda: _train(cfg, p, run, reference, dc, log))
+    return trainer.record_outcome(run, lambda: _train(cfg, p, run, reference, dc, log))
 
 
-def _train(cfg: ExperimentConfig, p: train.Prepared, run: RunDir, reference: RunDir,
+def _train(cfg: ExperimentConfig, p: trainer.Prepared, run: RunDir, reference: RunDir,
            dc: DoReMiConfig, log: Log) -> dict:
     tc, domains = cfg.train, cfg.data.domains
     K = len(domains)
     sampler = Sampler(p.schedule, domains, p.data.train, total_steps=tc.steps,
                       batch_size=tc.batch_size, seq_len=cfg.data.seq_len, seed=cfg.seed)
-    graphdef, state = steps.init_state(cfg.model, cfg.optimizer, tc.steps, cfg.seed)
+    graphdef, state = step_fns.init_state(cfg.model, cfg.optimizer, tc.steps, cfg.seed)
     ref_state = _reference_state(reference, graphdef, state)
     carry = (jnp.full((K,), 1.0 / K, jnp.float32), jnp.zeros((K,), jnp.float32))
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
@@ -172,7 +172,7 @@ def _train(cfg: ExperimentConfig, p: train.Prepared, run: RunDir, reference: Run
         average_K = np.asarray(jax.device_get(carry[1]), np.float64) / tc.steps
         evalset = EvalSet.build(p.data.valid, p.data.token_bytes, seq_len=cfg.data.seq_len,
                                 batch_size=tc.batch_size, batches=tc.eval_batches)
-        final = evaluate(steps.make_eval_step(graphdef), state, evalset, tc.batch_size)
+        final = evaluate(step_fns.make_eval_step(graphdef), state, evalset, tc.batch_size)
         weights = {f"doremi/weights/{d}": float(w) for d, w in zip(domains, average_K)}
         tracker.log(tc.steps, final)
         tracker.summary({**final, **weights})

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from gemini_core.rundir import RunDir
+from gemini_core.runs.rundir import RunDir
 
 SKIP = ("fingerprint", "run_id", "overrides", "paths")  # differ by construction
 
@@ -303,7 +303,7 @@ def plot_validation(s: SweepData) -> str | None:
 
 
 def _curve(run_dir: Path | None) -> tuple[list[int], list[float]]:
-    from gemini_core.tracking import read_metrics
+    from gemini_core.runs.tracking import read_metrics
 
     if run_dir is None:
         return [], []

@@ -1,6 +1,6 @@
 """`gx sweep`: proxy runs over sampled mixture schedules, fanned out by Ray Tune, then fit + choose.
 
-Every trial is a real `gemini_core.train.run_experiment` of the proxy experiment with its own
+Every trial is a real `gemini_core.train.trainer.run_experiment` of the proxy experiment with its own
 schedule: its own run dir and fingerprint, W&B group = the sweep, job_type = proxy. So a trial
 whose fingerprint already has a done run costs nothing, and an interrupted one resumes from its
 checkpoints; `Tuner.restore` brings back the sweep itself after the driver is killed. The data
@@ -28,7 +28,7 @@ import numpy as np
 from gemini_core import config as gc_config
 from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.errors import UserError
-from gemini_core.rundir import fingerprint, write_json_atomic
+from gemini_core.runs.rundir import fingerprint, write_json_atomic
 from sweeps import fit as fit_lib
 from sweeps import optimize, space as space_lib
 from sweeps.cpus import trial_cpus
@@ -72,13 +72,13 @@ def _trial_base(exp: gc_config.ExperimentConfig) -> gc_config.ExperimentConfig:
 
 
 def plan_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepPlan:
-    from gemini_core import train
+    from gemini_core.train import trainer
     from gemini_core.data.tokens import prepare_data
 
     runs_root = Path(runs_root).absolute()
     proxy = _trial_base(proxy_config(sweep))
     gc_config.require_data_root(proxy.data)
-    cache = train.cache_root(proxy, runs_root)
+    cache = trainer.cache_root(proxy, runs_root)
     data = prepare_data(proxy.data, proxy.data.tokenizer.sample_weights, cache, log=log)
     domains = proxy.data.domains
     tokens = {d: int(len(data.train[d])) for d in domains}
@@ -173,19 +173,19 @@ def progress_log(name: str, every_s: float) -> Log:
 def _run_job(job: dict, sweep_dir: Path, log: Log) -> None:
     from ray import tune
 
-    from gemini_core import steps, train
-    steps.tune_host_malloc()
+    from gemini_core.train import step_fns, trainer
+    step_fns.tune_host_malloc()
     cfg = job_config(sweep_dir, job)
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     root = Path(meta["runs_root"])
     if job.get("doremi"):  # the Group-DRO proxy against a finished reference run
-        from gemini_core.rundir import find_run
+        from gemini_core.runs.rundir import find_run
         from sweeps import doremi
         dc = doremi.DoReMiConfig(**job["doremi"])
         summary = doremi.train_doremi(cfg, find_run(root, job["reference_run"]), dc, root,
                                       log=log)
     else:
-        summary = train.run_experiment(cfg, root, log=log)
+        summary = trainer.run_experiment(cfg, root, log=log)
     losses = {d: float(summary[f"eval/{d}/loss"]) for d in cfg.data.domains}
     bad = [d for d, v in losses.items() if not math.isfinite(v)]
     tune.report({"name": job["name"], "run_id": summary["run_id"],
@@ -441,7 +441,7 @@ def baselines(plan: SweepPlan) -> dict[str, MixtureSchedule]:
 
 
 def run_doremi(plan: SweepPlan, log: Log) -> dict:
-    from gemini_core.rundir import find_run
+    from gemini_core.runs.rundir import find_run
     dc = plan.sweep.doremi
     if dc.reference == "uniform":
         ref_weights = {d: 1.0 / len(plan.domains) for d in plan.domains}

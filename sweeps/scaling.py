@@ -1,6 +1,6 @@
 """`gx scaling`: a ladder of model sizes x token budgets on Ray Tune, and the Chinchilla fit.
 
-The ladder (`run_ladder`): every (size, steps) pair is a real `gemini_core.train.run_experiment`
+The ladder (`run_ladder`): every (size, steps) pair is a real `gemini_core.train.trainer.run_experiment`
 of the base experiment with that model and that many steps; its own run dir and fingerprint, so
 rerunning the ladder reuses done runs and resumes interrupted ones from their checkpoints. The
 data and the tokenizer are prepared once on the driver; the runs not yet done go to Ray Tune,
@@ -38,9 +38,9 @@ import ml_collections
 import numpy as np
 
 from gemini_core import config as gc_config
-from gemini_core.config import ExperimentConfig, _to_dataclass
+from gemini_core.config import ExperimentConfig, to_dataclass
 from gemini_core.errors import UserError
-from gemini_core.rundir import fingerprint, write_json_atomic
+from gemini_core.runs.rundir import fingerprint, write_json_atomic
 from sweeps.config import ResourcesConfig, check_resources
 
 Log = Callable[[str], None]
@@ -168,7 +168,7 @@ def _check(ladder: LadderConfig) -> None:
 
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> LadderConfig:
-    ladder = _to_dataclass(cfg, LadderConfig, "config")
+    ladder = to_dataclass(cfg, LadderConfig, "config")
     _check(ladder)
     rungs(ladder)  # every run's config is valid now, before any data is read
     return ladder
@@ -629,7 +629,8 @@ class LadderPlan:
 
 def plan_ladder(ladder: LadderConfig, runs_root: Path, log: Log = print) -> LadderPlan:
     """Data and tokenizer once (every run shares them), every run's identity, the sweep dir."""
-    from gemini_core import flops, train
+    from gemini_core.scale import flops
+    from gemini_core.train import trainer
 
     runs_root = Path(runs_root).absolute()
     planned = []
@@ -639,7 +640,7 @@ def plan_ladder(ladder: LadderConfig, runs_root: Path, log: Log = print) -> Ladd
             raise UserError(f"config.base.data.root={root!r}: set it to the corpus folder, e.g. "
                             "--config.base.data.root=../shared/corpus")
         # the first prepares data and tokenizer (or finds them cached); the rest hit the cache
-        p = train.prepare(rung.config, runs_root, log=log if i == 0 else lambda _: None)
+        p = trainer.prepare(rung.config, runs_root, log=log if i == 0 else lambda _: None)
         counts = flops.param_counts(rung.config.model)
         tokens = rung.config.train.steps * rung.config.train.batch_size * rung.config.data.seq_len
         planned.append(Planned(rung, p.run.run_id, p.run.path, counts["non_embedding"],
@@ -664,12 +665,12 @@ def run_rung(config: dict, runs_root: str, cpus: int, progress_every_s: float = 
     with trial_cpus(cpus):  # before JAX starts: XLA's thread flag
         from ray import tune
 
-        from gemini_core import steps, train
+        from gemini_core.train import step_fns, trainer
         from sweeps.runner import progress_log
-        steps.tune_host_malloc()
+        step_fns.tune_host_malloc()
         job = config["job"]
         cfg = gc_config.from_config_dict(job["config"])
-        summary = train.run_experiment(cfg, Path(runs_root),
+        summary = trainer.run_experiment(cfg, Path(runs_root),
                                        log=progress_log(job["name"], progress_every_s))
         loss = float(summary["eval/mean/loss"])
         tune.report({"name": job["name"], "run_id": summary["run_id"],
@@ -812,7 +813,7 @@ def fit_target(root: Path, target: str, *, holdout_largest: int | None = None,
     fit_cfg, kind = ScalingFitConfig(), "the table's params column"
     ladder_json = out_dir / "ladder.json"
     if stem == "fit" and ladder_json.is_file():
-        fit_cfg = _to_dataclass(json.loads(ladder_json.read_text())["ladder"]["fit"],
+        fit_cfg = to_dataclass(json.loads(ladder_json.read_text())["ladder"]["fit"],
                                 ScalingFitConfig, f"{ladder_json}:ladder.fit")
         kind = "non-embedding parameters"
     holdout = fit_cfg.holdout_largest if holdout_largest is None else holdout_largest

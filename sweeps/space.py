@@ -94,7 +94,7 @@ def _pair(value, key: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_data(domains: Sequence[str], tokens: Mapping[str, int], target_tokens: int,
+def check_data(domains: Sequence[str], tokens: Mapping[str, int], target_tokens: int,
                 where: str) -> None:
     if not len(domains):
         raise UserError(f"{where}: no domains to mix")
@@ -170,7 +170,7 @@ def check_space(space: SpaceConfig, domains: Sequence[str], tokens: Mapping[str,
     """UserError naming the key path for a search space that is malformed, empty or
     contradictory; cheap, so a sweep calls it before Ray starts any trial. `min_trials`: how
     many points the regression fit needs (the fitter knows its feature count)."""
-    _check_data(domains, tokens, target_tokens, where)
+    check_data(domains, tokens, target_tokens, where)
     _check_fields(space, domains, where, min_trials)
     if space.prior == "natural" and not any(tokens[d] > 0 for d in domains):
         raise UserError(f"{where}.prior='natural': every domain has 0 tokens")

@@ -3,7 +3,7 @@
 Beside the trials' runs (group = the sweep's name, job_type proxy/validate) one run of
 job_type "sweep" sums the sweep up: id = the sweep dir's name (so running the sweep again, or
 `log_sweep` again, continues the same W&B run), files under <sweep dir>/wandb/. Offline by default
-and with the same environment handling as every run (gemini_core.tracking): nothing under ~,
+and with the same environment handling as every run (gemini_core.runs.tracking): nothing under ~,
 online only on WANDB_MODE=online. Skipped when the proxy config says tracking.wandb=false.
 """
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from gemini_core import tracking
+from gemini_core.runs import tracking
 from gemini_core.config import TrackingConfig
 from sweeps import report
 
@@ -98,24 +98,24 @@ def log_sweep(sweep_dir: Path, *, mode: str | None = None, force: bool = False,
     env = tracking._EnvPatch()
     run = None
     try:
-        env.set(tracking._sdk_env(s.dir, mode))
+        env.set(tracking.sdk_env(s.dir, mode))
         config = {"sweep": s.meta.get("sweep", {}), "domains": s.domains,
                   "winner": s.winner, "method": s.fit.get("method", "regression"),
                   "chosen": s.fit.get("chosen", {})}
-        run = tracking._start_wandb(s.dir, run_id=s.name, group=s.meta["sweep"]["name"],
+        run = tracking.start_wandb(s.dir, run_id=s.name, group=s.meta["sweep"]["name"],
                                     config=json.loads(json.dumps(config)), tracking=cfg,
                                     mode=mode)
         import wandb
         _log(run, wandb, s)
         run.finish()
         run = None
-        tracking._teardown_if_idle()
+        tracking.teardown_if_idle()
     except Exception as e:
         if run is not None:
             run.finish(exit_code=1)
-            tracking._teardown_if_idle()
+            tracking.teardown_if_idle()
         # like a run's tracker: offline W&B is a copy of what is on disk; losing it is a warning
-        if not (mode == "offline" and tracking._recoverable(e)):
+        if not (mode == "offline" and tracking.recoverable(e)):
             raise
         log(f"warning: W&B summary of sweep {s.name} failed ({type(e).__name__}: {e})")
         return None

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemini_core.curation import classifier as clf
-from gemini_core.curation.classifier import (ClassifierParams, QualityClassifier, auc,
+from gemini_core.data.curation import classifier as clf
+from gemini_core.data.curation.classifier import (ClassifierParams, QualityClassifier, auc,
                                              featurize)
 from gemini_core.errors import UserError
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gemini_core import config as config_lib
-from gemini_core import train
+from gemini_core.train import trainer
 from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment, split_spec
 
@@ -102,7 +102,7 @@ def test_missing_required_field_and_unknown_section_key(tmp_path):
 def test_data_root_is_required_to_train_but_not_to_plan(tmp_path):
     exp = load_experiment(QUICKSTART, [])  # a --dry-run plan reads no data
     with pytest.raises(UserError, match=r"config\.data\.root='': set it"):
-        train.prepare(exp.config, tmp_path)
+        trainer.prepare(exp.config, tmp_path)
     assert not any(tmp_path.iterdir())
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gemini_core.curation import config as curation_config
-from gemini_core.curation import pipeline
+from gemini_core.data.curation import config as curation_config
+from gemini_core.data.curation import pipeline
 from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment
 
@@ -221,7 +221,7 @@ def test_cleaned_output_trains_through_gx_run(prepared, tmp_path):
     out, _ = prepared
     from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
     proc = subprocess.run(
-        [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(tmp_path / "runs"), "run",
+        [sys.executable, "-m", "gx", "--runs-root", str(tmp_path / "runs"), "run",
          "experiments/quickstart.py", *TINY, f"--config.data.root={out}",
          "--config.train.steps=8", "--config.train.checkpoint_every=0",
          "--config.train.eval_every=0", "--config.tracking.wandb=false"],
@@ -232,10 +232,10 @@ def test_cleaned_output_trains_through_gx_run(prepared, tmp_path):
 
 def test_gx_data_report_prints_the_table(prepared):
     out, _ = prepared
-    proc = subprocess.run([sys.executable, "-m", "gemini_core.cli", "data", "report", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "gx", "data", "report", str(out)],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "docs in" in proc.stdout and "multilingual" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "gemini_core.cli", "data", "report",
+    bad = subprocess.run([sys.executable, "-m", "gx", "data", "report",
                           str(out / "nope")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from gemini_core.curation import dedup as D
+from gemini_core.data.curation import dedup as D
 from gemini_core.errors import UserError
 
 DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")  # experiments/data_prep.py
@@ -225,7 +225,7 @@ def test_signatures_do_not_depend_on_batch_composition(corpus_root, monkeypatch)
 
 
 def test_signatures_are_the_same_in_another_process():
-    code = ("import sys, json, hashlib; from gemini_core.curation import dedup as D; "
+    code = ("import sys, json, hashlib; from gemini_core.data.curation import dedup as D; "
             "t = json.loads(sys.stdin.read()); "
             "print(hashlib.sha256(D.signatures(t, D.DedupParams()).tobytes()).hexdigest())")
     env = dict(os.environ, PYTHONHASHSEED="12345")  # str hashes differ: ours must not use them

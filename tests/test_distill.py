@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemini_core import distill, train
+from gemini_core.train import distill, trainer
 from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment
-from gemini_core.rundir import RunDir
-from gemini_core.tracking import read_metrics
+from gemini_core.runs.rundir import RunDir
+from gemini_core.runs.tracking import read_metrics
 
 
 def test_kl_forward_reverse_and_topk_match_their_definitions():
@@ -42,7 +42,7 @@ def _config(role: str, corpus, cache, *extra: str):
 @pytest.fixture(scope="module")
 def teacher(corpus_root, tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("runs")
-    summary = train.run_experiment(_config("teacher", corpus_root, data_cache), root,
+    summary = trainer.run_experiment(_config("teacher", corpus_root, data_cache), root,
                                    log=lambda _: None)
     return root, data_cache, summary["run_id"]
 
@@ -50,7 +50,7 @@ def teacher(corpus_root, tmp_path_factory, data_cache):
 def _student(teacher, corpus, *extra: str) -> dict:
     root, cache, teacher_id = teacher
     cfg = _config("student", corpus, cache, f"--config.distill.teacher={teacher_id}", *extra)
-    return train.run_experiment(cfg, root, log=lambda _: None)
+    return trainer.run_experiment(cfg, root, log=lambda _: None)
 
 
 def test_student_trains_towards_its_teacher(teacher, corpus_root):
@@ -65,7 +65,7 @@ def test_student_trains_towards_its_teacher(teacher, corpus_root):
     assert all(np.isfinite(r["train/loss"]) for r in rows)
 
     # alpha = 0 is training from scratch: the same eval loss as the plain trainer's run
-    plain = train.run_experiment(_config("scratch", corpus_root, cache), root, log=lambda _: None)
+    plain = trainer.run_experiment(_config("scratch", corpus_root, cache), root, log=lambda _: None)
     zero = _student(teacher, corpus_root, "--config.distill.alpha=0.0")
     np.testing.assert_allclose(zero["eval/mean/loss"], plain["eval/mean/loss"], rtol=1e-5)
     assert abs(summary["eval/mean/loss"] - plain["eval/mean/loss"]) > 1e-4  # the KL acts
@@ -81,15 +81,15 @@ def test_teacher_errors(teacher, corpus_root, tmp_path):
     other_vocab = _config("student", corpus_root, cache, f"--config.distill.teacher={teacher_id}",
                           "--config.data.tokenizer.vocab_size=320")
     with pytest.raises(UserError, match="tokenizer"):
-        train.prepare(other_vocab, root, log=lambda _: None)
+        trainer.prepare(other_vocab, root, log=lambda _: None)
     proc = subprocess.run(
-        [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(root), "run",
+        [sys.executable, "-m", "gx", "--runs-root", str(root), "run",
          "experiments/distill_nano.py:size=tiny", f"--config.data.root={corpus_root}",
          f"--config.data.cache_dir={cache}", "--config.distill.teacher=no_such_run"],
         capture_output=True, text=True)
     assert proc.returncode == 2 and "no_such_run" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "gemini_core.cli", "run", "experiments/distill_nano.py:size=tiny",
+        [sys.executable, "-m", "gx", "run", "experiments/distill_nano.py:size=tiny",
          "--config.distill.kl=reverse", "--config.distill.top_k=8", "--dry-run"],
         capture_output=True, text=True)
     assert proc.returncode == 2 and "config.distill.top_k" in proc.stderr, proc.stderr

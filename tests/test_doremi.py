@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from gemini_core import train
+from gemini_core.train import trainer
 from gemini_core.experiment import load_experiment
-from gemini_core.rundir import RunDir
-from gemini_core.tracking import read_metrics
+from gemini_core.runs.rundir import RunDir
+from gemini_core.runs.tracking import read_metrics
 from sweeps import config as sweep_config
 from sweeps.doremi import DoReMiConfig, train_doremi
 
@@ -30,7 +30,7 @@ def proxy(corpus_root, data_cache):
 
 def test_dro_weights_follow_exponentiated_gradient(proxy, tmp_path):
     root = tmp_path / "runs"
-    reference = train.run_experiment(proxy, root, log=lambda _: None)
+    reference = trainer.run_experiment(proxy, root, log=lambda _: None)
     ref_run = RunDir(root, proxy.name, reference["run_id"])
     eta = 0.5
     summary = train_doremi(proxy, ref_run, DoReMiConfig(eta=eta, smoothing=0.0), root,
@@ -65,7 +65,7 @@ def test_doremi_config_errors(corpus_root, tmp_path):
     import subprocess
     import sys
     proc = subprocess.run(
-        [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(tmp_path), "sweep",
+        [sys.executable, "-m", "gx", "--runs-root", str(tmp_path), "sweep",
          "experiments/mixture_sweep.py:size=tiny", f"--config.proxy.data.root={corpus_root}",
          "--config.method=doremi", "--config.doremi.eta=-1"],
         capture_output=True, text=True)

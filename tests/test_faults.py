@@ -1,4 +1,4 @@
-"""Faults (gemini_core.faults): rollback to in-memory snapshots, SDC checks, kill -9 and SIGTERM.
+"""Faults (gemini_core.scale.faults): rollback to in-memory snapshots, SDC checks, kill -9 and SIGTERM.
 
 Every run here trains the same tiny model on two small domains of ../shared/corpus, so one
 uninterrupted reference run (the `reference` fixture) gives the parameters every faulted run must
@@ -26,9 +26,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gemini_core import cli, faults, tracking
-from gemini_core.rundir import RunDir, iter_runs
-from gemini_core.tracking import read_metrics
+from gx import cli
+from gemini_core.scale import faults
+from gemini_core.runs import tracking
+from gemini_core.runs.rundir import RunDir, iter_runs
+from gemini_core.runs.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -275,7 +277,7 @@ def _checkpoints_sound(run: RunDir, allow_tmp: bool) -> None:
 def test_kill_9_at_random_steps_then_resume_is_bit_identical(tmp_path, cache_dir, corpus_root,
                                                              reference, capsys):
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "gemini_core.cli", *run_args(runs, cache_dir, corpus_root)]
+    cmd = [sys.executable, "-m", "gx", *run_args(runs, cache_dir, corpus_root)]
     rng = random.Random(os.environ.get("GX_TEST_SEED", "faults"))
     killed_at, starts = [], []
     for i in range(5):

@@ -458,7 +458,7 @@ def log_share_table(path, n: int, seed: int, beta_D: np.ndarray, exact_row: int 
 
 
 def test_gx_fit_says_when_it_has_no_more_runs_than_features(tmp_path, capsys):
-    from gemini_core import cli
+    from gx import cli
 
     log_share_table(tmp_path / "few.csv", 5, seed=24, beta_D=np.full(3, 0.1))
     table = pd.read_csv(tmp_path / "few.csv")
@@ -479,7 +479,7 @@ def test_gx_fit_says_when_it_has_no_more_runs_than_features(tmp_path, capsys):
 
 
 def test_gx_fit_keeps_a_measured_row_the_fit_cannot_beat(tmp_path, capsys):
-    from gemini_core import cli
+    from gx import cli
     # every domain alike: the optimum is uniform, and the holdout table's row 3 measured it
     log_share_table(tmp_path / "train.csv", 30, seed=21, beta_D=np.full(3, 0.1))
     log_share_table(tmp_path / "hold.csv", 8, seed=22, beta_D=np.full(3, 0.1), exact_row=2)

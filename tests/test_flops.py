@@ -5,9 +5,9 @@ import jax
 import pytest
 from flax import nnx
 
-from gemini_core import flops
+from gemini_core.scale import flops
 from gemini_core.config import ModelConfig
-from gemini_core.model import Transformer
+from gemini_core.model.transformer import Transformer
 
 # the PyTorch peer's config (a): V8192 D256 L4 H4, one kv head, mlp 4·D, untied head
 PEER_A = ModelConfig(d_model=256, num_layers=4, num_heads=4, num_kv_heads=1,
@@ -110,7 +110,7 @@ def _check_peak_file(tmp_path, monkeypatch):
 def test_an_environment_compilation_cache_wins_over_the_runs_roots(tmp_path, monkeypatch):
     """One cache for several runs roots (this test session's, a CI job's); without the
     variable, each runs root keeps its own."""
-    from gemini_core.train import enable_compilation_cache
+    from gemini_core.train.trainer import enable_compilation_cache
     before = jax.config.jax_compilation_cache_dir
     try:
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "shared"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gemini_core import cli
+from gx import cli
 from gemini_core.config import ExperimentConfig
 from gemini_core.experiment import config_overrides, load_experiment
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from gemini_core.config import ModelConfig
-from gemini_core.model import LOGICAL_AXES, Transformer, causal_attention, cross_entropy
+from gemini_core.model.transformer import LOGICAL_AXES, Transformer, causal_attention, cross_entropy
 
 TINY = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
                    vocab_size=61)

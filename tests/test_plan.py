@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemini_core import compute_plan as cp
-from gemini_core import flops
+from gemini_core.scale import compute_plan as cp
+from gemini_core.scale import flops
 from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment
 
@@ -20,7 +20,7 @@ GOPHER_BUDGET = 5.76e23  # Chinchilla's own budget: 70B params on 1.4T tokens
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gemini_core.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "gx", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -87,7 +87,7 @@ def test_printed_command_dry_run_reports_n(capsys, monkeypatch):
     assert "Chinchilla (D = 20·N)" in out.stdout and "loss (fit)" in out.stdout
     command = re.search(r"^\s+(gx run experiments/pretrain\.py:\S+ --dry-run)$", out.stdout,
                         re.M).group(1)
-    from gemini_core import cli  # the pasted command, through gx's own main (in-process)
+    from gx import cli  # the pasted command, through gx's own main (in-process)
     monkeypatch.chdir(REPO)
     assert cli.main(command.split()[1:]) == 0
     dry = capsys.readouterr()
@@ -114,7 +114,7 @@ def test_bad_compute_exits_2_with_a_clear_message():
     (["--compute", "1e20", "--size", "mega"], "--size='mega'"),
 ])
 def test_bad_input_messages(args, message, capsys):
-    from gemini_core import cli
+    from gx import cli
     assert cli.main(["plan", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

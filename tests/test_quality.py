@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gemini_core.curation import langid, quality
-from gemini_core.curation.quality import RULES, QualityParams, params_for, quality_failures
+from gemini_core.data.curation import langid, quality
+from gemini_core.data.curation.quality import RULES, QualityParams, params_for, quality_failures
 from gemini_core.errors import UserError
 
 GOOD = (

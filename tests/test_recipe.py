@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gemini_core import cli
+from gx import cli
 from gemini_core.data.mixture import MixtureSchedule
-from gemini_core.rundir import read_json
+from gemini_core.runs.rundir import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "experiments/gemini_recipe.py:size=tiny"
@@ -32,7 +32,7 @@ def recipe_args(corpus: Path) -> list[str]:
 
 
 def gx(*args: str, runs: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs),
+    return subprocess.run([sys.executable, "-m", "gx", "--runs-root", str(runs),
                            *args], cwd=REPO, env=env, capture_output=True, text=True)
 
 

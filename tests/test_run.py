@@ -19,9 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gemini_core import train
+from gemini_core.train import trainer
 from gemini_core.experiment import load_experiment
-from gemini_core.rundir import RunDir, iter_runs
+from gemini_core.runs.rundir import RunDir, iter_runs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -40,7 +40,7 @@ def cache_dir(data_cache):
 
 
 def gx(*args: str, runs_root: Path, cache: Path, corpus: Path, check=True, **kw):
-    cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs_root), *args]
+    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs_root), *args]
     if args and args[0] == "run":
         cmd += [f"--config.data.root={corpus}", f"--config.data.cache_dir={cache}"]
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -96,7 +96,7 @@ def test_run_end_to_end_then_reuse(tmp_path, cache_dir, corpus_root):
     ls = gx("ls", runs_root=runs, cache=cache_dir, corpus=corpus_root)
     assert run.run_id in ls.stdout and "done" in ls.stdout and "24/24" in ls.stdout
     show = gx("show", run.run_id[:12], runs_root=runs, cache=cache_dir, corpus=corpus_root)
-    assert "train.steps = 24" in show.stdout and "mean" in show.stdout
+    assert "trainer.steps = 24" in show.stdout and "mean" in show.stdout
 
     ev = gx("eval", run.run_id, "--data", str(corpus_root), runs_root=runs, cache=cache_dir,
             corpus=corpus_root)
@@ -113,7 +113,7 @@ def test_kill_then_resume_is_bit_identical(tmp_path, cache_dir, corpus_root):
     gx("run", "experiments/quickstart.py", *TINY, runs_root=straight, cache=cache_dir,
        corpus=corpus_root)
 
-    cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(killed), "run",
+    cmd = [sys.executable, "-m", "gx", "--runs-root", str(killed), "run",
            "experiments/quickstart.py", *TINY, f"--config.data.root={corpus_root}",
            f"--config.data.cache_dir={cache_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -157,7 +157,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, cache_dir, corpus_root):
 
 
 def test_dry_run_prints_the_plan_without_data(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "gemini_core.cli", "run",
+    proc = subprocess.run([sys.executable, "-m", "gx", "run",
                            "experiments/pretrain.py:size=nano", "--dry-run"],
                           cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "GX_RUNS_ROOT": str(tmp_path)})
@@ -173,7 +173,7 @@ def test_fingerprint_identity(tmp_path, cache_dir, corpus_root):
         exp = load_experiment(str(REPO / "experiments/quickstart.py"),
                               [f"--config.data.root={root}", f"--config.data.cache_dir={cache_dir}",
                                *TINY, *overrides])
-        return train.prepare(exp.config, tmp_path / "runs", log=lambda _: None).fingerprint
+        return trainer.prepare(exp.config, tmp_path / "runs", log=lambda _: None).fingerprint
 
     base = fp(corpus_root)
     assert fp(corpus_root) == base  # stable

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gemini_core.curation.pii import PLACEHOLDERS, mask_pii
-from gemini_core.curation.safety import Blocklist
+from gemini_core.data.curation.pii import PLACEHOLDERS, mask_pii
+from gemini_core.data.curation.safety import Blocklist
 from gemini_core.errors import UserError
 
 # ---------------------------------------------------------------------------------------------

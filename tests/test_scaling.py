@@ -23,7 +23,7 @@ TRUE = dict(E=1.8, A=250.0, alpha=0.34, B=1200.0, beta=0.42)
 
 
 def gx(*args: str, runs: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs),
+    return subprocess.run([sys.executable, "-m", "gx", "--runs-root", str(runs),
                            *args], cwd=REPO, env=env, capture_output=True, text=True)
 
 

@@ -75,7 +75,7 @@ def data_args(data_cache: Path, corpus_root: Path) -> list[str]:
 
 
 def _gx(*args: str, runs: Path, env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs), "run",
+    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs), "run",
            "experiments/quickstart.py", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -88,12 +88,12 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    from gemini_core.tracking import read_metrics
+    from gemini_core.runs.tracking import read_metrics
     return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
 
 
 def _only_run(runs: Path):
-    from gemini_core.rundir import iter_runs
+    from gemini_core.runs.rundir import iter_runs
     found = list(iter_runs(runs))
     assert len(found) == 1, found
     return found[0]
@@ -209,14 +209,14 @@ def _load(*overrides: str):
     ("--config.distributed.mode=slurm", "config.distributed.mode='slurm': must be one of"),
 ])
 def test_mesh_config_errors_name_the_key(override, message, capsys):
-    from gemini_core import cli
+    from gx import cli
     code = cli.main(["run", "experiments/quickstart.py", override, "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
 def test_mesh_errors_that_need_the_device_count(capsys):
-    from gemini_core import distributed, sharding
+    from gemini_core.scale import distributed, sharding
     from gemini_core.errors import UserError
 
     with pytest.raises(UserError, match=r"config.mesh.fsdp=-1: only one mesh axis may be -1"):
@@ -249,18 +249,19 @@ def test_mesh_errors_that_need_the_device_count(capsys):
 
 
 def test_every_logical_axis_the_model_names_has_a_rule():
-    from gemini_core import model, sharding
-    assert set(model.LOGICAL_AXES) <= set(sharding.LOGICAL_AXES)
+    from gemini_core.model import transformer
+    from gemini_core.scale import sharding
+    assert set(transformer.LOGICAL_AXES) <= set(sharding.LOGICAL_AXES)
     assert set(_load().mesh.rules) == set(sharding.LOGICAL_AXES)  # resolved: none left out
 
 
 def test_distributed_and_mesh_stay_out_of_the_fingerprint():
-    from gemini_core import train
+    from gemini_core.train import trainer
     from gemini_core.data.mixture import MixtureSchedule, Stage
 
     schedule = MixtureSchedule((Stage(0.0, {"web": 1.0}),))
-    base = train.identity(_load(), schedule, "m")
-    other = train.identity(_load("--config.mesh.preset=fsdp_tp",
+    base = trainer.identity(_load(), schedule, "m")
+    other = trainer.identity(_load("--config.mesh.preset=fsdp_tp",
                                  "--config.distributed.coordinator_address=h:1",
                                  "--config.distributed.num_processes=2"), schedule, "m")
     assert base == other and "mesh" not in base and "distributed" not in base
@@ -275,11 +276,12 @@ def test_batch_not_divisible_by_the_batch_shards_is_a_user_error(runs):
 
 
 def test_dry_run_prints_per_device_memory_and_flags_what_does_not_fit():
-    from gemini_core import plan, train
+    from gemini_core.scale import dry_run
+    from gemini_core.train import trainer
 
     def render(*overrides):
         cfg = _load(*overrides)
-        return plan.render(cfg, train.declared_schedule(cfg))
+        return dry_run.render(cfg, trainer.declared_schedule(cfg))
 
     fits = render("--config.mesh.preset=fsdp_tp", "--config.mesh.fsdp=4")
     assert "mesh         fsdp_tp: data=1 x fsdp=4 x model=2 = 8 devices (as configured)" in fits
@@ -323,8 +325,9 @@ def _worker(spec_path: str) -> None:
     import jax
     import numpy as np
 
-    from gemini_core import sharding, steps, train
-    from gemini_core.checkpoint import Checkpointer
+    from gemini_core.scale import sharding
+    from gemini_core.train import step_fns, trainer
+    from gemini_core.runs.checkpoint import Checkpointer
     from gemini_core.experiment import load_experiment
 
     assert jax.device_count() == 8, jax.devices()
@@ -333,20 +336,20 @@ def _worker(spec_path: str) -> None:
     for job in spec["jobs"]:
         cfg = load_experiment("experiments/quickstart.py", job["overrides"]).config
         t0 = time.perf_counter()
-        summary = train.run_experiment(cfg, Path(job["runs"]), log=lambda _: None)
+        summary = trainer.run_experiment(cfg, Path(job["runs"]), log=lambda _: None)
         run = _only_run(Path(job["runs"]))
         layout = sharding.Layout.from_config(cfg.mesh)
         if job.get("distill"):  # the run's own record of where it ran
             results[job["name"]] = {"losses": _losses(run.path),
                                     "placement": run.config()["placement"]}
             continue
-        graphdef, like = steps.init_state(cfg.model, cfg.optimizer, cfg.train.steps, cfg.seed,
+        graphdef, like = step_fns.init_state(cfg.model, cfg.optimizer, cfg.train.steps, cfg.seed,
                                           layout)
         ckpt = Checkpointer(run.checkpoints, keep=3, async_save=False)
         state = ckpt.restore(ckpt.latest_step(), like)
         ckpt.close()
         all_specs = _specs(state)
-        step = steps.make_train_step(graphdef, layout)
+        step = step_fns.make_train_step(graphdef, layout)
         tokens = np.zeros((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32)
         stepped, _ = step(jax.tree.map(lambda x: x.copy(), state), tokens)
         params = {k[len("model."):]: v for k, v in all_specs.items() if k.startswith("model.")}
@@ -362,9 +365,9 @@ def _worker(spec_path: str) -> None:
             "batch_spec": _spec_json(layout.batch_sharding().spec)}
         states[job["name"]] = (cfg, layout, like, state)
         if job["name"] == "fsdp_tp":  # `gx eval` of the sharded run, on the devices here
-            from gemini_core import evaluate_run
+            from gemini_core.eval import run_eval
             said = []
-            metrics = evaluate_run.evaluate_run(run, Path(cfg.data.root), log=said.append)
+            metrics = run_eval.evaluate_run(run, Path(cfg.data.root), log=said.append)
             results["fsdp_tp"]["gx_eval"] = {"metrics": metrics, "summary": summary, "log": said}
     # the dp checkpoint (replicated) onto the fsdp_tp layout
     cfg, layout, like, fsdp_tp_state = states["fsdp_tp"]
@@ -384,7 +387,7 @@ def _worker(spec_path: str) -> None:
     cfg = load_experiment("experiments/quickstart.py",
                           [*spec["jobs"][0]["overrides"], "--config.train.batch_size=12"]).config
     try:
-        train.run_experiment(cfg, bad, log=lambda _: None)
+        trainer.run_experiment(cfg, bad, log=lambda _: None)
         message = "no error"
     except UserError as e:
         message = str(e)

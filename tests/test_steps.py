@@ -7,7 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gemini_core import flops, optim, steps
+from gemini_core.scale import flops
+from gemini_core.train import optim, step_fns
 from gemini_core.config import ModelConfig, OptimizerConfig
 
 MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, mlp_dim=64,
@@ -27,12 +28,12 @@ def batch(seed: int = 0, b: int = 4, t: int = 16) -> jax.Array:
 
 @pytest.fixture(scope="module")
 def compiled():
-    graphdef, _ = steps.init_state(MODEL, OPT, TOTAL, seed=0)
-    return graphdef, steps.make_train_step(graphdef), steps.make_eval_step(graphdef)
+    graphdef, _ = step_fns.init_state(MODEL, OPT, TOTAL, seed=0)
+    return graphdef, step_fns.make_train_step(graphdef), step_fns.make_eval_step(graphdef)
 
 
 def fresh_state():
-    return steps.init_state(MODEL, OPT, TOTAL, seed=0)[1]
+    return step_fns.init_state(MODEL, OPT, TOTAL, seed=0)[1]
 
 
 def leaves_equal(a, b) -> bool:
@@ -76,8 +77,8 @@ def test_eval_matches_train_loss_and_counts_params(compiled):
     assert nll_sum_B.shape == (3,)
     _, metrics = train_step(state, tokens)  # loss is measured before the update
     assert float(nll_sum_B.sum()) / (3 * 16) == pytest.approx(float(metrics["loss"]), rel=1e-5)
-    assert steps.count_params(fresh_state()) == flops.param_counts(MODEL)["total"]
-    assert steps.count_params(MODEL) == flops.param_counts(MODEL)["total"]
+    assert step_fns.count_params(fresh_state()) == flops.param_counts(MODEL)["total"]
+    assert step_fns.count_params(MODEL) == flops.param_counts(MODEL)["total"]
 
 
 def test_orbax_round_trip_is_exact(compiled, tmp_path):

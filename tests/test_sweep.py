@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from gemini_core.data.mixture import MixtureSchedule
-from gemini_core.rundir import RunDir
+from gemini_core.runs.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 6
 
 
 def gx(*args: str, runs: Path, env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs),
+    return subprocess.run([sys.executable, "-m", "gx", "--runs-root", str(runs),
                            *args], cwd=REPO, env=env, capture_output=True, text=True, **kw)
 
 
@@ -111,7 +111,7 @@ def check_html_report(sweep_dir: Path, scratch: Path) -> None:
 def check_wandb_summary(sweep_dir: Path, runs: Path) -> None:
     """The sweep's own W&B run, tracking on (the sweep itself ran with tracking.wandb=false),
     read back from disk."""
-    from gemini_core import tracking
+    from gemini_core.runs import tracking
     from sweeps import wandb_summary
 
     assert not (sweep_dir / "wandb").exists()  # tracking.wandb=false: the sweep logged none
@@ -156,7 +156,7 @@ def env(tmp_path_factory) -> dict:
 
 def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, env, data_cache):
     runs, cache = tmp_path / "runs", data_cache
-    cmd = [sys.executable, "-m", "gemini_core.cli", "--runs-root", str(runs),
+    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs),
            *sweep_args(corpus_root, cache)]
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gemini_core.config import DEFAULT_DOMAINS, DataConfig, TokenizerConfig
-from gemini_core.curation.tokenizer_report import format_report, tokenizer_report
+from gemini_core.data.curation.tokenizer_report import format_report, tokenizer_report
 from gemini_core.errors import UserError
 
 

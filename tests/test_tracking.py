@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gemini_core.config import TrackingConfig
-from gemini_core.tracking import Tracker, read_metrics, read_offline_run, truncate_metrics
+from gemini_core.runs.tracking import Tracker, read_metrics, read_offline_run, truncate_metrics
 
 FAKE_KEY = "fakekey-0123456789abcdef0123456789abcdef01234567"
 RUN_ID = "mix-1a2b3c4d"

@@ -34,7 +34,7 @@ import sentencepiece as spm
 from gemini_core.config import DataConfig, TokenizerConfig
 from gemini_core.data.sources import BadRecords, domain_file, file_sha256, iter_documents
 from gemini_core.errors import UserError
-from gemini_core.rundir import fingerprint
+from gemini_core.runs.rundir import fingerprint
 
 FORMAT = 1  # bump when the sample, the trainer options or the files change
 SAMPLE_SEED = 0

@@ -23,7 +23,7 @@ from gemini_core.data.sources import (BadRecords, domain_file, file_sha256, iter
 from gemini_core.data.tokenizer import (Tokenizer, build_once, normalize_weights,
                                         train_or_load_tokenizer, write_json)
 from gemini_core.errors import UserError
-from gemini_core.rundir import fingerprint
+from gemini_core.runs.rundir import fingerprint
 
 FORMAT = 1  # bump when the array layout or the manifest changes
 SPLITS = ("train", "valid")

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from gemini_core.errors import UserError
 
-# preempted: stopped by SIGTERM after a final checkpoint (gemini_core.faults); resumes like an
+# preempted: stopped by SIGTERM after a final checkpoint (gemini_core.scale.faults); resumes like an
 # interrupted run
 STATES = ("queued", "running", "done", "failed", "preempted")
 

@@ -118,3 +118,12 @@ def device_peak_flops() -> float:
                 tmp.replace(path)
         _PEAK_CACHE[key] = stored[key]
     return _PEAK_CACHE[key]
+
+
+def mesh_peak_flops(mesh: jax.sharding.Mesh) -> float:
+    """The mesh's peak FLOP/s for MFU: the sum over its devices on an accelerator. Fake CPU
+    devices (xla_force_host_platform_device_count) share one host's cores, so there it is the
+    measured peak of the host, once per process."""
+    if mesh.devices.flat[0].platform == "cpu":
+        return device_peak_flops() * jax.process_count()
+    return device_peak_flops() * mesh.size

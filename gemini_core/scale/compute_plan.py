@@ -216,7 +216,7 @@ def _load(experiment: str, arg: str):
 
 
 def _total_params(cfg) -> int:
-    from gemini_core import flops
+    from gemini_core.scale import flops
     return flops.param_counts(cfg.model)["total"]
 
 
@@ -281,7 +281,7 @@ def match(widths: _Widths, choice: Choice) -> Match:
     d = widths.closest(choice.params)
     tokens_per_step = widths.shape["batch"] * widths.shape["seq"]
     steps = max(1, math.ceil(choice.tokens / tokens_per_step))
-    from gemini_core import flops
+    from gemini_core.scale import flops
 
     arg = widths.arg(d, steps)
     cfg = _load(widths.experiment, arg)
@@ -428,7 +428,7 @@ def render(plan: Plan, fit: LossFit = CHINCHILLA_FIT) -> str:
     for name, m in plan.matches.items():
         lines += [f"  {name}: d={m.d} -> {m.params:,} params ({_si(m.params)}, {m.error:+.1%} vs "
                   f"N), {m.steps:,} steps = {_si(m.tokens)} tokens, {m.run_flops:.3g} FLOPs "
-                  f"with attention (gemini_core.flops)",
+                  f"with attention (gemini_core.scale.flops)",
                   f"    {m.command}"]
         if abs(m.error) > MATCH_TOLERANCE:
             lines.append(f"    (the closest width: no size={plan.size} model is within "

@@ -34,13 +34,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gemini_core import steps
-from gemini_core.checkpoint import Checkpointer
+from gemini_core.train import step_fns
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import DistillConfig, ExperimentConfig, ModelConfig, OptimizerConfig
 from gemini_core.data.tokenizer import Tokenizer, build_once
 from gemini_core.errors import UserError
-from gemini_core.rundir import RunDir, find_run, fingerprint
-from gemini_core.sharding import Layout
+from gemini_core.runs.rundir import RunDir, find_run, fingerprint
+from gemini_core.scale.sharding import Layout
 
 Log = Callable[[str], None]
 
@@ -81,7 +81,7 @@ def load_teacher_state(t: Teacher, layout: Layout | None = None) -> Teacher:
     follow the same logical-axis rules as the student's)."""
     cfg = t.run.config()
     opt = OptimizerConfig(**cfg["optimizer"])
-    graphdef, like = steps.init_state(t.model, opt, cfg["train"]["steps"], cfg["seed"], layout)
+    graphdef, like = step_fns.init_state(t.model, opt, cfg["train"]["steps"], cfg["seed"], layout)
     ckpt = Checkpointer(t.run.checkpoints, keep=1, async_save=False)
     try:
         step = ckpt.latest_step()
@@ -128,8 +128,8 @@ def make_train_step(graphdef: nnx.GraphDef, teacher: Teacher, dc: DistillConfig,
                     topk: "TopKCache | None" = None, layout: Layout | None = None):
     """Under `layout` the student's state keeps its shardings, the batch and the cached top-K
     rows are split like the batch, and the teacher's state stays on the shards it was restored
-    onto (`load_teacher_state(..., layout)`), as steps.make_train_step does for a plain run."""
-    from gemini_core.model import cross_entropy
+    onto (`load_teacher_state(..., layout)`), as step_fns.make_train_step does for a plain run."""
+    from gemini_core.model.transformer import cross_entropy
 
     def student_logits(model, tokens_BxT1):
         return model.logits(model.hidden(tokens_BxT1[:, :-1]))
@@ -159,7 +159,7 @@ def make_train_step(graphdef: nnx.GraphDef, teacher: Teacher, dc: DistillConfig,
 
     def jit(fn):
         return (jax.jit(fn, donate_argnums=0) if layout is None
-                else steps.jit_sharded(fn, layout, donate=True))
+                else step_fns.jit_sharded(fn, layout, donate=True))
 
     if topk is None:
         def step_full(state, tokens_BxT1, teacher_state):

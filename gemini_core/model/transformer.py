@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemini_core.config import ModelConfig
-from gemini_core.sharding import constrain
+from gemini_core.scale.sharding import constrain
 
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
 _NEG_INF = -1e30  # finite: a fully masked row would give NaN with -inf; causal rows never are

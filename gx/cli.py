@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from gemini_core.errors import TrainingStopped, UserError
+from gx import sweep_cli
 
 EPILOG = """examples:
   gx run experiments/quickstart.py --config.data.root=../shared/corpus
@@ -30,14 +31,7 @@ EPILOG = """examples:
 Runs live in ./runs (or $GX_RUNS_ROOT, or --runs-root)."""
 
 
-def _plugins():
-    """Commands other packages add to gx (entry point group "gx.commands"): `gx sweep`, `gx fit`,
-    `gx compare` and `gx scaling` come from sweeps/, which gemini_core never imports by name."""
-    from importlib.metadata import entry_points
-    return [ep.load() for ep in entry_points(group="gx.commands")]
-
-
-handlers: dict = {}  # command -> fn(args, overrides) -> exit code, from plugins
+handlers: dict = {}  # command -> fn(args, overrides) -> exit code: sweep, fit, compare, scaling
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,8 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq", type=int, default=0, help="sequence length (default: as --vocab)")
     pl.add_argument("--batch", type=int, default=0, help="sequences per step (default: as --vocab)")
 
-    for add_commands in _plugins():
-        handlers.update(add_commands(sub))
+    handlers.update(sweep_cli.add_commands(sub))
     return p
 
 
@@ -117,18 +110,19 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args, overrides: list[str]) -> int:
-    from gemini_core import plan, steps, train
+    from gemini_core.scale import dry_run
+    from gemini_core.train import step_fns, trainer
     from gemini_core.experiment import load_experiment
-    from gemini_core.rundir import runs_root
+    from gemini_core.runs.rundir import runs_root
 
     if args.experiment is None and isinstance(args.force, str):  # gx run --force EXPERIMENT
         args.experiment, args.force = args.force, True
     if args.experiment is None:
         raise UserError("gx run: name the EXPERIMENT file, e.g. experiments/quickstart.py")
-    from gemini_core import recipe
+    from gx import recipe
     if recipe.is_recipe(args.experiment):  # a pipeline of steps (gemini_core/recipe.py)
         if not args.dry_run:
-            steps.tune_host_malloc()
+            step_fns.tune_host_malloc()
         return recipe.main(args.experiment, overrides, runs_root(args.runs_root),
                            force=args.force, dry_run_only=args.dry_run)
     if isinstance(args.force, str):
@@ -136,12 +130,12 @@ def cmd_run(args, overrides: list[str]) -> int:
                         f"{args.experiment} is one run (--force alone reruns it)")
     exp = load_experiment(args.experiment, overrides)
     if args.dry_run:
-        print(plan.render(exp.config, train.declared_schedule(exp.config)))
+        print(dry_run.render(exp.config, trainer.declared_schedule(exp.config)))
         return 0
-    steps.tune_host_malloc()  # before JAX's first computation; see its docstring
-    from gemini_core import distributed
+    step_fns.tune_host_malloc()  # before JAX's first computation; see its docstring
+    from gemini_core.scale import distributed
     distributed.initialize(exp.config.distributed)  # multi-host: before JAX sees any device
-    train.run_experiment(exp.config, runs_root(args.runs_root), force=args.force,
+    trainer.run_experiment(exp.config, runs_root(args.runs_root), force=args.force,
                          overrides=exp.overrides)
     return 0
 
@@ -161,7 +155,7 @@ def _last_step(run) -> int | None:
 
 
 def cmd_ls(args) -> int:
-    from gemini_core.rundir import iter_runs, runs_root
+    from gemini_core.runs.rundir import iter_runs, runs_root
 
     root = runs_root(args.runs_root)
     rows = []
@@ -171,7 +165,7 @@ def cmd_ls(args) -> int:
         rows.append((run.run_id, run.shown_state(),
                      f"{_last_step(run) or 0}/{cfg.get('train', {}).get('steps', '?')}",
                      f"{loss:.4f}" if loss is not None else "-", st.get("end") or st.get("start", "")))
-    from gemini_core.recipe import format_states
+    from gx.recipe import format_states
     recipes = format_states(root, args.experiment)
     if not rows:
         print(recipes or f"no runs under {root}")
@@ -186,8 +180,8 @@ def cmd_ls(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from gemini_core.evaluate import format_table
-    from gemini_core.rundir import find_run, runs_root
+    from gemini_core.eval.domain_loss import format_table
+    from gemini_core.runs.rundir import find_run, runs_root
 
     run = find_run(runs_root(args.runs_root), args.run)
     cfg, st, summary = run.config() or {}, run.status() or {}, run.summary()
@@ -208,52 +202,52 @@ def cmd_show(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from gemini_core import evaluate_run
-    from gemini_core.rundir import find_run, runs_root
+    from gemini_core.eval import run_eval
+    from gemini_core.runs.rundir import find_run, runs_root
 
     run = find_run(runs_root(args.runs_root), args.run)
-    evaluate_run.evaluate_run(run, Path(args.data), split=args.split, batches=args.batches)
+    run_eval.evaluate_run(run, Path(args.data), split=args.split, batches=args.batches)
     return 0
 
 
 def _load_curation(spec: str, overrides: list[str]):
-    from gemini_core.curation import config as curation_config
+    from gemini_core.data.curation import config as curation_config
     from gemini_core.experiment import load_experiment
     return load_experiment(spec, overrides, schema=curation_config.CurationConfig,
                            convert=curation_config.from_config_dict)
 
 
 def cmd_data(args, overrides: list[str]) -> int:
-    from gemini_core.rundir import runs_root
+    from gemini_core.runs.rundir import runs_root
 
     if args.data_command == "prepare":
-        from gemini_core.curation import pipeline
+        from gemini_core.data.curation import pipeline
         exp = _load_curation(args.experiment, overrides)
         pipeline.prepare(exp.config, runs_root(args.runs_root), workers=args.workers,
                          strict=args.strict, force=args.force)
     elif args.data_command == "report":
-        from gemini_core.curation import pipeline
+        from gemini_core.data.curation import pipeline
         report = pipeline.read_report(Path(args.dir))
         print(pipeline.format_report(report))
     elif args.data_command == "train-classifier":
-        from gemini_core.curation import pipeline
+        from gemini_core.data.curation import pipeline
         exp = _load_curation(args.experiment, overrides)
         pipeline.train_classifier(exp.config, runs_root(args.runs_root))
     else:
-        from gemini_core import train
-        from gemini_core.curation.tokenizer_report import format_report, tokenizer_report
+        from gemini_core.train import trainer
+        from gemini_core.data.curation.tokenizer_report import format_report, tokenizer_report
         from gemini_core.experiment import load_experiment
         cfg = load_experiment(args.experiment, overrides).config
         from gemini_core.config import require_data_root
         require_data_root(cfg.data)
         report = tokenizer_report(cfg.data, single_domain=args.single_domain,
-                                  cache_root=train.cache_root(cfg, runs_root(args.runs_root)))
+                                  cache_root=trainer.cache_root(cfg, runs_root(args.runs_root)))
         print(format_report(report))
     return 0
 
 
 def cmd_plan(args) -> int:
-    from gemini_core import compute_plan
+    from gemini_core.scale import compute_plan
 
     plan = compute_plan.make_plan(args.compute, args.inference_tokens, size=args.size,
                                   experiment=args.experiment, vocab=args.vocab, seq=args.seq,

@@ -31,16 +31,16 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from gemini_core.config import to_json_dict
-from gemini_core.curation import classifier as classifier_lib
-from gemini_core.curation import dedup as dedup_lib
-from gemini_core.curation import langid, pii, quality, safety
-from gemini_core.curation import config as config_lib
-from gemini_core.curation.config import CurationConfig
-from gemini_core.curation.normalize import normalize
-from gemini_core.curation.sources import Shard, check_hf_source, plan_shards, read_shard
+from gemini_core.data.curation import classifier as classifier_lib
+from gemini_core.data.curation import dedup as dedup_lib
+from gemini_core.data.curation import langid, pii, quality, safety
+from gemini_core.data.curation import config as config_lib
+from gemini_core.data.curation.config import CurationConfig
+from gemini_core.data.curation.normalize import normalize
+from gemini_core.data.curation.sources import Shard, check_hf_source, plan_shards, read_shard
 from gemini_core.data.sources import Bad
 from gemini_core.errors import UserError
-from gemini_core.rundir import fingerprint, write_json_atomic
+from gemini_core.runs.rundir import fingerprint, write_json_atomic
 
 FORMAT = 4  # bump when the output layout or any stage's behaviour changes
 BATCH_DOCS = 256  # documents per batch inside a shard: bounds memory, amortizes the classifier

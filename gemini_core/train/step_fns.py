@@ -7,7 +7,7 @@ what the steps take and return; `graphdef` closes over the architecture, the opt
 transformation and the schedule, so `make_train_step(graphdef)` needs nothing else.
 
 Eval returns per-row summed NLL in nats; bits per byte is computed by the caller from a
-per-token byte-length table (gemini_core.evaluate), which keeps the tokenizer out of the jit.
+per-token byte-length table (gemini_core.eval.domain_loss), which keeps the tokenizer out of the jit.
 
 With a `sharding.Layout` the state is created directly sharded (jit out_shardings from the
 parameters' logical names), each step keeps the state's shardings, takes the host batch and
@@ -27,9 +27,9 @@ import optax
 from flax import nnx
 
 from gemini_core.config import ModelConfig, OptimizerConfig
-from gemini_core.model import Transformer
-from gemini_core.optim import lr_schedule, make_optimizer
-from gemini_core.sharding import Layout
+from gemini_core.model.transformer import Transformer
+from gemini_core.train.optim import lr_schedule, make_optimizer
+from gemini_core.scale.sharding import Layout
 
 State = Any  # nnx.State: a pytree of arrays
 Metrics = dict[str, jax.Array]
@@ -71,7 +71,7 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
 def count_params(state_or_cfg: State | ModelConfig) -> int:
     """Number of model parameters (not optimizer state), from a state or by formula."""
     if isinstance(state_or_cfg, ModelConfig):
-        from gemini_core.flops import param_counts
+        from gemini_core.scale.flops import param_counts
         return param_counts(state_or_cfg)["total"]
     return sum(int(x.size) for x in jax.tree.leaves(state_or_cfg["model"]))
 

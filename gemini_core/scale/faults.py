@@ -3,7 +3,7 @@
 
 The Gemini reports recover from failures by restoring redundant in-memory copies of the model
 state instead of reading a checkpoint back, and recompute steps to catch hardware that computes
-wrongly without crashing. Here, as the train loop (gemini_core.train._loop) uses it:
+wrongly without crashing. Here, as the train loop (gemini_core.train.trainer._loop) uses it:
 
     guard.begin(start, state)              the starting state is the first snapshot
     guard.step(compute, state, step)       the step; computed twice and compared when a check is due

@@ -51,7 +51,7 @@ import ml_collections
 from gemini_core import config as config_lib
 from gemini_core import experiment as experiment_lib
 from gemini_core.errors import UserError
-from gemini_core.rundir import canonical_json, fingerprint, pid_alive, read_json, write_json_atomic
+from gemini_core.runs.rundir import canonical_json, fingerprint, pid_alive, read_json, write_json_atomic
 
 Log = Callable[[str], None]
 EMPTY: Mapping = types.MappingProxyType({})
@@ -180,8 +180,8 @@ class StepKind:
         """The experiment file's config with the schema's defaults, as plain data."""
         if path is None:
             raise UserError(f"{where}.experiment='': name the experiment file this step runs")
-        module = experiment_lib._load_module(path)
-        cfg = experiment_lib._call_get_config(module, path, arg)
+        module = experiment_lib.load_module(path)
+        cfg = experiment_lib.call_get_config(module, path, arg)
         return experiment_lib.with_schema_defaults(cfg, path.stem, self.schema).to_dict()
 
     def validate(self, cfg: dict) -> Any:
@@ -215,18 +215,18 @@ class DataPrepare(StepKind):
 
     @property
     def schema(self):
-        from gemini_core.curation.config import CurationConfig
+        from gemini_core.data.curation.config import CurationConfig
         return CurationConfig
 
     def validate(self, cfg: dict) -> Any:
-        from gemini_core.curation import config as curation_config
+        from gemini_core.data.curation import config as curation_config
         c = curation_config.from_config_dict(cfg)
         if not c.data.root:
             raise UserError("config.data.root='': the raw corpus folder")
         return c
 
     def run(self, typed: Any, ctx: StepContext) -> dict:
-        from gemini_core.curation import pipeline
+        from gemini_core.data.curation import pipeline
         out = pipeline.prepare(typed, ctx.runs_root, force=ctx.force, log=ctx.log)
         return {"data_root": str(out), "fingerprint": pipeline.read_report(out)["fingerprint"],
                 "content": _tree_digest(out)}
@@ -262,7 +262,7 @@ class TokenizerStepConfig:
     root: str
     tokenizer: config_lib.TokenizerConfig
     domains: tuple[str, ...] = config_lib.DEFAULT_DOMAINS
-    train_file: str = "train.jsonl.gz"
+    train_file: str = "trainer.jsonl.gz"
     valid_file: str = "valid.jsonl.gz"
     text_field: str = "text"
     on_bad_record: str = "error"
@@ -290,11 +290,11 @@ class Tokenizer(StepKind):
         return base
 
     def validate(self, cfg: dict) -> Any:
-        tc = config_lib._to_dataclass(cfg, TokenizerStepConfig, "config")
+        tc = config_lib.to_dataclass(cfg, TokenizerStepConfig, "config")
         if tc.tokenizer.sample_weights == "mixture":
             raise UserError("config.tokenizer.sample_weights='mixture': a tokenizer step has no "
                             "mixture; use natural or uniform (one tokenizer for every mixture)")
-        config_lib._check_data(tc.data())
+        config_lib.check_data(tc.data())
         return tc
 
     def static_outputs(self, typed: Any) -> dict:
@@ -327,18 +327,18 @@ def run_tokenizer(run_dir: Path) -> str | None:
 
 
 class Train(StepKind):
-    """A training run: `gemini_core.train.run_experiment` (reuses a done run, resumes one)."""
+    """A training run: `gemini_core.train.trainer.run_experiment` (reuses a done run, resumes one)."""
 
     outputs = ("run_id", "run_dir", "tokenizer", "eval_mean_loss", "eval_mean_bpb")
     schema = config_lib.ExperimentConfig
-    not_identity = ("faults", "mesh", "distributed")  # as train.identity
+    not_identity = ("faults", "mesh", "distributed")  # as trainer.identity
 
     def validate(self, cfg: dict) -> Any:
         return config_lib.from_config_dict(cfg)
 
     def run(self, typed: Any, ctx: StepContext) -> dict:
-        from gemini_core import train
-        summary = train.run_experiment(typed, ctx.runs_root, force=ctx.force,
+        from gemini_core.train import trainer
+        summary = trainer.run_experiment(typed, ctx.runs_root, force=ctx.force,
                                        overrides=ctx.overrides, log=ctx.log)
         run_dir = ctx.runs_root / typed.name / summary["run_id"]
         return {"run_id": summary["run_id"], "run_dir": str(run_dir),
@@ -394,7 +394,7 @@ def step_kinds() -> dict[str, StepKind]:
 
 def _module_config(spec: str) -> ml_collections.ConfigDict:
     path, arg = experiment_lib.split_spec(spec)
-    return experiment_lib._call_get_config(experiment_lib._load_module(path), path, arg)
+    return experiment_lib.call_get_config(experiment_lib.load_module(path), path, arg)
 
 
 def is_recipe(spec: str) -> bool:
@@ -442,7 +442,7 @@ def _bound_override(cfg: ml_collections.ConfigDict, override: str) -> None:
 
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> RecipeConfig:
-    recipe = config_lib._to_dataclass(cfg, RecipeConfig, "config")
+    recipe = config_lib.to_dataclass(cfg, RecipeConfig, "config")
     if not recipe.name:
         raise UserError("config.name='': every recipe needs a name")
     if not recipe.steps:

@@ -1,4 +1,4 @@
-"""`gx sweep`, `gx fit`, `gx compare`: added to gx through the "gx.commands" entry point."""
+"""`gx sweep`, `gx fit`, `gx compare`, `gx scaling`: the sweep commands of the gx CLI."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _no_overrides(overrides: list[str], command: str) -> None:
 
 def cmd_sweep(args, overrides: list[str]) -> int:
     from gemini_core.experiment import load_experiment
-    from gemini_core.rundir import runs_root
+    from gemini_core.runs.rundir import runs_root
     from sweeps import config as sweep_config
     from sweeps.runner import run_sweep
 
@@ -109,7 +109,7 @@ def cmd_fit(args, overrides: list[str]) -> int:
 
 
 def cmd_compare(args, overrides: list[str]) -> int:
-    from gemini_core.rundir import find_run, runs_root
+    from gemini_core.runs.rundir import find_run, runs_root
     from sweeps.report import format_runs, write_html
     from sweeps.runner import find_sweep, format_sweep
 
@@ -125,7 +125,7 @@ def cmd_compare(args, overrides: list[str]) -> int:
 
 
 def cmd_scaling(args, overrides: list[str]) -> int:
-    from gemini_core.rundir import runs_root
+    from gemini_core.runs.rundir import runs_root
     from sweeps import scaling
 
     root = runs_root(args.runs_root)

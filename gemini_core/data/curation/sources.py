@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from gemini_core.curation.config import CurationConfig, SourceConfig
+from gemini_core.data.curation.config import CurationConfig, SourceConfig
 from gemini_core.data.sources import Bad, check_text, file_sha256, line_chunks, records
 from gemini_core.errors import UserError
 

@@ -133,7 +133,7 @@ def wandb_mode() -> str:
     return mode if mode in ("online", "disabled") else "offline"
 
 
-def _sdk_env(run_dir: Path, mode: str) -> dict[str, str]:
+def sdk_env(run_dir: Path, mode: str) -> dict[str, str]:
     """Env values that keep wandb's own files out of ~ (never overriding what the user set)."""
     base = Path(run_dir).absolute() / WANDB_SUBDIR / ".sdk"
     env = {}
@@ -189,7 +189,7 @@ def _define_metrics(run: Any) -> None:
     run.define_metric("*", step_metric=STEP_KEY)
 
 
-def _start_wandb(run_dir: Path, *, run_id: str, group: str, config: dict,
+def start_wandb(run_dir: Path, *, run_id: str, group: str, config: dict,
                  tracking: TrackingConfig, mode: str) -> Any:
     import wandb  # imported here: ~0.5 s, and only runs that track pay it
 
@@ -212,7 +212,7 @@ def _start_wandb(run_dir: Path, *, run_id: str, group: str, config: dict,
     return run
 
 
-def _recoverable(e: BaseException) -> bool:
+def recoverable(e: BaseException) -> bool:
     """Failures of W&B's machinery (its service, disk, comms), not misuse: the kind that offline
     mode survives. A UsageError, TypeError, ValueError is a bug of ours and must surface."""
     import wandb
@@ -222,7 +222,7 @@ def _recoverable(e: BaseException) -> bool:
     return isinstance(e, (wandb.errors.Error, OSError, TimeoutError, ConnectionError))
 
 
-def _teardown_if_idle() -> None:
+def teardown_if_idle() -> None:
     # Stops wandb-core so the next run in this process starts it with that run's directories;
     # left running, its log of later runs would land in this run's directory. Skipped while any
     # other W&B run is active in the process.
@@ -283,13 +283,13 @@ class Tracker:
         self._env = _EnvPatch()
         try:
             # the folders first: without them wandb-core would fall back to ~/.cache
-            self._env.set(_sdk_env(self.run_dir, mode))
-            self._run = _start_wandb(self.run_dir, run_id=self.run_id, group=group, config=config,
+            self._env.set(sdk_env(self.run_dir, mode))
+            self._run = start_wandb(self.run_dir, run_id=self.run_id, group=group, config=config,
                                      tracking=tracking, mode=mode)
         except Exception as e:
             self._env.restore()
             self._env = None
-            if not (self._wandb_offline and _recoverable(e)):
+            if not (self._wandb_offline and recoverable(e)):
                 raise
             # offline W&B is a second copy of metrics.jsonl: losing it must not stop training
             self._say(f"warning: W&B offline run could not start ({type(e).__name__}: {e}); "
@@ -326,7 +326,7 @@ class Tracker:
         try:
             fn()
         except Exception as e:
-            if not (self._wandb_offline and _recoverable(e)):
+            if not (self._wandb_offline and recoverable(e)):
                 raise
             self._say(f"warning: W&B offline {what} failed ({type(e).__name__}: {e}); "
                       f"W&B logging stops, {METRICS_FILE} continues")
@@ -386,7 +386,7 @@ class Tracker:
                 if self._run is not None:
                     self._wandb_call("finish", lambda: self._run.finish(exit_code=exit_code))
                     self._run = None
-                    _teardown_if_idle()
+                    teardown_if_idle()
             finally:
                 if self._env is not None:
                     self._env.restore()

@@ -35,7 +35,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from gemini_core.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "model")
-# logical axes of activations; the parameters' own come from gemini_core.model.LOGICAL_AXES
+# logical axes of activations; the parameters' own come from gemini_core.model.transformer.LOGICAL_AXES
 ACTIVATION_AXES = ("batch", "length")
 PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
 LOGICAL_AXES = ACTIVATION_AXES + PARAM_AXES
@@ -268,15 +268,3 @@ def shard_factor(spec: P, sizes: Mapping[str, int]) -> int:
         for axis in (entry,) if isinstance(entry, str) else (entry or ()):
             factor *= sizes[axis]
     return factor
-
-
-def peak_flops(layout: Layout) -> float:
-    """The mesh's peak FLOP/s for MFU: the sum over its devices on an accelerator. Fake CPU
-    devices (xla_force_host_platform_device_count) share one host's cores, so there it is the
-    measured peak of the host, once per process."""
-    from gemini_core import flops
-
-    device = layout.mesh.devices.flat[0]
-    if device.platform == "cpu":
-        return flops.device_peak_flops() * jax.process_count()
-    return flops.device_peak_flops() * layout.mesh.size

@@ -18,16 +18,18 @@ import jax
 import numpy as np
 
 from gemini_core import config as config_lib
-from gemini_core import distill, distributed, faults, flops, sharding, steps
-from gemini_core.checkpoint import Checkpointer
+from gemini_core.train import distill
+from gemini_core.scale import distributed, faults, flops, sharding
+from gemini_core.train import step_fns
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, Sampler, Stage
 from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
-from gemini_core.evaluate import EvalSet, evaluate, format_table
-from gemini_core.progress import Progress
-from gemini_core.rundir import RunDir, fingerprint, run_id
-from gemini_core.tracking import Tracker
+from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
+from gemini_core.train.progress import Progress
+from gemini_core.runs.rundir import RunDir, fingerprint, run_id
+from gemini_core.runs.tracking import Tracker
 
 Log = Callable[[str], None]
 
@@ -308,7 +310,7 @@ def _train(p: Prepared, log: Log) -> dict:
                             batch_size=tc.batch_size, batches=tc.eval_batches)
     layout = p.layout or sharding.Layout.from_config(cfg.mesh)
     _check_batch(cfg, layout)
-    graphdef, state = steps.init_state(cfg.model, cfg.optimizer, total, cfg.seed, layout)
+    graphdef, state = step_fns.init_state(cfg.model, cfg.optimizer, total, cfg.seed, layout)
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
@@ -327,7 +329,7 @@ def _train(p: Prepared, log: Log) -> dict:
         progress = Progress(total, start, log)
         meter = _Meter(tracker, sampler, progress, tc.log_every, tc.batch_size * seq_len,
                        flops.flops_per_token(cfg.model, seq_len) * tc.batch_size * seq_len,
-                       sharding.peak_flops(layout))
+                       flops.mesh_peak_flops(layout.mesh))
         try:
             final_eval = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter, guard)
         finally:
@@ -351,7 +353,7 @@ def _train_step(p: Prepared, graphdef, sampler: Sampler, log: Log):
     """(state, tokens_Bx(T+1), step) -> (state, metrics): the plain step, or a distilled
     student's (the step indexes the teacher's cached top-K)."""
     if p.teacher is None:
-        plain = steps.make_train_step(graphdef, p.layout)
+        plain = step_fns.make_train_step(graphdef, p.layout)
         return lambda state, tokens_BxT1, step: plain(state, tokens_BxT1)
     dc = p.cfg.distill
     if not dc.top_k:
@@ -369,7 +371,7 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
           ckpt: Checkpointer, meter: _Meter, guard: faults.Guard) -> dict[str, float]:
     tc, total = p.cfg.train, p.cfg.train.steps
     train_step = _train_step(p, graphdef, sampler, meter.progress.note)
-    eval_step = steps.make_eval_step(graphdef, p.layout)
+    eval_step = step_fns.make_eval_step(graphdef, p.layout)
     guard.begin(start, state)
 
     def settle(item, force: bool = False) -> None:  # check (raises faults.Rollback), then log

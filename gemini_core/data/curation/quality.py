@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from gemini_core.curation.langid import SCRIPTIO_CONTINUA, STOP_WORDS
+from gemini_core.data.curation.langid import SCRIPTIO_CONTINUA, STOP_WORDS
 from gemini_core.errors import UserError
 
 NgramTable = tuple[tuple[int, float], ...]  # (n, max char fraction) pairs

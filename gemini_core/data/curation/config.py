@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from gemini_core.config import DEFAULT_DOMAINS, _to_dataclass
+from gemini_core.config import DEFAULT_DOMAINS, to_dataclass
 from gemini_core.errors import UserError
 
 SPLIT_FILES = types.MappingProxyType({"train": "train.jsonl.gz", "valid": "valid.jsonl.gz"})
@@ -183,6 +183,6 @@ def _check(c: CurationConfig) -> None:
 
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> CurationConfig:
-    c = _to_dataclass(cfg, CurationConfig, "config")
+    c = to_dataclass(cfg, CurationConfig, "config")
     _check(c)
     return c

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gemini_core.recipe import StepContext, StepKind, run_tokenizer
-from gemini_core.rundir import find_run
+from gx.recipe import StepContext, StepKind, run_tokenizer
+from gemini_core.runs.rundir import find_run
 
 
 class SweepStep(StepKind):

@@ -15,14 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from gemini_core import sharding, steps
-from gemini_core.checkpoint import Checkpointer
+from gemini_core.scale import sharding
+from gemini_core.train import step_fns
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.data.tokens import encode_split
 from gemini_core.errors import UserError
-from gemini_core.evaluate import EvalSet, evaluate, format_table
-from gemini_core.rundir import RunDir, write_json_atomic
+from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
+from gemini_core.runs.rundir import RunDir, write_json_atomic
 
 Log = Callable[[str], None]
 
@@ -60,7 +61,7 @@ def _restore(run: RunDir, cfg: dict, layout: sharding.Layout):
         step = ckpt.latest_step()
         if step is None:
             raise UserError(f"{run.run_id} has no checkpoint yet ({run.checkpoints})")
-        graphdef, like = steps.init_state(model_cfg, opt_cfg, cfg["train"]["steps"], cfg["seed"],
+        graphdef, like = step_fns.init_state(model_cfg, opt_cfg, cfg["train"]["steps"], cfg["seed"],
                                           layout)
         return graphdef, ckpt.restore(step, like), step
     finally:
@@ -88,7 +89,7 @@ def evaluate_run(run: RunDir, data_dir: Path, *, split: str | None = None,
         evalset = EvalSet.build({d: e.tokens for d, e in encoded.items()},
                                 tokenizer.token_bytes(), seq_len=data["seq_len"],
                                 batch_size=train["batch_size"], batches=batches)
-        metrics = evaluate(steps.make_eval_step(graphdef, layout), state, evalset,
+        metrics = evaluate(step_fns.make_eval_step(graphdef, layout), state, evalset,
                            train["batch_size"])
         sources = {d: e.entry["sha256"] for d, e in encoded.items()}
     log(f"{run.run_id} at step {step} on {data_dir} ({split}, {evalset.tokens:,} tokens):")

@@ -19,7 +19,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from gemini_core import flops, sharding
+from gemini_core.scale import flops, sharding
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, domain_counts
 
@@ -66,10 +66,10 @@ def state_bytes_per_device(cfg: ExperimentConfig, sizes: dict[str, int],
     made) and the rules; and the parameters a rule could not split (dimension not divisible)."""
     from flax import nnx
 
-    from gemini_core import steps
+    from gemini_core.train import step_fns
 
     state = nnx.state(nnx.eval_shape(
-        lambda: steps.build(cfg.model, cfg.optimizer, cfg.train.steps, cfg.seed)))
+        lambda: step_fns.build(cfg.model, cfg.optimizer, cfg.train.steps, cfg.seed)))
     out = {"params": 0.0, "optimizer": 0.0}
     unsplit = []
     leaves = jax.tree_util.tree_flatten_with_path(

@@ -2,7 +2,7 @@
 
 Every process runs the same program on the same config (a single-controller view of one global
 mesh, as the Gemini reports describe): each computes the same global batch and feeds its own
-devices' slices (gemini_core.sharding.Layout.place_batch); orbax writes and restores each
+devices' slices (gemini_core.scale.sharding.Layout.place_batch); orbax writes and restores each
 process's shards of a checkpoint. Process 0 alone writes the run directory's records (config,
 status, metrics, summary) and W&B; decisions that depend on those files are taken by process 0
 and broadcast (`agree`), so hosts without a shared filesystem still act as one.

@@ -1,0 +1,1 @@
+"""Scale: mesh rules and sharding, multi-host JAX, fault tolerance, FLOPs and compute planning."""
