@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from gemini_core import config as gc_config
 from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.errors import UserError
+from gemini_core.scale import ray_local
 from gemini_core.runs.rundir import fingerprint, write_json_atomic
 from sweeps import fit as fit_lib
 from sweeps import optimize, space as space_lib
@@ -198,28 +198,6 @@ def _run_job(job: dict, sweep_dir: Path, log: Log) -> None:
 # fan-out
 
 
-def _init_ray(log: Log) -> None:
-    import logging
-    import tempfile
-
-    import ray
-    if ray.is_initialized():
-        return
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its boxes would break up the live table
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"ray: connecting to {address}")
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        return
-    # short: Ray's unix sockets live under it; GX_RAY_TEMP_DIR gives a sweep a cluster of its own
-    temp = Path(os.environ.get("GX_RAY_TEMP_DIR") or
-                Path(tempfile.gettempdir()) / f"gx-ray-{os.getuid()}")
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=str(temp))
-
-
 def _live_table(stage: str, total: int, log: Log, progress_every_s: float = 0.0):
     """A Tune callback printing a line per finished run on the driver: the live table; and
     the running trials' progress lines while none has finished for `progress_every_s`."""
@@ -261,7 +239,7 @@ def tune_trainable(fn: Callable, res: Any, log: Log, **params) -> tuple[Any, int
     import ray
     from ray import tune
 
-    _init_ray(log)
+    ray_local.init_ray(log)
     cpus = res.cpus_per_trial
     concurrent = res.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
     trainable = tune.with_resources(tune.with_parameters(

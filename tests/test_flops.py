@@ -2,7 +2,6 @@ import dataclasses
 import math
 
 import jax
-import pytest
 from flax import nnx
 
 from gemini_core.scale import flops

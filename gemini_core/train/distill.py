@@ -36,7 +36,7 @@ from flax import nnx
 
 from gemini_core.train import step_fns
 from gemini_core.runs.checkpoint import Checkpointer
-from gemini_core.config import DistillConfig, ExperimentConfig, ModelConfig, OptimizerConfig
+from gemini_core.config import DistillConfig, ModelConfig, OptimizerConfig
 from gemini_core.data.tokenizer import Tokenizer, build_once
 from gemini_core.errors import UserError
 from gemini_core.runs.rundir import RunDir, find_run, fingerprint

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from gemini_core.config import to_json_dict
+from gemini_core.scale import ray_local
 from gemini_core.data.curation import classifier as classifier_lib
 from gemini_core.data.curation import dedup as dedup_lib
 from gemini_core.data.curation import langid, pii, quality, safety
@@ -342,27 +342,6 @@ def assemble(work: Path, shards: list[Shard], drops: dict[int, set[int]],
 # Ray
 
 
-def _init_ray(workers: int, log: Log) -> None:
-    import logging
-
-    import ray
-    if ray.is_initialized():
-        return
-    logging.getLogger("ray").setLevel(logging.ERROR)  # Ray Data logs every dataset it runs
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"ray: connecting to {address}")
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        return
-    # a short temp path: Ray's unix sockets live under it and have a ~100-character limit
-    temp = Path(os.environ.get("GX_RAY_TEMP_DIR") or  # as sweeps do: a cluster of one's own
-                Path(tempfile.gettempdir()) / f"gx-ray-{os.getuid()}")
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _temp_dir=str(temp))
-
-
 def _ray_map(items: list[dict], column: str, fn, workers: int, progress: "Progress",
              result: str, **kwargs) -> list[str]:
     import ray.data
@@ -572,7 +551,7 @@ def prepare(cfg: CurationConfig, runs_root: Path, *, workers: int = 0, strict: b
 def _run(cfg: CurationConfig, shards: list[Shard], plan: Plan, tmp: Path, workers: int,
          strict: bool, log: Log) -> dict:
     t0 = time.perf_counter()
-    _init_ray(workers, log)
+    ray_local.init_ray(log, num_cpus=workers)
     total_bytes = sum(Path(s.path).stat().st_size for s in shards if s.kind == "files")
     log(f"filter: {len(shards)} shards on {workers} Ray workers")
     # largest first: a big file started last would leave the other workers idle at the end
