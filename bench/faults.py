@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gemini_core.scale import faults
+from gemini_core.scale import faults, replica
 from gemini_core.train import step_fns
 from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import FaultsConfig, ModelConfig, OptimizerConfig
@@ -112,14 +112,14 @@ def overhead(args, graphdef, state, cfg: FaultsConfig, guard: faults.Guard) -> d
     for _ in range(args.repeats):
         block(state)
         t0 = time.perf_counter()
-        guard._take(step, state)  # the training thread's share: dispatching the device copy
+        snap = guard.take_snapshot(step, state)  # the training thread's share: the device copy
         snap_s.append(time.perf_counter() - t0)
-        guard._snapshots[-1].host.result()
+        snap.host.result()
     checked_s = []
     for _ in range(args.repeats):
         block(state)
         t0 = time.perf_counter()
-        state, _ = guard._checked_step(lambda s: train_step(s, toks[0]), state, step)
+        state, _ = guard.checked_step(lambda s: train_step(s, toks[0]), state, step)
         block(state)
         checked_s.append(time.perf_counter() - t0)
     extra_check = statistics.median(checked_s) - step_s
@@ -132,8 +132,7 @@ def overhead(args, graphdef, state, cfg: FaultsConfig, guard: faults.Guard) -> d
 
 def recovery(args, state, step: int, guard: faults.Guard) -> dict:
     out = {}
-    guard._take(step, state)
-    snap = guard._snapshots[-1]
+    snap = guard.take_snapshot(step, state)
     host = snap.host.result()
     out["bytes"] = sum(a.nbytes for leaf in host for a in leaf.values())
     mem = []
@@ -172,7 +171,7 @@ def ray_recovery(args, state, step: int, host) -> dict:
     try:
         guard = faults.Guard(FaultsConfig(), Path(tempfile.mkdtemp(prefix="gx-bench-faults-")),
                              run_id="bench-faults", fingerprint="bench", log=lambda _: None)
-        holder, key = faults.replica_holder(ray), guard.key  # the key restore_newer looks up
+        holder, key = replica.replica_holder(ray), guard.key  # the key restore_newer looks up
         ray.get(holder.node.remote())  # started
         t0 = time.perf_counter()
         ray.get(holder.put.remote(key, guard.fp, step, host))

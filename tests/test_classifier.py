@@ -157,7 +157,7 @@ def test_score_shapes_and_batching(toy, monkeypatch):
     pos, neg, (model, _) = toy
     assert model.score([]).shape == (0,)
     empty = model.score(["", "  "])
-    assert empty[0] == empty[1] == np.float32(clf._sigmoid(np.float64(model.bias)))
+    assert empty[0] == empty[1] == np.float32(clf.sigmoid(np.float64(model.bias)))
     texts = pos[:10] + neg[:10]
     together = model.score(texts)
     assert np.all((together >= 0) & (together <= 1))

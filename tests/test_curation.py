@@ -1,12 +1,17 @@
 """`gx data prepare` end to end on a small slice of the real corpus with planted problems:
 duplicates, a near-duplicate, PII, blocklisted text, bad records; determinism across worker
-counts; the cleaned output trains a tiny model through `gx run`."""
+counts; the cleaned output trains a tiny model through `gx run`. Through the CLI as a user meets
+them: --strict never reuses an output made by skipping bad records, a read error is said as one
+wherever the reading happens (the classifier's sample too), an empty input file or split is an
+error, and temporaries of killed prepares are cleaned up."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +20,10 @@ import pytest
 
 from gemini_core.data.curation import config as curation_config
 from gemini_core.data.curation import pipeline
+from gemini_core.data.curation.sources import plan_shards
 from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment
+from gemini_core.runs.rundir import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
@@ -110,8 +117,18 @@ def test_prepare_removes_duplicates_masks_pii_and_reports(prepared, raw):
     _, planted = raw
     report = json.loads((out / "report.json").read_text())
     web = report["domains"]["web"]
-    assert web["removed"]["dedup/exact"]["docs"] >= 1
-    assert web["removed"]["dedup/near"]["docs"] >= 1
+    # planted after the 30 real documents (lines 1-30): line 31 is docs[0] upper-cased and
+    # re-spaced, 32 docs[0] itself (both exact duplicates of line 1), 33 docs[0] with three
+    # words changed (near); the real documents hold none among themselves
+    exact, near = web["removed"]["dedup/exact"], web["removed"]["dedup/near"]
+    assert (exact["docs"], near["docs"], exact["cross_domain"], near["cross_domain"]) == (2, 1, 0, 0)
+    assert sorted(e["where"].rsplit(":", 1)[1] for e in web["examples"]["dedup/exact"]) == \
+        ["31", "32"]
+    assert [e["where"].rsplit(":", 1)[1] for e in web["examples"]["dedup/near"]] == ["33"]
+    assert all(e["duplicate_of"].endswith(":1") for e in
+               web["examples"]["dedup/exact"] + web["examples"]["dedup/near"])
+    assert all(not any(k.startswith("dedup/") for k in report["domains"][d]["removed"])
+               for d in DOMAINS if d != "web")
     texts = [r["text"] for r in output_records(out, "web")]
     assert planted["near"] not in texts
     masked = [r for r in output_records(out, "web") if "community garden" in r["text"]]
@@ -156,9 +173,9 @@ def test_a_changed_threshold_is_a_new_output(prepared, raw):
     out, runs = prepared
     root, _ = raw
     cfg = load(root, "--config.output.examples=2", "--config.safety.max_matches=0")
-    fp_a = pipeline.fingerprint(pipeline.identity(cfg, pipeline.plan_shards(cfg), "b", "c"))
+    fp_a = fingerprint(pipeline.identity(cfg, plan_shards(cfg), "b", "c"))
     cfg_b = load(root, "--config.output.examples=2")
-    fp_b = pipeline.fingerprint(pipeline.identity(cfg_b, pipeline.plan_shards(cfg_b), "b", "c"))
+    fp_b = fingerprint(pipeline.identity(cfg_b, plan_shards(cfg_b), "b", "c"))
     assert fp_a != fp_b
     assert json.loads((out / "report.json").read_text())["fingerprint"][:8] in out.name
 
@@ -239,3 +256,180 @@ def test_gx_data_report_prints_the_table(prepared):
     bad = subprocess.run([sys.executable, "-m", "gx", "data", "report",
                           str(out / "nope")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# hardening, through the CLI
+
+
+def gx(*args: str, runs: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gx", "--runs-root", str(runs), *args],
+                          cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *parts: str) -> str:
+    """Exit 2, no traceback, and the error line names every part; returns that line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("gx: error:")]
+    for part in parts:
+        assert part in line, (part, line)
+    return line
+
+
+def write_truncated(path: Path, records: list[dict], keep: float) -> int:
+    """A .jsonl.gz cut to `keep` of its compressed bytes; returns the whole lines left in it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode(), mtime=0)
+    path.write_bytes(data[:int(len(data) * keep)])
+    lines = 0
+    try:
+        with gzip.open(path, "rt") as f:
+            for line in f:
+                lines += line.endswith("\n")
+    except EOFError:
+        pass
+    return lines
+
+
+def small_root(root: Path, corpus: Path, domains: tuple[str, ...], n: int = 12) -> Path:
+    for domain in domains:
+        for split in ("train", "valid"):
+            write_jsonl_gz(root / domain / f"{split}.jsonl.gz",
+                           read_docs(corpus / domain / f"{split}.jsonl.gz", n))
+    return root
+
+
+NO_MODELS = ("--config.data.domains=('wiki','web')", "--config.classifier.enabled=false",
+             "--config.safety.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory, corpus_root) -> dict:
+    """A non-strict `gx data prepare` of a root whose web/train.jsonl.gz is cut short."""
+    tmp = tmp_path_factory.mktemp("truncated")
+    root = small_root(tmp / "root", corpus_root, ("wiki", "web"))
+    bad_file = root / "web" / "train.jsonl.gz"
+    whole = write_truncated(bad_file, read_docs(corpus_root / "web" / "train.jsonl.gz", 12), 0.8)
+    assert 0 < whole < 12
+    out, runs = tmp / "out", tmp / "runs"
+    args = ("data", "prepare", "experiments/data_prep.py", f"--config.data.root={root}",
+            *NO_MODELS, f"--config.output.dir={out}", "--workers=1")
+    return {"proc": gx(*args, runs=runs), "args": args, "out": out, "runs": runs,
+            "bad_file": bad_file, "whole": whole}
+
+
+def test_cli_prepare_counts_a_truncated_file_without_strict(truncated):
+    proc, out = truncated["proc"], truncated["out"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"data: cleaned data root {out}" in proc.stdout
+    assert "web: bad records: truncated 1" in proc.stdout
+    web = json.loads((out / "report.json").read_text())["domains"]["web"]
+    assert web["bad"] == {"truncated": 1}
+    assert web["docs_in"] == truncated["whole"] + 12  # the whole lines of train, and valid
+
+
+def test_strict_never_reuses_an_output_made_by_skipping_bad_records(truncated):
+    """Issue 28, finding 3: a --strict run after a non-strict one was 'already prepared'."""
+    before = (truncated["out"] / "report.json").read_bytes()
+    strict = gx(*truncated["args"], "--strict", runs=truncated["runs"])
+    line = assert_one_line_error(strict, str(truncated["bad_file"]), "truncated",
+                                 f"after line {truncated['whole']}", "--strict",
+                                 "prepared without --strict")
+    assert "already prepared" not in strict.stdout, line
+    assert (truncated["out"] / "report.json").read_bytes() == before  # refused, not rewritten
+    again = gx(*truncated["args"], runs=truncated["runs"])  # without --strict: reused
+    assert again.returncode == 0 and "already prepared" in again.stdout
+
+
+def test_temporaries_of_killed_prepares_are_removed(truncated):
+    """Issue 28, finding 6: `.<out>.tmp-<pid>-<host>/` of a prepare killed with -9 (no
+    `finally` ran) stayed forever. A dead pid's are removed at the next start, whatever that
+    start then does; a live prepare's are left alone."""
+    out = truncated["out"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname()
+    stale = [out.parent / f".{out.name}.tmp-{dead_pid}-{host}",
+             out.parent / f".{out.name}.tmp-{dead_pid}"]  # the name before hosts were in it
+    live = out.parent / f".{out.name}.tmp-{os.getpid()}-{host}"
+    other_host = out.parent / f".{out.name}.tmp-{dead_pid}-not-{host}"
+    for d in (*stale, live, other_host):
+        (d / ".work").mkdir(parents=True)
+        (d / ".work" / "000000.part.gz").write_bytes(b"half a part")
+    proc = gx(*truncated["args"], runs=truncated["runs"])
+    assert proc.returncode == 0 and "already prepared" in proc.stdout, proc.stderr[-2000:]
+    assert not any(d.exists() for d in stale)
+    assert live.exists() and other_host.exists()
+    assert sum(f"left by prepare pid {dead_pid}" in ln for ln in proc.stdout.splitlines()) == 2
+    for d in (live, other_host):
+        shutil.rmtree(d)
+
+
+def test_classifier_sample_names_a_truncated_file(tmp_path, corpus_root):
+    """Issue 28, finding 3: with the classifier on, a truncated web file was reported as
+    'quality classifier: 3 negative documents, need at least 10'."""
+    root = small_root(tmp_path / "root", corpus_root, ("books", "wiki", "web"))
+    bad_file = root / "web" / "train.jsonl.gz"
+    whole = write_truncated(bad_file, read_docs(corpus_root / "web" / "train.jsonl.gz", 12), 0.3)
+    assert whole < 10  # too few negatives left to train on
+    cfg = ("experiments/data_prep.py", f"--config.data.root={root}",
+           "--config.data.domains=('books','wiki','web')", "--config.safety.enabled=false")
+    runs = tmp_path / "runs"
+    for command in (("data", "train-classifier", *cfg), ("data", "prepare", *cfg)):
+        line = assert_one_line_error(gx(*command, runs=runs), str(bad_file), "truncated",
+                                     f"after line {whole}", "unreadable",
+                                     "negative documents, need at least")
+        assert line.index(str(bad_file)) < line.index("need at least")  # the cause first
+    strict = gx("data", "prepare", *cfg, "--strict", runs=runs)
+    assert_one_line_error(strict, str(bad_file), "truncated", "--strict")
+    assert not (runs / "data").exists()
+
+
+def test_gx_data_train_classifier_prints_held_out_metrics(raw, tmp_path):
+    root, _ = raw
+    args = ("data", "train-classifier", "experiments/data_prep.py", f"--config.data.root={root}")
+    first = gx(*args, runs=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "classifier: trained on 60 wiki+books vs 34 web docs" in first.stdout
+    (model,) = (tmp_path / ".cache" / "classifiers").glob("*.npz")
+    metrics = json.loads(model.with_suffix(".json").read_text())
+    assert f"held-out accuracy {metrics['accuracy']:.3f}, AUC {metrics['auc']:.3f}" in first.stdout
+    again = gx(*args, runs=tmp_path)
+    assert again.returncode == 0 and f"classifier: reusing {model}" in again.stdout
+    off = gx(*args, "--config.classifier.enabled=false", runs=tmp_path)
+    assert_one_line_error(off, "config.classifier.enabled=False: nothing to train")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_zero_byte_input_file_is_an_error(tmp_path, corpus_root, strict):
+    """Issue 28, finding 7: it prepared into an empty split (a warning), which `gx run` then
+    rejected."""
+    root = small_root(tmp_path / "root", corpus_root, ("wiki", "web"))
+    empty = root / "web" / "valid.jsonl.gz"
+    empty.write_bytes(b"")
+    out = tmp_path / "out"
+    proc = gx("data", "prepare", "experiments/data_prep.py", f"--config.data.root={root}",
+              *NO_MODELS, f"--config.output.dir={out}", *(["--strict"] if strict else []),
+              runs=tmp_path / "runs")
+    assert_one_line_error(proc, str(empty), "empty file (0 bytes", "'web'", "'valid'")
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_an_input_or_output_split_without_documents_is_an_error(tmp_path, corpus_root):
+    root = small_root(tmp_path / "root", corpus_root, ("wiki", "web"))
+    blank = root / "web" / "valid.jsonl.gz"
+    blank.write_bytes(gzip.compress(b"\n\n", mtime=0))  # not 0 bytes: found when read
+    with pytest.raises(UserError, match=rf"{blank}: no documents \(domain 'web', split 'valid'\)"):
+        pipeline.prepare(load(root, *NO_MODELS, f"--config.output.dir={tmp_path / 'a'}"),
+                         tmp_path / "runs", workers=1, log=lambda _: None)
+    write_jsonl_gz(blank, read_docs(corpus_root / "web" / "valid.jsonl.gz", 12))
+    # filters that leave nothing: an output no run can read is not written either
+    with pytest.raises(UserError, match=r"web/train\.jsonl\.gz would have no documents: domain "
+                                        r"'web' read 24 documents, the filters removed quality 24"):
+        pipeline.prepare(load(root, *NO_MODELS, "--config.quality.overrides={'web': "
+                              "{'min_words': 100000}}", f"--config.output.dir={tmp_path / 'b'}"),
+                         tmp_path / "runs", workers=1, log=lambda _: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not list(tmp_path.glob(".[ab].tmp-*"))

@@ -63,8 +63,8 @@ def _edit_words(text, at, replacements, inserts):
 
 
 def _shingle_set(text, p=P):
-    tok_T, count_D = D._tokens([text])
-    sh_S, _ = D._shingles(tok_T, count_D, p.ngram)
+    tok_T, count_D = D.word_tokens([text])
+    sh_S, _ = D.shingles(tok_T, count_D, p.ngram)
     return set(sh_S.tolist())
 
 
@@ -132,7 +132,7 @@ def test_near_duplicate_in_unsegmented_script_uses_characters(corpus_root):
 
 
 def test_tokens_are_words_and_unsegmented_characters():
-    tok_T, count_D = D._tokens(["東京は大きい city です。", "Hello, world!! foo-bar", "", " \n",
+    tok_T, count_D = D.word_tokens(["東京は大きい city です。", "Hello, world!! foo-bar", "", " \n",
                                 "สวัสดีครับ"])
     assert count_D.tolist() == [9, 4, 0, 0, 10]
     # punctuation only separates: the same words in other dress give the same signature
@@ -236,7 +236,7 @@ def test_signatures_are_the_same_in_another_process():
 
 def test_multimap_merges_keep_insertion_order():
     rng = np.random.default_rng(2)
-    mm = D._MultiMap(flush_at=7)
+    mm = D.MultiMap(flush_at=7)
     ref = collections.defaultdict(list)
     keys = rng.integers(0, 50, 400).tolist()  # many repeats
     for v, k in enumerate(keys):

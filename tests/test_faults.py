@@ -27,10 +27,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gx import cli
-from gemini_core.scale import faults
-from gemini_core.runs import tracking
+from gemini_core.scale import fault_hooks, faults, replica
+from gemini_core.runs import wandb_offline
 from gemini_core.runs.rundir import RunDir, iter_runs
-from gemini_core.runs.tracking import read_metrics
+from gemini_core.runs.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -59,7 +59,7 @@ def cache_dir(data_cache):
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    for var in (faults.ENV_FLIP, faults.ENV_NAN):
+    for var in (fault_hooks.ENV_FLIP, fault_hooks.ENV_NAN):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -135,7 +135,7 @@ def test_faults_settings_are_checked_at_the_config_boundary(tmp_path, capsys):
 
 def test_transient_nan_rolls_back_and_ends_bit_identical(tmp_path, cache_dir, corpus_root,
                                                         reference, monkeypatch, capsys):
-    monkeypatch.setenv(faults.ENV_NAN, "27")  # the state goes NaN before step 27, once
+    monkeypatch.setenv(fault_hooks.ENV_NAN, "27")  # the state goes NaN before step 27, once
     assert gx(run_args(tmp_path, cache_dir, corpus_root, NO_WANDB)) == 0
     run = only_run(tmp_path)
     out = capsys.readouterr().out
@@ -151,7 +151,7 @@ def test_transient_nan_rolls_back_and_ends_bit_identical(tmp_path, cache_dir, co
 
 def test_deterministic_nan_stops_the_run_instead_of_looping(tmp_path, cache_dir, corpus_root,
                                                             monkeypatch, capsys):
-    monkeypatch.setenv(faults.ENV_NAN, "27:always")  # comes back on every replay: bad data
+    monkeypatch.setenv(fault_hooks.ENV_NAN, "27:always")  # comes back on every replay: bad data
     assert gx(run_args(tmp_path, cache_dir, corpus_root, NO_WANDB)) == 1
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at step 27 again after rolling back to step 24" in err
@@ -172,7 +172,7 @@ def test_deterministic_nan_stops_the_run_instead_of_looping(tmp_path, cache_dir,
 
 def test_bit_flip_is_caught_by_the_sdc_check_and_the_step_redone(tmp_path, cache_dir, corpus_root,
                                                                  reference, monkeypatch, capsys):
-    monkeypatch.setenv(faults.ENV_FLIP, "12")  # step 12 is checked (sdc_check_every=6)
+    monkeypatch.setenv(fault_hooks.ENV_FLIP, "12")  # step 12 is checked (sdc_check_every=6)
     assert gx(run_args(tmp_path, cache_dir, corpus_root, NO_WANDB, NO_CKPT)) == 0
     run = only_run(tmp_path)
     out = capsys.readouterr().out
@@ -187,7 +187,7 @@ def test_bit_flip_is_caught_by_the_sdc_check_and_the_step_redone(tmp_path, cache
 def test_bit_flip_on_an_unchecked_step_goes_unnoticed(tmp_path, cache_dir, corpus_root,
                                                       reference, monkeypatch):
     # the control: the same flip one step later, where no check runs, corrupts the run silently
-    monkeypatch.setenv(faults.ENV_FLIP, "13")
+    monkeypatch.setenv(fault_hooks.ENV_FLIP, "13")
     assert gx(run_args(tmp_path, cache_dir, corpus_root, NO_WANDB, NO_CKPT)) == 0
     run = only_run(tmp_path)
     assert faults.read_events(run.path) == []
@@ -196,7 +196,7 @@ def test_bit_flip_on_an_unchecked_step_goes_unnoticed(tmp_path, cache_dir, corpu
 
 
 def test_repeated_mismatches_stop_the_run(tmp_path, cache_dir, corpus_root, monkeypatch, capsys):
-    monkeypatch.setenv(faults.ENV_FLIP, "12:always")
+    monkeypatch.setenv(fault_hooks.ENV_FLIP, "12:always")
     assert gx(run_args(tmp_path, cache_dir, corpus_root, NO_WANDB, NO_CKPT)) == 1
     err = capsys.readouterr().err
     assert "silent data corruption: 3 recomputed steps disagreed" in err
@@ -327,9 +327,10 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(tmp_path, cache_dir
     # alone holds the whole history, exact
     sessions = list((run.path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(sessions) == 6 and all(p.name == f"run-{run.run_id}.wandb" for p in sessions)
-    # read back with wandb's own reader (tracking.read_offline_run's pieces), the last session
+    # read back with wandb's own reader (wandb_offline.read_offline_run's pieces), the last session
     # only: each read is a process start
-    last = tracking._Session(tracking._inspect_records(max(sessions, key=lambda p: p.parent.name)))
+    last = wandb_offline.Session(wandb_offline.inspect_records(
+        max(sessions, key=lambda p: p.parent.name)))
     assert last.meta["run_id"] == run.run_id and last.exit_code == 0
     history = {h["step"]: h["train/loss"] for h in last.history if "train/loss" in h}
     assert sorted(history) == list(range(1, STEPS + 1))
@@ -355,16 +356,16 @@ def test_ray_replica_restores_a_restarted_trainer(tmp_path, cache_dir, corpus_ro
         # steps; the replica actor (its own process) holds the newest good snapshot, step 28
         args = run_args(tmp_path, cache_dir, corpus_root, NO_WANDB,
                         "--config.train.checkpoint_every=25")
-        monkeypatch.setenv(faults.ENV_NAN, "30:always")
+        monkeypatch.setenv(fault_hooks.ENV_NAN, "30:always")
         assert gx(args) == 1
         run = only_run(tmp_path)
         assert checkpoint_steps(run) == [25]
         fp = run.config()["fingerprint"]
-        assert faults.replica_step(run.run_id, run.path, fp) == 28
-        (holder,) = faults.replica_holders(ray)  # one node: one holder, on it
+        assert replica.replica_step(run.run_id, run.path, fp) == 28
+        (holder,) = replica.replica_holders(ray)  # one node: one holder, on it
         assert ray.get(holder.node.remote()) == ray.get_runtime_context().get_node_id()
 
-        monkeypatch.delenv(faults.ENV_NAN)
+        monkeypatch.delenv(fault_hooks.ENV_NAN)
         capsys.readouterr()
         assert gx(args) == 0  # the restarted trainer resumes from memory, not from step 25
         out = capsys.readouterr().out
@@ -373,7 +374,7 @@ def test_ray_replica_restores_a_restarted_trainer(tmp_path, cache_dir, corpus_ro
                 if e["event"] == "replica_restore"] == [28]
         assert losses(run) == reference["losses"]
         assert_same_params(params_at(run), reference["params"])
-        assert faults.replica_step(run.run_id, run.path, fp) is None  # a done run lets its replica go
+        assert replica.replica_step(run.run_id, run.path, fp) is None  # a done run lets its replica go
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)

@@ -20,7 +20,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gemini_core.data import mixture
-from gemini_core.data.mixture import MixtureSchedule, Sampler, Stage, domain_counts
+from gemini_core.data.mixture import MixtureSchedule, Stage, domain_counts
+from gemini_core.data.sampler import Sampler
 from gemini_core.errors import UserError
 
 DESIGN_EXAMPLE = """

@@ -184,7 +184,7 @@ def test_scripts_without_spaces_count_characters():
 def ngram_stats(words, top_ns, dup_ns):
     got = {}
     lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    quality._ngram_stats(words, lens, top_ns, dup_ns, got)
+    quality.ngram_stats(words, lens, top_ns, dup_ns, got)
     return got
 
 
@@ -251,7 +251,13 @@ def test_multilingual_survives_and_web_loses_some(corpus_root):
     assert len(set(langs)) >= 8
     assert drop_rate(docs, params_for("multilingual", QualityParams()), langs) <= 0.05
     web = read(corpus_root, "web", "train")[:400]
-    assert 0.02 <= drop_rate(web, params_for("web", QualityParams())) <= 0.4
+    params = params_for("web", QualityParams())
+    first_failures = [quality_failures(d, "en", params)[:1] for d in web]
+    # what the rules are known to drop of these 400 real pages (13%): short pages mostly, then
+    # repetitive ones; a change here changes prepared outputs (bump curation.filter_pass.FORMAT)
+    assert collections.Counter(f[0] for f in first_failures if f) == {
+        "min_words": 37, "dup_ngram": 9, "top_ngram": 5, "alpha_words": 2}
+    assert drop_rate(web, params) == 53 / 400
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +333,8 @@ def test_langid_empty_and_batch():
 def test_vectorised_langid_matches_py3langid(corpus_root):
     """The vectorised automaton walk gives py3langid's own answer (label and probability)."""
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
-    ident = langid._identifier()
-    assert isinstance(ident, langid._VectorIdentifier)  # the fast path is active
+    ident = langid.identifier()
+    assert isinstance(ident, langid.VectorIdentifier)  # the fast path is active
     reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     rng = random.Random(0)
     docs = rng.sample(read(corpus_root, "multilingual"), 25) + rng.sample(read(corpus_root, "web"), 10)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from gemini_core.config import DEFAULT_DOMAINS, DataConfig, TokenizerConfig
 from gemini_core.data.curation.tokenizer_report import format_report, tokenizer_report
 from gemini_core.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Log(list):
@@ -79,3 +85,20 @@ def test_format_report_table(built):
 def test_unknown_single_domain(corpus_root, tmp_path):
     with pytest.raises(UserError, match="single_domain='news'"):
         tokenizer_report(data_config(corpus_root), single_domain="news", cache_root=tmp_path)
+
+
+def test_gx_data_tokenizer_report_prints_the_table(built, corpus_root, tmp_path):
+    """Through the CLI, with the quickstart experiment set to the fixture's tokenizer settings and
+    cache: the command finds both tokenizers cached and prints the same table."""
+    _, cache, report, _ = built
+    base = [sys.executable, "-m", "gx", "--runs-root", str(tmp_path), "data", "tokenizer-report",
+            "experiments/quickstart.py", f"--config.data.root={corpus_root}",
+            f"--config.data.cache_dir={cache}", "--config.data.tokenizer.vocab_size=1024",
+            "--config.data.tokenizer.sample_chars=300000"]
+    proc = subprocess.run(base, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("tokenizer: reusing") == 2
+    assert format_report(report) in proc.stdout
+    bad = subprocess.run([*base, "--single-domain=news"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "gx: error: single_domain='news': not one of config.data.domains" in bad.stderr

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from gemini_core.config import TrackingConfig
-from gemini_core.runs.tracking import Tracker, read_metrics, read_offline_run, truncate_metrics
+from gemini_core.runs.metrics import read_metrics, truncate_metrics
+from gemini_core.runs.tracking import Tracker
+from gemini_core.runs.wandb_offline import read_offline_run
 
 FAKE_KEY = "fakekey-0123456789abcdef0123456789abcdef01234567"
 RUN_ID = "mix-1a2b3c4d"

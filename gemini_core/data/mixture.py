@@ -1,4 +1,5 @@
-"""MixtureSchedule — the contract between sweeps/ and gemini_core/ — and the batch sampler.
+"""MixtureSchedule — the contract between sweeps/ and gemini_core/ — and how many sequences each
+domain gets in each batch (`domain_counts`); which sequences they are is gemini_core.data.sampler.
 
 A schedule is a list of stages; stage `start` is a fraction of total training steps (first at
 0.0, strictly increasing, each in [0, 1)); weights are non-negative over known domains and sum
@@ -40,24 +41,11 @@ end-of-training upweighting one included — accurate on its own.
 The schedule is a closed form except at rare steps: the leftover set is the top-L by deadline
 (vectorised over all steps); only where a domain that was already ahead must keep its slot does
 a short sequential repair run, until the closed form takes over again.
-
-Which sequences (`Sampler`)
-----------------------------
-A domain's token array is cut into non-overlapping windows of seq_len + 1 tokens (inputs and
-shifted targets). Epoch e of domain d shifts the windows by a random offset and visits them in a
-random order, both drawn from SeedSequence([seed, sha256(domain name), e]); the domain's k-th
-sequence of the run is window k % n_windows of epoch k // n_windows. So each epoch reads every
-window once (no replacement), repeats get a fresh shift and order, and `batch(step)` is a pure
-function of (seed, step, schedule, token arrays, total_steps, batch_size, seq_len): resuming
-never replays or skips data. Seeding by name, not position, keeps a domain's stream unchanged
-when domains are added or reordered.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
 import json
 import math
 import types
@@ -71,7 +59,6 @@ from gemini_core.errors import UserError
 
 WEIGHT_TOLERANCE = 1e-6
 MAX_TOTAL_STEPS = 1 << 30  # keeps k * q exact in int64 (see weight_scale)
-_CUM_BLOCK = 256  # cumulative counts are stored every this many steps
 _CHUNK = 1 << 15  # steps per vectorised chunk: bounds the temporaries of domain_counts
 
 
@@ -350,182 +337,3 @@ def domain_counts(schedule: MixtureSchedule, domains: Sequence[str], total_steps
         counts_TxD[first:end] = cum_KxD
         counts_TxD[first + 1:end] -= cum_KxD[:-1]
     return counts_TxD
-
-
-# ---------------------------------------------------------------------------------------------
-# sequence windows
-
-
-def _domain_key(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """How a domain's token array is cut: n_windows windows of `width` tokens per epoch, shifted
-    by an offset in [0, slack] (slack >= width - 1, so every shift in [0, seq_len] is possible
-    and the tail is reachable too)."""
-    n_tokens: int
-    width: int
-
-    @property
-    def n_windows(self) -> int:
-        return max(0, (self.n_tokens - (self.width - 1)) // self.width)
-
-    @property
-    def slack(self) -> int:
-        return self.n_tokens - self.n_windows * self.width
-
-
-class Sampler:
-    """Deterministic, random-access batches for a mixture schedule (module docstring).
-
-    Rows of a batch are grouped by domain, in domain order: the loss is a mean over rows, so
-    order within a batch does not matter, and grouping makes `domain_B` trivially auditable.
-    """
-
-    def __init__(self, schedule: MixtureSchedule, domains: Sequence[str],
-                 tokens: Mapping[str, np.ndarray], *, total_steps: int, batch_size: int,
-                 seq_len: int, seed: int, cache_epochs: int = 0):
-        if seq_len < 1:
-            raise ValueError(f"seq_len={seq_len}: must be >= 1")
-        self.schedule = schedule
-        self.domains = tuple(domains)
-        self.total_steps, self.batch_size, self.seq_len = total_steps, batch_size, seq_len
-        self.seed = int(seed)
-        counts_TxD = domain_counts(schedule, self.domains, total_steps, batch_size)
-        # per-step counts in int32 (<= batch_size) plus cumulative counts every _CUM_BLOCK steps
-        # give any step's running sample index at a quarter of a cumulative int64 table's memory
-        cum_TxD = np.cumsum(counts_TxD, axis=0)
-        self._cum_blocks = np.concatenate([np.zeros((1, len(self.domains)), np.int64),
-                                           cum_TxD[_CUM_BLOCK - 1::_CUM_BLOCK]])
-        self._totals_D = cum_TxD[-1].copy()
-        del cum_TxD
-        self._counts_TxD = counts_TxD.astype(np.int32)
-        self._first_steps = np.array(schedule.first_steps(total_steps))
-        self._arrays, self._layouts = self._check_tokens(tokens)
-        self._epochs: collections.OrderedDict[tuple[int, int], tuple[int, np.ndarray]] = \
-            collections.OrderedDict()
-        self._cache_epochs = cache_epochs or 2 * len(self.domains) + 2
-
-    def _check_tokens(self, tokens: Mapping[str, np.ndarray]
-                      ) -> tuple[list[np.ndarray | None], list[_Layout]]:
-        width = self.seq_len + 1
-        arrays, layouts = [], []
-        for d, name in enumerate(self.domains):
-            array = tokens.get(name)
-            if array is not None and np.ndim(array) != 1:
-                raise ValueError(f"tokens[{name!r}]: expected a 1-D token array, got shape "
-                                 f"{np.shape(array)}")
-            layout = _Layout(0 if array is None else len(array), width)
-            if self._totals_D[d] and layout.n_windows < 2:  # a domain never drawn may be short
-                need = 3 * self.seq_len + 2
-                raise UserError(f"domain {name!r} has {layout.n_tokens:,} tokens: too few for "
-                                f"seq_len={self.seq_len} (two sequences of seq_len+1 tokens plus "
-                                f"seq_len of shift room = {need:,} tokens); add data, lower "
-                                "seq_len, or give the domain weight 0")
-            arrays.append(array)
-            layouts.append(layout)
-        return arrays, layouts
-
-    # -- the mixture ------------------------------------------------------------------------
-
-    def _check_step(self, step: int, end: int) -> None:
-        if not 0 <= step < end:
-            raise ValueError(f"step {step} outside [0, {end})")
-
-    def stage(self, step: int) -> int:
-        """Index of the stage active at `step` (the last with start <= step / total_steps)."""
-        self._check_step(step, self.total_steps)
-        return int(np.searchsorted(self._first_steps, step, side="right")) - 1
-
-    def weights(self, step: int) -> tuple[float, ...]:
-        weights = self.schedule.stages[self.stage(step)].weights
-        return tuple(float(weights.get(d, 0.0)) for d in self.domains)
-
-    def counts(self, step: int) -> np.ndarray:
-        self._check_step(step, self.total_steps)
-        return self._counts_TxD[step].astype(np.int64)
-
-    def counts_table(self) -> np.ndarray:
-        """(total_steps, D) int32, read-only: the whole run's per-step domain counts."""
-        view = self._counts_TxD.view()
-        view.flags.writeable = False
-        return view
-
-    def drawn_before(self, step: int) -> np.ndarray:
-        """(D,) int64: sequences each domain has given in steps [0, step)."""
-        self._check_step(step, self.total_steps + 1)
-        block = step // _CUM_BLOCK
-        return self._cum_blocks[block] + self._counts_TxD[block * _CUM_BLOCK:step].sum(
-            0, dtype=np.int64)
-
-    # -- the data ---------------------------------------------------------------------------
-
-    def _epoch(self, d: int, epoch: int) -> tuple[int, np.ndarray]:
-        """(offset, window order) of one epoch of domain d; a small LRU, as a step touches at
-        most a couple of epochs per domain."""
-        key = (d, epoch)
-        if key in self._epochs:
-            self._epochs.move_to_end(key)
-            return self._epochs[key]
-        layout = self._layouts[d]
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-            [self.seed % 2**64, _domain_key(self.domains[d]), epoch])))
-        offset = int(rng.integers(0, layout.slack + 1))
-        order = rng.permutation(layout.n_windows)
-        order = order.astype(np.uint32 if layout.n_windows < 2**32 else np.int64)
-        self._epochs[key] = (offset, order)
-        if len(self._epochs) > self._cache_epochs:
-            self._epochs.popitem(last=False)
-        return offset, order
-
-    def window_starts(self, d: int, first: int, count: int) -> np.ndarray:
-        """(count,) int64: token offsets of domain d's sequences number first .. first+count-1."""
-        layout = self._layouts[d]
-        k_N = np.arange(first, first + count, dtype=np.int64)
-        epoch_N, pos_N = np.divmod(k_N, layout.n_windows)
-        starts_N = np.empty(count, np.int64)
-        for epoch in np.unique(epoch_N).tolist():
-            offset, order = self._epoch(d, epoch)
-            sel = epoch_N == epoch
-            starts_N[sel] = offset + order[pos_N[sel]].astype(np.int64) * layout.width
-        return starts_N
-
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens_BxW int32, domain_B int32) with W = seq_len + 1, rows grouped by domain."""
-        n_D = self.counts(step)
-        first_D = self.drawn_before(step)
-        width = self.seq_len + 1
-        tokens_BxW = np.empty((self.batch_size, width), np.int32)
-        row = 0
-        for d in np.flatnonzero(n_D).tolist():
-            starts_N = self.window_starts(d, int(first_D[d]), int(n_D[d]))
-            # a strided view reads each row as one contiguous slice (memmap friendly)
-            windows = np.lib.stride_tricks.sliding_window_view(self._arrays[d], width)
-            tokens_BxW[row:row + len(starts_N)] = windows[starts_N]
-            row += len(starts_N)
-        domain_B = np.repeat(np.arange(len(self.domains), dtype=np.int32), n_D)
-        return tokens_BxW, domain_B
-
-    # -- repetition -------------------------------------------------------------------------
-
-    def epochs(self, steps: int | None = None) -> dict[str, float]:
-        """Realized epochs per domain after `steps` steps (default: the whole run): sequences
-        drawn / windows per epoch, so 1.0 = every window of the domain seen once."""
-        drawn_D = self.drawn_before(self.total_steps if steps is None else steps)
-        return {name: float(drawn_D[d]) / self._layouts[d].n_windows
-                if self._layouts[d].n_windows else 0.0
-                for d, name in enumerate(self.domains)}
-
-    def repetition_warnings(self, max_epochs: float) -> list[str]:
-        """One message per domain that the whole run repeats more than max_epochs times."""
-        out = []
-        for d, (name, epochs) in enumerate(self.epochs().items()):
-            if epochs > max_epochs:
-                layout = self._layouts[d]
-                out.append(f"domain {name!r} is repeated {epochs:.2f} epochs (> max_epochs="
-                           f"{max_epochs:g}): {layout.n_tokens:,} tokens available "
-                           f"({layout.n_windows:,} sequences of {layout.width} tokens), the run "
-                           f"draws {int(self._totals_D[d]):,} sequences")
-        return out

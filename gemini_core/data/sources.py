@@ -16,7 +16,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 from gemini_core.errors import UserError
 
@@ -236,6 +236,22 @@ def line_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
     except (EOFError, zlib.error, gzip.BadGzipFile):
         pass
     return [(a, b) for a, b in zip(starts, starts[1:] + [0])]
+
+
+def text_batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive texts in lists of about `max_chars` characters (a list closes at the text
+    that reaches it): batches big enough to amortize a vectorised call, small enough to bound
+    its memory."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def iter_documents(path: Path, text_field: str, on_bad_record: str,

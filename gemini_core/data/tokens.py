@@ -14,12 +14,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from gemini_core.config import DataConfig
-from gemini_core.data.sources import (BadRecords, domain_file, file_sha256, iter_documents)
+from gemini_core.data.sources import (BadRecords, domain_file, file_sha256, iter_documents,
+                                      text_batches)
 from gemini_core.data.tokenizer import (Tokenizer, build_once, normalize_weights,
                                         train_or_load_tokenizer, write_json)
 from gemini_core.errors import UserError
@@ -58,19 +59,6 @@ class PreparedData:
 # encoding
 
 
-def _batches(texts: Iterable[str], max_chars: int = BATCH_CHARS) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def _flatten(ids: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
     total = sum(map(len, ids)) + len(ids)
     for doc in ids:
@@ -85,7 +73,8 @@ def encode_file(tokenizer: Tokenizer, path: Path, out_path: Path, *, text_field:
     token_bytes = tokenizer.token_bytes()
     docs = n_bytes = n_tokens = decoded_bytes = 0
     with open(out_path, "wb") as out:
-        for batch in _batches(iter_documents(path, text_field, on_bad_record, bad)):
+        for batch in text_batches(iter_documents(path, text_field, on_bad_record, bad),
+                                  BATCH_CHARS):
             flat = _flatten(tokenizer.encode_batch(batch, num_threads), tokenizer.eos_id, dtype)
             flat.tofile(out)
             docs += len(batch)

@@ -23,28 +23,18 @@ step late), so rollbacks and the Ray replica only ever use states that led to fi
 Checkpoints on disk stay the recovery for whole-job restarts; the in-memory copies are for
 faults the process survives, and the replica for a process Ray restarts.
 
-Test hooks (environment variables, read when a Guard starts; tests/test_faults.py uses them).
-STEP counts from 1, like the step numbers in logs and metrics.jsonl:
-
-    GX_TEST_FLIP_BIT=STEP[:leaf=N|NAME][:bit=K][:always]
-        flips bit K (0-15, default 0) of the first element of one state leaf (index N, or the first
-        whose path contains NAME; default the first floating-point leaf) in the result of step
-        STEP's computation: silent data corruption. Once, or in every attempt with `always`.
-    GX_TEST_NAN=STEP[:always]
-        makes the first parameter NaN before step STEP: a transient fault (once), or one that
-        recurs whenever the step is computed (`always`).
+Pieces: state_copies (host copies, bit fingerprints), replica (the Ray replica), fault_hooks
+(the test hooks GX_TEST_FLIP_BIT and GX_TEST_NAN).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -55,13 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemini_core.config import FaultsConfig
-from gemini_core.errors import TrainingStopped, UserError
+from gemini_core.errors import TrainingStopped
+from gemini_core.scale.fault_hooks import (ENV_FLIP, ENV_NAN, flip_bit, parse_hook, pick_leaf,
+                                           poison)
+from gemini_core.scale.replica import replica_holder, replica_holders, replica_key, running_ray
+from gemini_core.scale.state_copies import differing_devices, fingerprint, to_device, to_host
 
 Log = Callable[[str], None]
 EVENTS_FILE = "faults.jsonl"  # one JSON object per fault event, in the run directory
-REPLICA_NAMESPACE = "gx"
-ENV_FLIP = "GX_TEST_FLIP_BIT"
-ENV_NAN = "GX_TEST_NAN"
 
 
 class Rollback(Exception):
@@ -72,242 +63,8 @@ class Rollback(Exception):
         self.step, self.state = step, state
 
 
-# ---------------------------------------------------------------------------------------------
-# state <-> host memory, shard by shard (a sharded state is never gathered on one device)
-
-
-def _index_key(index: tuple) -> tuple:
-    return tuple((s.start, s.stop, s.step) for s in index)
-
-
-def to_host(leaves: list[jax.Array]) -> list[dict[tuple, np.ndarray]]:
-    """Per leaf: shard index -> host array, one copy of each distinct shard this process holds
-    (replicas are not copied twice)."""
-    datas, keys = [], []
-    for i, x in enumerate(leaves):
-        seen = set()
-        for shard in x.addressable_shards:
-            key = _index_key(shard.index)
-            if key not in seen:
-                seen.add(key)
-                datas.append(shard.data)
-                keys.append((i, key))
-    host = jax.device_get(datas)  # one batched device->host transfer
-    out: list[dict[tuple, np.ndarray]] = [{} for _ in leaves]
-    for (i, key), h in zip(keys, host):
-        out[i][key] = h
-    return out
-
-
-def to_device(host: list[dict[tuple, np.ndarray]], like: list[jax.ShapeDtypeStruct | jax.Array],
-              shardings: list) -> list[jax.Array]:
-    # np.array copies: the arrays may be donated to the next step, the snapshot must stay intact
-    return [jax.make_array_from_callback(x.shape, sh, lambda idx, h=h: np.array(h[_index_key(idx)]))
-            for h, x, sh in zip(host, like, shardings)]
-
-
-# ---------------------------------------------------------------------------------------------
-# fingerprints: a wrapping sum of each leaf's bit patterns
-
-
-def _bits_u32(x: jax.Array) -> jax.Array:
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-@jax.jit
-def fingerprint(tree: Any) -> jax.Array:
-    """uint32[n_leaves]: per leaf, the sum mod 2^32 of its elements' bit patterns. One flipped
-    bit anywhere changes its leaf's sum by ±2^k, never 0 mod 2^32: always seen."""
-    return jnp.stack([jnp.sum(_bits_u32(x), dtype=jnp.uint32) for x in jax.tree.leaves(tree)])
-
-
-def _device_name(d: Any) -> str:
-    return f"{d.platform}:{d.id}"
-
-
-def differing_devices(a: jax.Array, b: jax.Array) -> list[str]:
-    """Devices whose shard of leaf `a` differs bitwise from the same shard of `b`."""
-    out = []
-    for sa, sb in zip(a.addressable_shards, b.addressable_shards):
-        if np.asarray(sa.data).tobytes() != np.asarray(sb.data).tobytes():
-            out.append(_device_name(sa.device))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# test hooks
-
-
 @dataclasses.dataclass
-class _Hook:
-    step: int  # 1-based
-    always: bool = False
-    leaf: str | int | None = None
-    bit: int = 0
-    fired: bool = False
-
-    def due(self, n: int) -> bool:
-        if n != self.step or (self.fired and not self.always):
-            return False
-        self.fired = True
-        return True
-
-
-def parse_hook(var: str, value: str | None, *, flip: bool) -> _Hook | None:
-    if not value:
-        return None
-    usage = (f"{var}={value!r}: expected STEP[:leaf=N|NAME][:bit=K][:always]" if flip
-             else f"{var}={value!r}: expected STEP[:always]")
-    head, *rest = value.split(":")
-    try:
-        hook = _Hook(step=int(head))
-        for item in rest:
-            key, _, val = item.partition("=")
-            if key == "always" and not val:
-                hook.always = True
-            elif flip and key == "leaf" and val:
-                hook.leaf = int(val) if val.isdigit() else val
-            elif flip and key == "bit" and val:
-                hook.bit = int(val)
-            else:
-                raise ValueError(item)
-    except ValueError:
-        raise UserError(usage) from None
-    if hook.step < 1 or not 0 <= hook.bit < 16:
-        raise UserError(usage + " (STEP >= 1, 0 <= bit < 16)")
-    return hook
-
-
-def _pick_leaf(names: list[str], leaves: list, which: str | int | None) -> int:
-    if isinstance(which, int):
-        if not 0 <= which < len(leaves):
-            raise UserError(f"{ENV_FLIP}: leaf={which}: the state has {len(leaves)} leaves")
-        return which
-    for i, (name, x) in enumerate(zip(names, leaves)):
-        if jnp.issubdtype(x.dtype, jnp.floating) and (which is None or which in name):
-            return i
-    raise UserError(f"{ENV_FLIP}: leaf={which}: no floating-point leaf matches "
-                    f"(leaves: {', '.join(names[:8])}, ...)")
-
-
-def _flip_bit(x: jax.Array, bit: int) -> jax.Array:
-    unsigned = {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    flat = jax.lax.bitcast_convert_type(x, unsigned).reshape(-1)
-    flat = flat.at[0].set(flat[0] ^ jnp.asarray(1 << bit, unsigned))
-    return jax.device_put(jax.lax.bitcast_convert_type(flat.reshape(x.shape), x.dtype), x.sharding)
-
-
-def _poison(x: jax.Array) -> jax.Array:
-    return jax.device_put(x * jnp.asarray(jnp.nan, x.dtype), x.sharding)
-
-
-# ---------------------------------------------------------------------------------------------
-# the Ray replica
-
-
-def _ray():
-    """Ray, when this process already runs under it (a sweep trial, a Ray job); else None. Never
-    imports it: `import ray` alone costs a second, and a plain `gx run` has no use for it."""
-    ray = sys.modules.get("ray")
-    if ray is None or not getattr(ray, "is_initialized", lambda: False)():
-        return None
-    return ray
-
-
-_HOLDER_CLS = None
-HOLDER_PREFIX = "gx-replicas-"  # + the id of the node whose trainers it serves
-
-
-def _holder_class(ray):
-    global _HOLDER_CLS
-    if _HOLDER_CLS is None:
-        @ray.remote(num_cpus=0, max_restarts=0)
-        class ReplicaHolder:
-            """The newest good snapshot of each unfinished run whose trainer runs on one node, in
-            the object store, owned by this actor. Detached, it outlives the trainers, so a
-            trainer Ray restarts after a crash resumes from memory instead of disk. One per node
-            for all its trainers (a sweep's trials), not one process per run."""
-
-            def __init__(self):
-                self._runs: dict[str, tuple[str, int, list]] = {}
-
-            def put(self, key: str, fp: str, step: int, host: list) -> int:
-                self._runs[key] = (fp, step, [ray.put(host)])
-                return step
-
-            def step(self, key: str, fp: str) -> int | None:
-                fp_held, step, _ = self._runs.get(key, (None, None, None))
-                return step if fp_held == fp else None
-
-            def newest(self, key: str, fp: str, after: int):
-                fp_held, step, ref = self._runs.get(key, (None, -1, None))
-                if fp_held != fp or step <= after:
-                    return None
-                return step, ray.get(ref[0])
-
-            def drop(self, key: str) -> None:
-                self._runs.pop(key, None)
-
-            def node(self) -> str:
-                return ray.get_runtime_context().get_node_id()
-
-        _HOLDER_CLS = ReplicaHolder
-    return _HOLDER_CLS
-
-
-def replica_key(run_id: str, run_dir: Path) -> str:
-    # the same run id in another runs root is another run: its replica must never be taken
-    key = f"{run_id}@{hashlib.sha256(str(Path(run_dir).absolute()).encode()).hexdigest()[:12]}"
-    # multi-host: each process holds its own shards of the state
-    return f"{key}/p{jax.process_index()}" if jax.process_count() > 1 else key
-
-
-def replica_holder(ray):
-    """The holder for trainers on this node: started once (then found by name), on another node
-    when the cluster has one (soft affinity: the same node if that one goes away), so losing the
-    trainer's machine does not lose the copy."""
-    here = ray.get_runtime_context().get_node_id()
-    opts = {"name": HOLDER_PREFIX + here[:16], "namespace": REPLICA_NAMESPACE,
-            "lifetime": "detached", "get_if_exists": True}
-    others = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here)
-    if others:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        pick = others[int(hashlib.sha256(here.encode()).hexdigest(), 16) % len(others)]
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=pick, soft=True)
-    return _holder_class(ray).options(**opts).remote()
-
-
-def replica_holders(ray) -> list:
-    """Every holder in the cluster: a restarted trainer may land on another node."""
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a.get("namespace") == REPLICA_NAMESPACE and a["name"].startswith(HOLDER_PREFIX)]
-    out = []
-    for name in sorted(names):
-        try:
-            out.append(ray.get_actor(name, namespace=REPLICA_NAMESPACE))
-        except ValueError:  # gone in between
-            continue
-    return out
-
-
-def replica_step(run_id: str, run_dir: Path, fp: str) -> int | None:
-    """The newest step a holder keeps for this run (None: none, or not under Ray)."""
-    ray = _ray()
-    if ray is None:
-        return None
-    steps = [ray.get(h.step.remote(replica_key(run_id, run_dir), fp)) for h in replica_holders(ray)]
-    return max((s for s in steps if s is not None), default=None)
-
-
-# ---------------------------------------------------------------------------------------------
-# the guard
-
-
-@dataclasses.dataclass
-class _Snapshot:
+class Snapshot:
     step: int  # steps done: the state before 0-based step `step`
     host: concurrent.futures.Future  # -> to_host(...)
     replicated: bool = False
@@ -327,7 +84,7 @@ class Guard:
         self.counts = {"rollbacks": 0, "snapshots": 0, "sdc_checks": 0, "sdc_mismatches": 0}
         self.preempt_requested = False
         self._prev_handler: Any = None
-        self._snapshots: list[_Snapshot] = []
+        self._snapshots: list[Snapshot] = []
         self._failed: dict[int, int] = {}  # 1-based step that was non-finite -> rolled back to
         self._good_through = -1  # newest 0-based step whose metrics were finite
         self._logged_through = -1  # newest 0-based step whose metrics went to the log
@@ -384,11 +141,11 @@ class Guard:
                              out_shardings=jax.tree.map(lambda x: x.sharding, state))
         self._good_through = self._logged_through = start - 1
         if self.flip_hook is not None:
-            self._flip_leaf = _pick_leaf(self._names, leaves, self.flip_hook.leaf)
-        if self.cfg.replica and _ray() is not None:
-            self._replica = replica_holder(_ray())
+            self._flip_leaf = pick_leaf(self._names, leaves, self.flip_hook.leaf)
+        if self.cfg.replica and running_ray() is not None:
+            self._replica = replica_holder(running_ray())
         if self.cfg.snapshot_every:
-            self._take(start, state)
+            self.take_snapshot(start, state)
 
     def finish(self) -> None:
         """The run is done (called after the `with`: the pushes were all sent, and a holder runs
@@ -404,7 +161,7 @@ class Guard:
 
     def restore_newer(self, step: int, state: Any) -> tuple[int, Any]:
         """The replica's state when it is newer than `step` (the latest checkpoint)."""
-        ray = _ray() if self.cfg.replica else None
+        ray = running_ray() if self.cfg.replica else None
         if ray is None:
             return step, state
         t0 = time.perf_counter()
@@ -434,11 +191,11 @@ class Guard:
         """compute(state) -> (new state, metrics): 0-based step `step` (its batch bound in)."""
         n = step + 1
         if self.nan_hook is not None and self.nan_hook.due(n):
-            state = self._map_leaf(state, _pick_leaf(self._names, jax.tree.leaves(state), None),
-                                   _poison)
+            state = self._map_leaf(state, pick_leaf(self._names, jax.tree.leaves(state), None),
+                                   poison)
         sdc = self.cfg.sdc_check_every
         if sdc and n % sdc == 0:
-            return self._checked_step(compute, state, step)
+            return self.checked_step(compute, state, step)
         new_state, metrics = compute(state)
         return self._maybe_flip(n, new_state), metrics
 
@@ -450,9 +207,9 @@ class Guard:
     def _maybe_flip(self, n: int, state: Any) -> Any:
         if self.flip_hook is None or not self.flip_hook.due(n):
             return state
-        return self._map_leaf(state, self._flip_leaf, lambda x: _flip_bit(x, self.flip_hook.bit))
+        return self._map_leaf(state, self._flip_leaf, lambda x: flip_bit(x, self.flip_hook.bit))
 
-    def _checked_step(self, compute: Callable, state: Any, step: int) -> tuple[Any, Any]:
+    def checked_step(self, compute: Callable, state: Any, step: int) -> tuple[Any, Any]:
         """Computes the step twice from the same state and batch; equal fingerprints of the
         new states or the step is redone (up to sdc_max_mismatches in the process)."""
         n = step + 1
@@ -536,7 +293,7 @@ class Guard:
                  f"of step {snap.step} in {seconds:.2f}s; replaying {n - snap.step} step(s)")
         raise Rollback(snap.step, state)
 
-    def restore(self, snap: _Snapshot) -> Any:
+    def restore(self, snap: Snapshot) -> Any:
         host = snap.host.result()
         return jax.tree.unflatten(self._treedef, to_device(host, self._like, self._shardings))
 
@@ -545,13 +302,16 @@ class Guard:
     def after_step(self, done: int, state: Any) -> None:
         every = self.cfg.snapshot_every
         if every and done % every == 0 and all(s.step != done for s in self._snapshots):
-            self._take(done, state)
+            self.take_snapshot(done, state)
 
-    def _take(self, done: int, state: Any) -> None:
+    def take_snapshot(self, done: int, state: Any) -> Snapshot:
+        """A copy of `state` (after `done` steps), fetched to host memory in the background."""
         copy = jax.tree.leaves(self._copy(state))
-        self._snapshots.append(_Snapshot(done, self._pool.submit(to_host, copy)))
+        snap = Snapshot(done, self._pool.submit(to_host, copy))
+        self._snapshots.append(snap)
         self.counts["snapshots"] += 1
         self._prune()
+        return snap
 
     def _prune(self) -> None:
         """Keeps the newest good snapshot (the step before it was finite) and newer ones not
@@ -565,7 +325,7 @@ class Guard:
             newest.replicated = True
             self._pool.submit(self._push, newest)
 
-    def _push(self, snap: _Snapshot) -> None:
+    def _push(self, snap: Snapshot) -> None:
         try:
             host = snap.host.result()
             self._replica.put.remote(self.key, self.fp, snap.step, host)

@@ -243,7 +243,7 @@ def auc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow warning for large |z|
 
 
@@ -274,7 +274,7 @@ def _fit(x: Features, y_N: np.ndarray, p: ClassifierParams,
             rows_R = order[lo:lo + BATCH_DOCS]
             row_E, col_E, val_E = x.rows(rows_R)
             z_R = np.bincount(row_E, weights=w_B[col_E] * val_E, minlength=len(rows_R)) + bias
-            err_R = (_sigmoid(z_R) - y_N[rows_R]) * weight_N[rows_R] / len(rows_R)
+            err_R = (sigmoid(z_R) - y_N[rows_R]) * weight_N[rows_R] / len(rows_R)
             grad_B = np.bincount(col_E, weights=err_R[row_E] * val_E, minlength=p.buckets)
             grad_B += p.l2 * w_B
             g2_B += grad_B * grad_B
@@ -344,7 +344,7 @@ class QualityClassifier:
         row_E = np.repeat(np.arange(len(texts)), np.diff(x.indptr))
         z_N = np.bincount(row_E, weights=self.weights[x.indices] * x.values,
                           minlength=len(texts)) + self.bias
-        return _sigmoid(z_N).astype(np.float32)
+        return sigmoid(z_N).astype(np.float32)
 
     # -----------------------------------------------------------------------------------------
     # files

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from gemini_core.config import DEFAULT_DOMAINS, to_dataclass
+from gemini_core.data.curation.dedup import DedupParams
 from gemini_core.errors import UserError
 
 SPLIT_FILES = types.MappingProxyType({"train": "train.jsonl.gz", "valid": "valid.jsonl.gz"})
@@ -167,19 +168,17 @@ def _check(c: CurationConfig) -> None:
         raise UserError(f"config.classifier.drop_fraction={cl.drop_fraction}: must be in [0, 1)")
     if c.safety.max_matches < 0:
         raise UserError(f"config.safety.max_matches={c.safety.max_matches}: must be >= 0")
-    d = c.dedup
-    for key in ("ngram", "num_perm", "bands"):
-        if getattr(d, key) <= 0:
-            raise UserError(f"config.dedup.{key}={getattr(d, key)}: must be positive")
-    if d.num_perm % d.bands:
-        raise UserError(f"config.dedup.bands={d.bands}: must divide config.dedup.num_perm="
-                        f"{d.num_perm}")
-    if not 0.0 < d.threshold <= 1.0:
-        raise UserError(f"config.dedup.threshold={d.threshold}: must be in (0, 1]")
+    dedup_params(c)  # DedupParams checks its own fields, with the config's key paths
     if c.data.max_docs < 0:
         raise UserError(f"config.data.max_docs={c.data.max_docs}: must be >= 0 (0 = all)")
     if c.workers < 0:
         raise UserError(f"config.workers={c.workers}: must be >= 0 (0 = all cores)")
+
+
+def dedup_params(c: CurationConfig) -> DedupParams:
+    d = c.dedup
+    return DedupParams(exact=d.exact, near=d.near, ngram=d.ngram, num_perm=d.num_perm,
+                       bands=d.bands, threshold=d.threshold, seed=c.seed)
 
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> CurationConfig:

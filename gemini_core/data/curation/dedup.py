@@ -40,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
+from gemini_core.data.sources import text_batches
 from gemini_core.errors import UserError
 
 _U64 = np.uint64
@@ -194,7 +195,7 @@ def _word_hashes(cp_L: np.ndarray, start_W: np.ndarray, end_W: np.ndarray) -> np
     return _fmix64(h_W)
 
 
-def _tokens(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def word_tokens(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(token hashes_T uint64, tokens per text_D): words, and single characters of the scripts
     written without spaces (so Chinese, Japanese and Thai get character n-grams, and a mixed
     text gets both, with no per-text mode to guess)."""
@@ -217,7 +218,7 @@ def _tokens(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return _word_hashes(cp_L, start_T, end_T), np.bincount(doc_T, minlength=len(texts))
 
 
-def _shingles(tok_T: np.ndarray, count_D: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def shingles(tok_T: np.ndarray, count_D: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(shingle hashes_S uint64, shingles per text_D): every `n` consecutive tokens of a text
     as sum_k tok[i + k] * M_k (order matters: distinct odd M_k), finalized; a text with fewer
     than n tokens, the empty text included, is one shingle of all its tokens."""
@@ -272,26 +273,15 @@ def _minhash(sh_S: np.ndarray, per_doc_D: np.ndarray, p: DedupParams) -> np.ndar
     return np.ascontiguousarray(sig_PxD.T)
 
 
-def _batches(texts: Sequence[str]) -> list[tuple[int, int]]:
-    spans, lo, chars = [], 0, 0
-    for i, t in enumerate(texts):
-        chars += len(t)
-        if chars >= _BATCH_CHARS:
-            spans.append((lo, i + 1))
-            lo, chars = i + 1, 0
-    if lo < len(texts) or not spans:
-        spans.append((lo, len(texts)))
-    return spans
-
-
 def signatures(texts: Sequence[str], p: DedupParams) -> np.ndarray:
     """(N, num_perm) uint32 MinHash signatures; row i depends on texts[i] and p only."""
     out_NxP = np.empty((len(texts), p.num_perm), dtype=np.uint32)
-    for lo, hi in _batches(texts):
-        if hi > lo:
-            tok_T, count_D = _tokens(texts[lo:hi])
-            sh_S, per_doc_D = _shingles(tok_T, count_D, p.ngram)
-            out_NxP[lo:hi] = _minhash(sh_S, per_doc_D, p)
+    lo = 0
+    for batch in text_batches(texts, _BATCH_CHARS):
+        tok_T, count_D = word_tokens(batch)
+        sh_S, per_doc_D = shingles(tok_T, count_D, p.ngram)
+        out_NxP[lo:lo + len(batch)] = _minhash(sh_S, per_doc_D, p)
+        lo += len(batch)
     return out_NxP
 
 
@@ -318,7 +308,7 @@ def band_keys(sig_NxP: np.ndarray, p: DedupParams) -> np.ndarray:
 
 # ---- the sequential pass ------------------------------------------------------------------
 
-class _MultiMap:
+class MultiMap:
     """uint64 key -> int values in insertion order at ~12 bytes an entry: a sorted numpy run
     plus a dict of recent entries merged into it every `flush_at` entries (a plain dict of 1.6e7
     Python ints — 1e6 documents x 16 bands — would take ~1.5 GB)."""
@@ -387,8 +377,8 @@ class Deduper:
         self._ids: list[str] = []
         self._keys_Kx16 = np.zeros((1024, 16), dtype=np.uint8)  # exact keys of kept docs
         self._sigs_KxP = np.zeros((1024, p.num_perm), dtype=np.uint32)  # their signatures
-        self._exact = _MultiMap()  # first 8 key bytes -> kept index (all 16 are compared)
-        self._near = _MultiMap()  # band key -> kept indices
+        self._exact = MultiMap()  # first 8 key bytes -> kept index (all 16 are compared)
+        self._near = MultiMap()  # band key -> kept indices
         # integer count >= threshold * P, with slack for a threshold like 0.8 not being binary
         self._min_agree = int(np.ceil(p.threshold * p.num_perm - 1e-9))
 

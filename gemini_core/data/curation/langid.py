@@ -27,7 +27,7 @@ UNDETERMINED = "und"
 _MAX_WINDOW = 8  # beyond this depth the vectorised walk would use too much memory per doc
 
 
-class _VectorIdentifier(_pl.LanguageIdentifier):
+class VectorIdentifier(_pl.LanguageIdentifier):
     """py3langid's identifier with the byte-at-a-time automaton walk vectorised."""
 
     __slots__ = ("_nm", "_rb", "_out", "_depth", "_ptc32")
@@ -102,10 +102,10 @@ def _automaton_depth(nm: np.ndarray, rowbase: np.ndarray) -> int | None:
 
 
 @functools.cache
-def _identifier() -> _pl.LanguageIdentifier:
+def identifier() -> _pl.LanguageIdentifier:
     """Loaded once per process (about a second: the model is xz-compressed in the wheel)."""
     try:
-        fast = _VectorIdentifier.from_model_file(_pl.MODEL_FILE, norm_probs=True)
+        fast = VectorIdentifier.from_model_file(_pl.MODEL_FILE, norm_probs=True)
         if fast._prepare():
             return fast
     except (AttributeError, TypeError, ValueError, IndexError):  # other py3langid internals
@@ -122,7 +122,7 @@ def detect(text: str, max_chars: int = PREFIX_CHARS) -> tuple[str, float]:
     head = text[:max_chars]
     if not head.strip():
         return UNDETERMINED, 0.0
-    lang, conf = _identifier().classify(head)
+    lang, conf = identifier().classify(head)
     if not math.isfinite(conf):
         return UNDETERMINED, 0.0
     return str(lang), min(1.0, max(0.0, float(conf)))

@@ -265,7 +265,7 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
 _POW = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
 
 
-def _ngram_stats(words: list[str], lens: np.ndarray, top_ns: tuple[int, ...],
+def ngram_stats(words: list[str], lens: np.ndarray, top_ns: tuple[int, ...],
                  dup_ns: tuple[int, ...], out: dict[str, float]) -> None:
     """Gopher repetition over word n-grams, written to `out`: for each n in top_ns, the
     character fraction of the most frequent n-gram (all its occurrences, when it occurs at least
@@ -416,7 +416,7 @@ def _measure(text: str, lang: str, p: QualityParams) -> dict[str, float]:
     dup_ns = tuple(n for n, _ in p.max_dup_ngram_char_frac)
     if top_ns or dup_ns:
         grams: dict[str, float] = {}
-        _ngram_stats(words[:_NGRAM_MAX_WORDS], lens[:_NGRAM_MAX_WORDS],
+        ngram_stats(words[:_NGRAM_MAX_WORDS], lens[:_NGRAM_MAX_WORDS],
                      tuple(n * scale for n in top_ns), tuple(n * scale for n in dup_ns), grams)
         for n in top_ns:
             s[f"top_{n}gram_char_frac"] = grams[f"top_{n * scale}gram_char_frac"]

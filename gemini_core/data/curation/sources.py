@@ -66,6 +66,9 @@ def _file_shards(cfg: CurationConfig, domain: str, split: str, source: SourceCon
         raise UserError(f"{where}: no file matches (domain {domain!r}, split {split!r})")
     shards = []
     for p in paths:
+        if os.path.getsize(p) == 0:  # known before any work starts: said before any starts
+            raise UserError(f"{p}: empty file (0 bytes; domain {domain!r}, split {split!r}): "
+                            "every input file needs at least one document")
         sha = file_sha256(Path(p))
         for first, end in line_chunks(Path(p), CHUNK_BYTES):
             shards.append(Shard(domain, split, start + len(shards), "files",
@@ -89,6 +92,30 @@ def plan_shards(cfg: CurationConfig) -> list[Shard]:
             else:
                 shards += _file_shards(cfg, domain, split, source, text_field, len(shards))
     return shards
+
+
+def limit_shards(shards: list[Shard], max_docs: int) -> list[Shard]:
+    """The shards of the first `max_docs` records of each domain and split (config.data.
+    max_docs), renumbered in the same global order; all shards when 0."""
+    if not max_docs:
+        return shards
+    out: list[Shard] = []
+    left: dict[tuple[str, str], int] = {}
+    for s in shards:
+        n = left.setdefault((s.domain, s.split), max_docs)
+        if n <= 0:
+            continue
+        if s.kind != "files" or not s.path.endswith((".jsonl", ".jsonl.gz", ".txt")):
+            raise UserError(f"config.data.max_docs={max_docs}: applies to local .jsonl and .txt "
+                            f"files only, not {s.label} (domain {s.domain!r})")
+        if s.path.endswith(".txt"):  # a .txt file is one document
+            end, n_taken = s.end_line, 1
+        else:  # one record per line
+            end = min(s.first_line + n, s.end_line or s.first_line + n)
+            n_taken = end - s.first_line
+        out.append(dataclasses.replace(s, index=len(out), end_line=end))
+        left[(s.domain, s.split)] = n - n_taken
+    return out
 
 
 def _hub_reachable(timeout: float = 5.0) -> str | None:

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Mapping
 
 from gemini_core.config import DataConfig
-from gemini_core.data.sources import BadRecords, domain_file, iter_documents
+from gemini_core.data.sources import BadRecords, domain_file, iter_documents, text_batches
 from gemini_core.data.tokenizer import Tokenizer, train_or_load_tokenizer
-from gemini_core.data.tokens import resolve_sample_weights
+from gemini_core.data.tokens import BATCH_CHARS, resolve_sample_weights
 from gemini_core.errors import UserError
 
-BATCH_CHARS = 1 << 21  # text per encode call: bounds memory, long enough for all threads
 RAW, MIX = "raw", "mix"
 
 Log = Callable[[str], None]
@@ -33,25 +32,14 @@ def single_key(domain: str) -> str:
     return f"single:{domain}"
 
 
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def _count(path: Path, tokenizers: Mapping[str, Tokenizer], data: DataConfig,
            threads: int) -> dict:
     """Documents, UTF-8 bytes, skipped records and, per tokenizer, tokens (no EOS) of a file."""
     docs = n_bytes = 0
     tokens = dict.fromkeys(tokenizers, 0)
     bad = BadRecords()
-    for batch in _batches(iter_documents(path, data.text_field, data.on_bad_record, bad)):
+    for batch in text_batches(iter_documents(path, data.text_field, data.on_bad_record, bad),
+                              BATCH_CHARS):
         docs += len(batch)
         n_bytes += sum(len(t.encode("utf-8")) for t in batch)
         for name, tok in tokenizers.items():
