@@ -126,7 +126,7 @@ def noise_ceiling(sweep_dir: Path) -> dict | None:
 
 
 def validation_figures(sweep_dir: Path) -> dict:
-    from sweeps.runner import UPWEIGHTING
+    from sweeps.validation import UPWEIGHTING
     v = json.loads((sweep_dir / "validate.json").read_text())
     target = v["scales"]["target"]
     return {"seconds": v["seconds"], "winner_vs": target["winner_vs"],
@@ -201,7 +201,7 @@ def report_fit(r: dict) -> None:
 
 
 def report_validation(r: dict) -> None:
-    from sweeps.runner import UPWEIGHTING, describe_upweighting, verdict
+    from sweeps.validation import UPWEIGHTING, describe_upweighting, verdict
     for method in ("regression", "doremi"):
         if method not in r:
             continue

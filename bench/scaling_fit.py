@@ -54,7 +54,9 @@ def run_ladder(args: argparse.Namespace) -> tuple[Path, float]:
 
 
 def main() -> int:
-    from sweeps import scaling
+    from sweeps.ladder import format_ladder
+    from sweeps.scaling_law import fit_runs
+    from sweeps.scaling_table import format_fit, read_table
 
     args = parse()
     wall = None
@@ -62,15 +64,14 @@ def main() -> int:
         sweep = Path(args.sweep)
     else:
         sweep, wall = run_ladder(args)
-    df = scaling.read_table(sweep / "ladder.csv")
-    print(scaling.format_ladder(df))
+    df = read_table(sweep / "ladder.csv")
+    print(format_ladder(df))
     if wall is not None:
         print(f"ladder wall time: {wall:.0f}s ({len(df)} runs)")
 
-    result = scaling.fit_runs(df, holdout=args.holdout_largest,
-                              bootstrap_resamples=args.bootstrap)
+    result = fit_runs(df, holdout=args.holdout_largest, bootstrap_resamples=args.bootstrap)
     print()
-    print(scaling.format_fit(result, sweep.name))
+    print(format_fit(result, sweep.name))
     errors = [abs(r["relative_error"]) for r in result["holdout"]]
     worst = max(errors)
     print(f"\nheld-out largest run(s): relative error {', '.join(f'{e:.2%}' for e in errors)} "
@@ -78,13 +79,13 @@ def main() -> int:
 
     # stricter: the whole largest model size held out (every budget): extrapolation in N alone
     N = df["params"].to_numpy()
-    whole = scaling.fit_runs(df, holdout=N == N.max(), bootstrap_resamples=0)
+    whole = fit_runs(df, holdout=N == N.max(), bootstrap_resamples=0)
     print("largest model size held out at every budget (fit on the smaller sizes only):")
     for r in whole["holdout"]:
         print(f"  N={r['params']:,.0f} D={r['tokens']:,.0f}: loss {r['loss']:.4f}, predicted "
               f"{r['predicted']:.4f}, relative error {r['relative_error']:+.2%}")
 
-    full = scaling.fit_runs(df, holdout=0, bootstrap_resamples=0)
+    full = fit_runs(df, holdout=0, bootstrap_resamples=0)
     print(f"fit on all {len(df)} runs: " + ", ".join(
         f"{k} {v:.4g}" for k, v in full["constants"].items())
         + f"; a = {full['compute_optimal']['a']:.3f}")

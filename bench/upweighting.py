@@ -6,7 +6,7 @@ measures every domain of the corpus, at each of `--factors`, on one base mixture
 uniform, natural, or a winner.json whose first stage is the base), at the same target scale as
 bench/mixture_quality.py (the small proxy at 2x width, `--target-steps`). Each boosted schedule
 is the base until `--start`, then the base with one domain multiplied by the factor, projected
-under the sweep's caps and minimum weight: the same `sweeps.runner.boosted` the validation uses.
+under the sweep's caps and minimum weight: the same `sweeps.validation.boosted` the validation uses.
 
 The base and each boosted run share a seed, so they train identically until the end stage
 starts (same initialisation, same batches): the change is paired per seed, and its spread over
@@ -57,28 +57,28 @@ def sweep_config(args):
         boost_factor=4.0, scales=["target"], target_steps=args.target_steps), "regression")
 
 
-def base_schedule(args, plan):
+def base_schedule(args, setup):
     from gemini_core.data.mixture import MixtureSchedule, Stage
-    from sweeps.runner import baselines
+    from sweeps.sweep_setup import baselines
     if args.base in ("uniform", "natural"):
-        weights = baselines(plan)[args.base].stages[0].weights
+        weights = baselines(setup)[args.base].stages[0].weights
         start = args.start
     else:
-        winner = MixtureSchedule.load(args.base).validate(plan.domains)
+        winner = MixtureSchedule.load(args.base).validate(setup.domains)
         weights = winner.stages[0].weights
         start = winner.stages[-1].start if len(winner.stages) > 1 else args.start
     # two equal stages: `boosted` takes the end stage's start from the schedule it boosts
     return MixtureSchedule((Stage(0.0, dict(weights)), Stage(start, dict(weights))))
 
 
-def schedules(plan, base, factors) -> dict:
+def schedules(setup, base, factors) -> dict:
     """name -> schedule: "base" (one stage), and "<domain>x<factor>" per domain and factor."""
     from gemini_core.data.mixture import MixtureSchedule, Stage
-    from sweeps.runner import boosted
+    from sweeps.validation import boosted
     out = {"base": MixtureSchedule((Stage(0.0, dict(base.stages[0].weights)),))}
-    for d in plan.domains:
+    for d in setup.domains:
         for f in factors:
-            out[f"{d}x{f:g}"] = boosted(plan, base, (d,), f)
+            out[f"{d}x{f:g}"] = boosted(setup, base, (d,), f)
     return out
 
 
@@ -133,32 +133,33 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     args = parse()
     from gemini_core.train import step_fns
-    from sweeps.runner import plan_sweep, run_jobs, write_plan
+    from sweeps.fanout import run_jobs
+    from sweeps.sweep_setup import setup_sweep, write_setup
     step_fns.tune_host_malloc()
     log = lambda s: print(s, flush=True)  # noqa: E731
-    plan = plan_sweep(sweep_config(args), Path(args.work), log)
-    write_plan(plan)
-    base = base_schedule(args, plan)
-    cands = schedules(plan, base, args.factors)
+    setup = setup_sweep(sweep_config(args), Path(args.work), log)
+    write_setup(setup)
+    base = base_schedule(args, setup)
+    cands = schedules(setup, base, args.factors)
     for name, schedule in cands.items():
-        schedule.validate(plan.domains).dump(plan.dir / "schedules" / f"upweight-{name}.json")
+        schedule.validate(setup.domains).dump(setup.dir / "schedules" / f"upweight-{name}.json")
     jobs = [{"name": f"{name}/seed{k}", "scale": "target", "schedule": f"upweight-{name}.json",
-             "seed": plan.proxy.seed + k, "job_type": "upweighting"}
+             "seed": setup.proxy.seed + k, "job_type": "upweighting"}
             for name in cands for k in range(args.seeds)]
     t0 = time.perf_counter()
-    runs = run_jobs(plan, jobs, "upweighting", log)
+    runs = run_jobs(setup, jobs, "upweighting", log)
     results = {"base": args.base, "start": base.stages[1].start, "seeds": args.seeds,
                "factors": args.factors, "target_steps": args.target_steps,
                "seconds": time.perf_counter() - t0, "runs": len(jobs),
                "base_weights": dict(cands["base"].stages[0].weights),
                "base_loss": {d: float(np.mean([runs[f"base/seed{k}"][f"loss/{d}"]
                                                for k in range(args.seeds)]))
-                             for d in [*plan.domains, "mean"]},
+                             for d in [*setup.domains, "mean"]},
                "boosts": {}}
-    for d in plan.domains:
+    for d in setup.domains:
         for f in args.factors:
             name = f"{d}x{f:g}"
-            r = paired(runs, name, args.seeds, d, plan.domains)
+            r = paired(runs, name, args.seeds, d, setup.domains)
             r["weight"] = cands[name].stages[1].weights[d]
             r["meets_target"] = r["own"] <= OWN_TARGET and r["mean"] <= MEAN_TARGET
             results["boosts"][name] = r

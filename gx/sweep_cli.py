@@ -110,8 +110,10 @@ def cmd_fit(args, overrides: list[str]) -> int:
 
 def cmd_compare(args, overrides: list[str]) -> int:
     from gemini_core.runs.rundir import find_run, runs_root
-    from sweeps.report import format_runs, write_html
-    from sweeps.runner import find_sweep, format_sweep
+    from sweeps.compare_runs import format_runs
+    from sweeps.report import write_html
+    from sweeps.report_text import format_sweep
+    from sweeps.sweep_dir import find_sweep
 
     _no_overrides(overrides, "compare")
     root = runs_root(args.runs_root)
@@ -126,16 +128,16 @@ def cmd_compare(args, overrides: list[str]) -> int:
 
 def cmd_scaling(args, overrides: list[str]) -> int:
     from gemini_core.runs.rundir import runs_root
-    from sweeps import scaling
+    from sweeps import ladder, scaling_table
 
     root = runs_root(args.runs_root)
     if args.scaling_command == "run":
         from gemini_core.experiment import load_experiment
-        exp = load_experiment(args.experiment, overrides, schema=scaling.LadderConfig,
-                              convert=scaling.from_config_dict)
-        scaling.run_ladder(exp.config, root)
+        exp = load_experiment(args.experiment, overrides, schema=ladder.LadderConfig,
+                              convert=ladder.from_config_dict)
+        ladder.run_ladder(exp.config, root)
     else:
         _no_overrides(overrides, "scaling fit")
-        scaling.fit_target(root, args.sweep, holdout_largest=args.holdout_largest,
-                           bootstrap_resamples=args.bootstrap)
+        scaling_table.fit_target(root, args.sweep, holdout_largest=args.holdout_largest,
+                                 bootstrap_resamples=args.bootstrap)
     return 0

@@ -3,7 +3,7 @@
 Beside the trials' runs (group = the sweep's name, job_type proxy/validate) one run of
 job_type "sweep" sums the sweep up: id = the sweep dir's name (so running the sweep again, or
 `log_sweep` again, continues the same W&B run), files under <sweep dir>/wandb/. Offline by default
-and with the same environment handling as every run (gemini_core.runs.tracking): nothing under ~,
+and with the same environment handling as every run (gemini_core.runs.wandb_run): nothing under ~,
 online only on WANDB_MODE=online. Skipped when the proxy config says tracking.wandb=false.
 """
 
@@ -13,9 +13,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from gemini_core.runs import tracking
+from gemini_core.runs import wandb_run
 from gemini_core.config import TrackingConfig
-from sweeps import report
+from sweeps.report import render_html
+from sweeps.report_plots import plots
+from sweeps.sweep_dir import SweepData, load_sweep
 
 Log = Callable[[str], None]
 
@@ -27,7 +29,7 @@ def _tracking_config(meta: dict) -> TrackingConfig:
                           job_type="sweep", tags=("sweep",))
 
 
-def summary_metrics(s: report.SweepData) -> dict[str, float]:
+def summary_metrics(s: SweepData) -> dict[str, float]:
     """Flat numbers for the run summary: counts, the held-out fit quality, predicted losses,
     and, where validated, every candidate's mean loss per scale and the winner's gaps."""
     f = s.fit
@@ -66,17 +68,17 @@ def summary_metrics(s: report.SweepData) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
-def _log(run: Any, wandb: Any, s: report.SweepData) -> None:
-    svgs = report.plots(s)
+def _log(run: Any, wandb: Any, s: SweepData) -> None:
+    svgs = plots(s)
     table = s.table.copy()
     table["role"] = [s.role(int(t)) for t in table["trial"]]
     table["predicted/mean"] = [s.predicted_mean(int(t)) for t in table["trial"]]
     # inject=False: W&B's injected stylesheet is a link to a URL; the page stays self-contained
     row = {"trials": wandb.Table(dataframe=table),
-           "report": wandb.Html(report.render_html(s, svgs), inject=False),
+           "report": wandb.Html(render_html(s, svgs), inject=False),
            **{f"plots/{name}": wandb.Html(svg, inject=False)
               for name, svg in svgs.items() if svg is not None},
-           tracking.STEP_KEY: 0}
+           wandb_run.STEP_KEY: 0}
     run.log(row, step=0)
     run.summary.update(summary_metrics(s))
     artifact = wandb.Artifact(f"winner-{s.name}", type="mixture-schedule",
@@ -90,38 +92,38 @@ def log_sweep(sweep_dir: Path, *, mode: str | None = None, force: bool = False,
     """Writes (or continues) the sweep's W&B run; returns its wandb dir, or None when skipped.
 
     `force`: even when the proxy says tracking.wandb=false (a summary after the fact)."""
-    s = report.load_sweep(Path(sweep_dir))
+    s = load_sweep(Path(sweep_dir))
     cfg = _tracking_config(s.meta)
-    mode = mode or tracking.wandb_mode()
+    mode = mode or wandb_run.wandb_mode()
     if not (cfg.wandb or force) or mode == "disabled":
         return None
-    env = tracking._EnvPatch()
+    env = wandb_run.EnvPatch()
     run = None
     try:
-        env.set(tracking.sdk_env(s.dir, mode))
+        env.set(wandb_run.sdk_env(s.dir, mode))
         config = {"sweep": s.meta.get("sweep", {}), "domains": s.domains,
                   "winner": s.winner, "method": s.fit.get("method", "regression"),
                   "chosen": s.fit.get("chosen", {})}
-        run = tracking.start_wandb(s.dir, run_id=s.name, group=s.meta["sweep"]["name"],
-                                    config=json.loads(json.dumps(config)), tracking=cfg,
-                                    mode=mode)
+        run = wandb_run.start_wandb(s.dir, run_id=s.name, group=s.meta["sweep"]["name"],
+                                     config=json.loads(json.dumps(config)), tracking=cfg,
+                                     mode=mode)
         import wandb
         _log(run, wandb, s)
         run.finish()
         run = None
-        tracking.teardown_if_idle()
+        wandb_run.teardown_if_idle()
     except Exception as e:
         if run is not None:
             run.finish(exit_code=1)
-            tracking.teardown_if_idle()
+            wandb_run.teardown_if_idle()
         # like a run's tracker: offline W&B is a copy of what is on disk; losing it is a warning
-        if not (mode == "offline" and tracking.recoverable(e)):
+        if not (mode == "offline" and wandb_run.recoverable(e)):
             raise
         log(f"warning: W&B summary of sweep {s.name} failed ({type(e).__name__}: {e})")
         return None
     finally:
         env.restore()
-    where = s.dir / tracking.WANDB_SUBDIR
+    where = s.dir / wandb_run.WANDB_SUBDIR
     log(f"W&B sweep summary {s.name}: " + (f"{where} (upload: wandb sync {where}/offline-run-*)"
                                            if mode == "offline" else "online"))
     return where

@@ -51,3 +51,18 @@ SLOWEST_FIRST = ("test_recipe", "test_sweep", "test_scaling", "test_sharding", "
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium, for the tests that render a page. Not installed: the test skips,
+    naming what to install, unless GX_REQUIRE_BROWSER=1 (.ci/run sets it), where it fails."""
+    import shutil
+
+    path = shutil.which("chromium")
+    if path:
+        return path
+    reason = "chromium is not on PATH: apt-get install chromium (.ci/run installs it)"
+    if os.environ.get("GX_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason}; GX_REQUIRE_BROWSER=1 makes a missing browser a failure")
+    pytest.skip(reason)

@@ -18,8 +18,10 @@ from scipy import optimize
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from sweeps import fit as fitmod
-from sweeps.fit import (LightGBMRegressor, LinearRegressor, LogLinearRegressor, Objective,
-                        evaluate_holdout, features, fit, objective_values, regret, spearman)
+from sweeps.fit import (Objective, evaluate_holdout, features, fit, objective_values, regret,
+                        spearman)
+from sweeps.regressors import (LightGBMRegressor, LinearRegressor, LogLinearRegressor,
+                               LogWeightRegressor, token_shares)
 from sweeps.optimize import choose, project_capped_simplex, write_winner
 from sweeps.table import fit_table, format_fit_report, parse_columns, read_table
 
@@ -139,14 +141,14 @@ def test_logweight_recovers_power_law_in_token_shares_across_stages():
     start = rng.uniform(0.7, 0.95, (60, 1))
     X = np.hstack([base, anneal, start])
     shares = start * base + (1 - start) * anneal
-    np.testing.assert_allclose(fitmod.token_shares(X, 3), shares)
+    np.testing.assert_allclose(token_shares(X, 3), shares)
     b_D = np.array([-0.3, -0.1, 0.05])
     y = 3.0 + np.log(shares) @ b_D + rng.normal(0, 0.002, 60)
-    model = fitmod.LogWeightRegressor(3).fit(X[:40], y[:40])
+    model = LogWeightRegressor(3).fit(X[:40], y[:40])
     np.testing.assert_allclose(model.linear.coef_F, b_D, atol=0.01)
     assert spearman(model.predict(X[40:]), y[40:]) > 0.99
     with pytest.raises(ValueError, match="not S stages of 4 domains"):
-        fitmod.token_shares(X, 4)
+        token_shares(X, 4)
 
 
 def test_lightgbm_recovers_smooth_nonlinear_law():
@@ -518,11 +520,12 @@ def test_fit_table_chooses_the_fits_mixture_when_it_is_clearly_better(tmp_path):
 
 
 def _choice(beta_D: np.ndarray, noise: float, log: list[str], prefer_measured: bool = True):
-    """fit_and_choose on a sweep plan whose trials' losses follow L_d = 3 - beta_d log(share_d)
+    """fit_and_choose on a sweep setup whose trials' losses follow L_d = 3 - beta_d log(share_d)
     (+ seeded noise): the mean loss is lowest at shares proportional to beta."""
     from sweeps.config import FitConfig, SweepConfig
-    from sweeps.runner import SweepPlan, fit_and_choose, trials_table
+    from sweeps.runner import fit_and_choose, trials_table
     from sweeps.space import SpaceConfig, sample_space
+    from sweeps.sweep_setup import SweepSetup
 
     domains = ("web", "code", "math", "books")
     tokens = {"web": 4 * 10**8, "code": 2 * 10**8, "math": 10**8, "books": 10**8}
@@ -530,29 +533,29 @@ def _choice(beta_D: np.ndarray, noise: float, log: list[str], prefer_measured: b
                         fit=FitConfig(folds=4, regressors=("logweight",), samples=5000,
                                       prefer_measured=prefer_measured))
     schedules, fixed = sample_space(sweep.space, domains, tokens, 10**8)
-    plan = SweepPlan(sweep, None, None, domains, tokens, 10**8, schedules, None, None, fixed)
+    setup = SweepSetup(sweep, None, None, domains, tokens, 10**8, schedules, None, None, fixed)
     rng = np.random.default_rng(0)
     rows = []
     for i, s in enumerate(schedules):
-        share_D = fitmod.token_shares(features(s, domains)[None], len(domains))[0]
+        share_D = token_shares(features(s, domains)[None], len(domains))[0]
         loss_D = 3 - beta_D * np.log(share_D) + noise * rng.standard_normal(len(domains))
         rows.append({"trial": i, "run_id": f"r{i}", "failed": "",
                      **{f"loss/{d}": v for d, v in zip(domains, loss_D)},
                      "loss/mean": float(loss_D.mean())})
-    return plan, fit_and_choose(plan, trials_table(plan, rows), log.append)
+    return setup, fit_and_choose(setup, trials_table(setup, rows), log.append)
 
 
 def test_sweep_keeps_a_measured_trial_the_fit_cannot_beat():
     # every domain alike: the optimum is uniform, one of the anchors; no mixture the fit finds
     # is better than the best measured trial by more than the fit's own error
     log = []
-    plan, result = _choice(np.full(4, 0.1), 0.01, log)
+    setup, result = _choice(np.full(4, 0.1), 0.01, log)
     c, best = result["choice"], result["best_trial"]["trial"]
     assert c["from"].startswith(f"trial {best}") and c["predicted_gain"] < c["margin"]
-    assert result["winner"] == plan.schedules[best].to_dict()
+    assert result["winner"] == setup.schedules[best].to_dict()
     assert any("the winner is trial" in line for line in log)
     assert set(result["objective_predicted"]) == {"winner", "natural", "uniform", "best_trial"}
-    assert {plan.fixed["natural"], plan.fixed["uniform"]} <= {
+    assert {setup.fixed["natural"], setup.fixed["uniform"]} <= {
         t["trial"] for t in result["per_trial_predicted"] if not t["held_out"]}
     # switched off: the fit's own mixture, whatever its margin
     _, off = _choice(np.full(4, 0.1), 0.01, [], prefer_measured=False)
@@ -563,7 +566,7 @@ def test_sweep_keeps_a_measured_trial_the_fit_cannot_beat():
 def test_sweep_chooses_the_fits_mixture_when_it_is_clearly_better():
     # web matters 12x more than any other domain: the fit's optimum (web 0.8, the rest 1/15)
     # beats every measured trial by more than the fit's error
-    plan, result = _choice(np.array([0.6, 0.05, 0.05, 0.05]), 0.01, [])
+    setup, result = _choice(np.array([0.6, 0.05, 0.05, 0.05]), 0.01, [])
     c = result["choice"]
     assert c["from"] == "fit" and c["predicted_gain"] > c["margin"] > 0
     got = result["winner"]["stages"][0]["weights"]

@@ -1,8 +1,13 @@
 """`gx sweep` end to end at test scale: real Ray Tune, real proxy runs on ../shared/corpus,
-resume after the driver is killed, winner.json driving `gx run`."""
+resume after the driver is killed, validation, the reports, winner.json driving `gx run`.
+
+The sweep runs once (the module fixture `swept`: started, killed once two trials are done,
+run again to the end); each test then reads what it left. No test writes into its sweep dir:
+the ones that write (the W&B summary, the report page) work on copies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +25,7 @@ from gemini_core.runs.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 6
+DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
 
 
 def gx(*args: str, runs: Path, env: dict, **kw) -> subprocess.CompletedProcess:
@@ -49,36 +55,143 @@ def done_runs(runs: Path) -> dict[str, str]:
     return out
 
 
-def render_in_chromium(page: Path, scratch: Path) -> tuple[str, list[str]]:
-    """The DOM after load, and every console message, of `page` in headless Chromium."""
-    chromium = shutil.which("chromium")
-    assert chromium, "chromium is not installed (apt-get install chromium; .ci/run does)"
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-         "--v=0", f"--user-data-dir={scratch}", "--dump-dom", page.absolute().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    # e.g. [..:INFO:CONSOLE:12] "Uncaught ReferenceError: ...", source: file:///... (12)
-    console = [line for line in proc.stderr.splitlines()
-               if ":CONSOLE" in line or "Uncaught" in line]
-    return proc.stdout, console
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    ray_tmp = tmp_path_factory.mktemp("r")  # a Ray cluster of this module's own, killable
+    return {**os.environ, "GX_RAY_TEMP_DIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
 
 
-def check_report_page(page: Path, scratch: Path, plots: int) -> None:
-    """Renders without a console message or a JS error, and its last script ran (it counts the
-    plots it saw)."""
-    dom, console = render_in_chromium(page, scratch)
-    assert console == [], console
-    root = re.search(r"<html[^>]*>", dom).group(0)  # the markers are attributes of <html>
-    assert "data-js-error" not in root, root
-    assert f'data-report-ready="{plots}"' in root, root
+@dataclasses.dataclass(frozen=True)
+class Swept:
+    runs: Path
+    dir: Path  # the sweep dir
+    finished: dict[str, str]  # trials done before the kill: run id -> end time
+    stdout: str  # the resumed sweep's output
+    report_html: str  # report.html as the sweep wrote it (gx compare rewrites it)
+    cache: Path
 
 
-def check_html_report(sweep_dir: Path, scratch: Path) -> None:
-    from sweeps import report
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, corpus_root, env, data_cache) -> Swept:
+    runs = tmp_path_factory.mktemp("sweep") / "runs"
+    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs),
+           *sweep_args(corpus_root, data_cache)]
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(done_runs(runs)) < 2:
+        time.sleep(0.2)
+    finished = done_runs(runs)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and what it started in its session
+    driver.wait()
+    # what the killed driver's Ray left: its processes name this module's own Ray folder
+    subprocess.run(["pkill", "-9", "-f", env["GX_RAY_TEMP_DIR"]], check=False)
+    assert len(finished) >= 2, "no trial finished in time"
 
-    page = sweep_dir / "report.html"  # written by the sweep itself, rewritten by gx compare
-    text = page.read_text()
+    proc = gx(*sweep_args(corpus_root, data_cache), runs=runs, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dir = next((runs / "sweeps").glob("mixture_sweep_tiny-*"))
+    return Swept(runs, sweep_dir, finished, proc.stdout,
+                 (sweep_dir / "report.html").read_text(), data_cache)
+
+
+def test_resumed_sweep_trains_no_finished_trial_again(swept):
+    after = done_runs(swept.runs)
+    assert len(after) == TRIALS
+    for run_id, end in swept.finished.items():  # finished before the kill: not trained again
+        assert after[run_id] == end, run_id
+
+
+def test_sweep_dir_holds_the_table_the_fit_and_a_valid_winner(swept):
+    for name in ("sweep.json", "trials.csv", "fit.json", "winner.json", "report.txt",
+                 "report.html", "validate.json"):
+        assert (swept.dir / name).is_file(), name
+    MixtureSchedule.load(swept.dir / "winner.json").validate(DOMAINS)
+    fit = json.loads((swept.dir / "fit.json").read_text())
+    assert fit["n_fit"] + fit["n_holdout"] + fit["n_failed"] == TRIALS
+    assert fit["n_holdout"] >= 1 and fit["holdout"]["n"] == fit["n_holdout"]
+
+
+def _winner_and_validation(swept) -> tuple[MixtureSchedule, dict, str]:
+    winner = MixtureSchedule.load(swept.dir / "winner.json")
+    val = json.loads((swept.dir / "validate.json").read_text())
+    # a winner with an end stage of its own is also run without it (a stage-blind fit, e.g.
+    # logweight, gives both stages one mixture: then the winner is its own base)
+    own_end = winner.stages[1].weights != winner.stages[0].weights
+    return winner, val, "winner_no_anneal" if own_end else "winner"
+
+
+def test_validation_runs_each_candidate_with_two_seeds_at_the_scale_asked(swept):
+    winner, val, base_run = _winner_and_validation(swept)
+    assert list(val["scales"]) == ["target"]
+    cands = val["scales"]["target"]["candidates"]
+    assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_boost", base_run}
+    assert all(c["n"] == 2 and c["std"]["loss/mean"] > 0 for c in cands.values())
+    assert set(val["scales"]["target"]["winner_vs"]) == {"natural", "uniform", "best_trial"}
+    target_runs = [json.loads(p.read_text()) for p in
+                   (swept.runs / "mixture_sweep_tiny").glob("*/config.json")]
+    target_runs = [c for c in target_runs if c["tracking"]["job_type"] == "validate"]
+    assert target_runs and all(c["train"]["steps"] == 96 for c in target_runs)
+    assert all(c["model"]["d_model"] == 64 for c in target_runs)  # 2x the proxy's width
+
+
+def test_the_declared_boost_is_the_winners_base_then_code_raised(swept):
+    winner, val, base_run = _winner_and_validation(swept)
+    boosted = MixtureSchedule.load(swept.dir / "schedules" / "validate-winner_boost.json")
+    assert boosted.stages[0].weights == pytest.approx(winner.stages[0].weights)
+    assert boosted.stages[1].start == winner.stages[1].start
+    assert boosted.stages[1].weights["code"] > winner.stages[0].weights["code"]
+    boost = val["scales"]["target"]["boost"]
+    cands = val["scales"]["target"]["candidates"]
+    assert boost["boosted"] == ["code"] and set(boost["domains"]) == {"code"}
+    assert boost["mean"] == pytest.approx(
+        cands["winner_boost"]["mean"]["loss/mean"] / cands[base_run]["mean"]["loss/mean"] - 1)
+
+
+def test_the_driver_prints_the_fit_warning_progress_and_the_winner(swept):
+    out = swept.stdout
+    assert "winner" in out and "trial" in out
+    assert re.search(r"^sweep: \d fitted trials for 13 features", out, re.M)
+    # the runs' progress on the way, not only a line when each has finished
+    assert re.search(r"^validate \S+: step \d+/96 +loss \d+\.\d+.* eta \d+m\d\ds$", out,
+                     re.M), out[-3000:]
+    assert f"winner: {swept.dir / 'winner.json'}" in out
+
+
+def test_gx_compare_prints_the_sweep_and_writes_its_report(swept, env):
+    compare = gx("compare", "mixture_sweep_tiny", runs=swept.runs, env=env)
+    assert compare.returncode == 0, compare.stderr
+    assert "held-out" in compare.stdout
+    assert "objective predicted: winner" in compare.stdout  # against the fit's own error
+    assert "choice: " in compare.stdout and "the fit's error" in compare.stdout
+    assert "validation (" in compare.stdout and "winner vs natural" in compare.stdout
+    assert f"report: {swept.dir / 'report.html'}" in compare.stdout
+    assert compare.stdout.startswith((swept.dir / "report.txt").read_text().strip())
+
+
+def test_the_winner_drives_gx_run_and_gx_compare_sets_runs_side_by_side(
+        swept, env, corpus_root, tmp_path):
+    from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
+
+    winner = MixtureSchedule.load(swept.dir / "winner.json")
+    runs = tmp_path / "runs"
+    run = gx("run", "experiments/quickstart.py", *TINY, f"--config.data.root={corpus_root}",
+             f"--config.data.cache_dir={swept.cache}",
+             f"--config.data.schedule={swept.dir / 'winner.json'}",
+             "--config.train.steps=6", "--config.tracking.wandb=false", runs=runs, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    trained = RunDir(runs, "quickstart", next((runs / "quickstart").iterdir()).name)
+    assert trained.config()["mixture"] == winner.to_dict()
+
+    trial = swept.runs / "mixture_sweep_tiny" / next(iter(swept.finished))
+    both = gx("compare", str(trial), str(trained.path), runs=runs, env=env)
+    assert both.returncode == 0, both.stderr
+    assert "mixture.stages" in both.stdout and "train.steps" in both.stdout
+    assert "eval/mean/loss" in both.stdout and both.stdout.count("done") >= 2
+
+
+def test_the_report_page_is_self_contained_with_every_section_and_plot(swept):
+    text = swept.report_html
     # self-contained: nothing fetched from anywhere
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
     assert not re.search(r"<link\b|@import|url\(\s*['\"]?https?:", text, re.I)
@@ -88,153 +201,47 @@ def check_html_report(sweep_dir: Path, scratch: Path) -> None:
     assert figures == ["weights", "fit", "schedule", "validation", "curves"], figures
     assert text.count("<tr class=") == TRIALS and "held-out Spearman" in text
     assert re.search(r"<p id='choice'>choice: (fit|trial \d)", text)  # where the winner came from
-    check_report_page(page, scratch / "ok", plots=5)
-
-    # a failed trial (no losses) is marked with its reason, and every text is escaped: the
-    # sweep with one trial's reason set to markup (the page without its plots: they are above)
-    bad = scratch / "copy" / "sweeps" / sweep_dir.name
-    shutil.copytree(sweep_dir, bad, ignore=shutil.ignore_patterns("tune", "wandb"))
-    rows = (bad / "trials.csv").read_text().splitlines()
-    head, cells = rows[0].split(","), rows[1].split(",")
-    cells = ["" if h.startswith("loss/") else c for h, c in zip(head, cells)]
-    cells[head.index("failed")] = '"<img src=x onerror=""document.title=1""> & non-finite"'
-    (bad / "trials.csv").write_text("\n".join([rows[0], ",".join(cells), *rows[2:]]) + "\n")
-    text = report.render_html(report.load_sweep(bad), svgs={})
-    assert "<img src=x" not in text
-    assert ('failed: &lt;img src=x onerror=&quot;document.title=1&quot;&gt; &amp; non-finite'
-            in text)
-    assert text.count('<tr class="failed">') == 1
-    (bad / "report.html").write_text(text)
-    check_report_page(bad / "report.html", scratch / "copy-render", plots=0)
 
 
-def check_wandb_summary(sweep_dir: Path, runs: Path) -> None:
+def test_the_report_page_renders_in_chromium(swept, chromium, tmp_path):
+    from test_sweep_report import check_report_page
+
+    page = tmp_path / "report.html"
+    page.write_text(swept.report_html, encoding="utf-8")
+    check_report_page(chromium, page, tmp_path / "profile", plots=5)
+
+
+def test_the_sweeps_wandb_summary_read_back_from_disk(swept, tmp_path):
     """The sweep's own W&B run, tracking on (the sweep itself ran with tracking.wandb=false),
-    read back from disk."""
-    from gemini_core.runs import tracking
+    written for a copy of the sweep dir and read back from disk."""
+    from gemini_core.runs import wandb_offline
     from sweeps import wandb_summary
 
-    assert not (sweep_dir / "wandb").exists()  # tracking.wandb=false: the sweep logged none
-    assert wandb_summary.log_sweep(sweep_dir, mode="offline", log=lambda _: None) is None
-    assert wandb_summary.log_sweep(sweep_dir, mode="offline", force=True, log=lambda _: None)
-    run = tracking.read_offline_run(sweep_dir)
-    trial = next((runs / "mixture_sweep_tiny").glob("*/config.json"))
-    assert run["id"] == sweep_dir.name and run["job_type"] == "sweep"
+    assert not (swept.dir / "wandb").exists()  # tracking.wandb=false: the sweep logged none
+    copy = tmp_path / "sweeps" / swept.dir.name
+    shutil.copytree(swept.dir, copy, ignore=shutil.ignore_patterns("tune"))
+    assert wandb_summary.log_sweep(copy, mode="offline", log=lambda _: None) is None
+    assert wandb_summary.log_sweep(copy, mode="offline", force=True, log=lambda _: None)
+    run = wandb_offline.read_offline_run(copy)
+    trial = next((swept.runs / "mixture_sweep_tiny").glob("*/config.json"))
+    assert run["id"] == copy.name and run["job_type"] == "sweep"
     assert run["group"] == json.loads(trial.read_text())["name"]  # the trials' W&B group
     s = run["summary"]
     assert s["trials._type"] == "table-file" and s["trials.nrows"] == TRIALS
     assert s["report._type"] == "html-file" and s["plots/fit._type"] == "html-file"
-    fit = json.loads((sweep_dir / "fit.json").read_text())
+    fit = json.loads((copy / "fit.json").read_text())
     assert s["trials/n_fit"] == fit["n_fit"] and "validate/target/winner/loss_mean" in s
     assert s["fit/choice/from_fit"] == float(fit["choice"]["from"] == "fit")
     assert s["fit/choice/fold_spread"] == fit["choice"]["fold_spread"] > 0
     assert s["fit/objective_predicted/uniform"] == fit["objective_predicted"]["uniform"]
-    records = tracking._inspect_records(tracking._session_logs(sweep_dir)[0])
+    records = wandb_offline.inspect_records(wandb_offline.session_logs(copy)[0])
     (art,) = [r["artifact"] for r in records
               if r.get("type") == "artifact" and r["artifact"]["type"] == "mixture-schedule"]
     (entry,) = art["manifest"]["contents"]
     assert entry["path"] == "winner.json"
     staged = Path(entry["local_path"])
-    assert staged.is_relative_to(sweep_dir / "wandb")
-    assert staged.read_text() == (sweep_dir / "winner.json").read_text()
-
-
-def test_report_check_catches_a_js_error(tmp_path):
-    """The Chromium check above can fail: a page whose script throws."""
-    page = tmp_path / "bad.html"
-    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>x</title></head>'
-                    "<body><script>notDefined();</script></body></html>")
-    dom, console = render_in_chromium(page, tmp_path / "profile")
-    assert any("Uncaught ReferenceError: notDefined is not defined" in c for c in console)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    ray_tmp = tmp_path_factory.mktemp("r")  # a Ray cluster of this test's own, killable
-    return {**os.environ, "GX_RAY_TEMP_DIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
-
-
-def test_sweep_resumes_after_kill_and_its_winner_trains(tmp_path, corpus_root, env, data_cache):
-    runs, cache = tmp_path / "runs", data_cache
-    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs),
-           *sweep_args(corpus_root, cache)]
-    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(done_runs(runs)) < 2:
-        time.sleep(0.2)
-    finished = done_runs(runs)
-    assert len(finished) >= 2, "no trial finished in time"
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and what it started in its session
-    driver.wait()
-    subprocess.run(["pkill", "-9", "-f", env["GX_RAY_TEMP_DIR"]], check=False)
-
-    proc = gx(*sweep_args(corpus_root, cache), runs=runs, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    after = done_runs(runs)
-    assert len(after) == TRIALS
-    for run_id, end in finished.items():  # finished before the kill: not trained again
-        assert after[run_id] == end, run_id
-    sweep_dir = next((runs / "sweeps").glob("mixture_sweep_tiny-*"))
-    for name in ("trials.csv", "fit.json", "winner.json", "report.txt"):
-        assert (sweep_dir / name).is_file(), name
-    winner = MixtureSchedule.load(sweep_dir / "winner.json")
-    winner.validate(("books", "wiki", "math", "code", "web", "multilingual"))
-    fit = json.loads((sweep_dir / "fit.json").read_text())
-    assert fit["n_fit"] + fit["n_holdout"] + fit["n_failed"] == TRIALS
-    # validated against baselines, each with 2 seeds, at the one scale asked for
-    val = json.loads((sweep_dir / "validate.json").read_text())
-    assert list(val["scales"]) == ["target"]
-    cands = val["scales"]["target"]["candidates"]
-    # a winner with an end stage of its own is also run without it (a stage-blind fit, e.g.
-    # logweight, gives both stages one mixture: then the winner is its own base)
-    own_end = winner.stages[1].weights != winner.stages[0].weights
-    base_run = "winner_no_anneal" if own_end else "winner"
-    assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_boost", base_run}
-    assert all(c["n"] == 2 and c["std"]["loss/mean"] > 0 for c in cands.values())
-    # the declared boost: the winner's base, then code x4 over the winner's end stage
-    boosted = MixtureSchedule.load(sweep_dir / "schedules" / "validate-winner_boost.json")
-    assert boosted.stages[0].weights == pytest.approx(winner.stages[0].weights)
-    assert boosted.stages[1].start == winner.stages[1].start
-    assert boosted.stages[1].weights["code"] > winner.stages[0].weights["code"]
-    boost = val["scales"]["target"]["boost"]
-    assert boost["boosted"] == ["code"] and set(boost["domains"]) == {"code"}
-    assert boost["mean"] == pytest.approx(
-        cands["winner_boost"]["mean"]["loss/mean"] / cands[base_run]["mean"]["loss/mean"] - 1)
-    assert set(val["scales"]["target"]["winner_vs"]) == {"natural", "uniform", "best_trial"}
-    target_runs = json.loads(next(
-        p for p in (runs / "mixture_sweep_tiny").glob("*/config.json")
-        if json.loads(p.read_text())["tracking"]["job_type"] == "validate"
-        and json.loads(p.read_text())["train"]["steps"] == 96).read_text())
-    assert target_runs["model"]["d_model"] == 64  # 2x the proxy's width
-    assert "winner" in proc.stdout and "trial" in proc.stdout
-    assert re.search(r"^sweep: \d fitted trials for 13 features", proc.stdout, re.M)
-    # the runs' progress on the way, not only a line when each has finished
-    assert re.search(r"^validate \S+: step \d+/96 +loss \d+\.\d+.* eta \d+m\d\ds$", proc.stdout,
-                     re.M), proc.stdout[-3000:]
-
-    compare = gx("compare", "mixture_sweep_tiny", runs=runs, env=env)
-    assert compare.returncode == 0 and "held-out" in compare.stdout, compare.stderr
-    assert "objective predicted: winner" in compare.stdout  # against the fit's own error
-    assert "choice: " in compare.stdout and "the fit's error" in compare.stdout
-    assert f"report: {sweep_dir / 'report.html'}" in compare.stdout
-
-    from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
-    run = gx("run", "experiments/quickstart.py", *TINY, f"--config.data.root={corpus_root}",
-             f"--config.data.cache_dir={cache}", f"--config.data.schedule={sweep_dir / 'winner.json'}",
-             "--config.train.steps=6", "--config.tracking.wandb=false", runs=runs, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    trained = RunDir(runs, "quickstart", next((runs / "quickstart").iterdir()).name)
-    assert trained.config()["mixture"] == winner.to_dict()
-
-    first_trial = next(iter(finished))
-    both = gx("compare", first_trial, trained.run_id, runs=runs, env=env)
-    assert both.returncode == 0, both.stderr
-    assert "mixture.stages" in both.stdout and "train.steps" in both.stdout
-    assert "eval/mean/loss" in both.stdout and both.stdout.count("done") >= 2
-
-    check_html_report(sweep_dir, tmp_path / "html")
-    check_wandb_summary(sweep_dir, runs)
+    assert staged.is_relative_to(copy / "wandb")
+    assert staged.read_text() == (copy / "winner.json").read_text()
 
 
 def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
@@ -269,13 +276,13 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
 
 
 def test_validation_says_when_the_winner_is_worse_beyond_seed_noise():
-    from sweeps.runner import _comparisons, verdict
+    from sweeps.validation import comparisons, verdict
 
     def cand(mean, std):
         return {"mean": {"loss/mean": mean}, "std": {"loss/mean": std}, "n": 3}
 
-    got = _comparisons({"winner": cand(4.0, 0.02), "natural": cand(3.9, 0.02),
-                        "uniform": cand(4.01, 0.03), "best_trial": cand(4.2, 0.02)})
+    got = comparisons({"winner": cand(4.0, 0.02), "natural": cand(3.9, 0.02),
+                       "uniform": cand(4.01, 0.03), "best_trial": cand(4.2, 0.02)})
     assert verdict(got["natural"]) == "worse, beyond seed noise"  # 0.1 > 2 sigma = 0.033
     assert verdict(got["uniform"]) == "within seed noise"
     assert verdict(got["best_trial"]) == "beats it"
