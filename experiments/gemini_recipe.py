@@ -13,7 +13,7 @@ Each step names an experiment file (relative to this folder) and the fields it s
 file's own; `inputs` fill fields from other steps' outputs ("ref:<step>.<output>") or from
 `params`. size=small (default): the whole corpus, the 24-trial sweep with validation, a d=256
 Nano-shaped model and the small distilled student; size=tiny: a slice of the corpus and test-
-scale everything (a few minutes on 2 cores). gemini_core/recipe.py runs it.
+scale everything (a few minutes on 2 cores). gx/recipe/ runs it.
 """
 
 import ml_collections

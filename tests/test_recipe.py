@@ -1,18 +1,25 @@
 """The whole recipe as one pipeline (`gx run experiments/gemini_recipe.py:size=tiny`) on a slice
 of ../shared/corpus: data prepare -> tokenizer -> mixture sweep (real Ray Tune) -> pretraining
-on winner.json -> distillation of a smaller student; then reruns, dry runs, --force and a stale
-`running` step, all through the real CLI."""
+on winner.json -> distillation of a smaller student; then reruns, dry runs, --force, a stale
+`running` step and the recipe's lock, all through the real CLI.
+
+The recipe runs once per module; every test gets that run's tree as it was when the run
+finished (a test that changes it has it put back after: see `recipe`), so any order, any `-k`
+and any single test give the same results."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import signal
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -73,12 +80,35 @@ def env(tmp_path_factory) -> dict:
     return {**os.environ, "GX_RAY_TEMP_DIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under root (relative path -> sha256 of its bytes)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, corpus_root, env) -> dict:
-    runs = tmp_path_factory.mktemp("recipe") / "runs"
+def built(tmp_path_factory, corpus_root, env) -> dict:
+    """The expensive part, once per module: the real recipe run, and a pristine copy of its runs
+    root with the digest of every file in it."""
+    root = tmp_path_factory.mktemp("recipe")
+    runs = root / "runs"
     proc = gx("run", *recipe_args(corpus_root), runs=runs, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"runs": runs, "stdout": proc.stdout}
+    shutil.copytree(runs, root / "pristine", symlinks=True)
+    return {"runs": runs, "stdout": proc.stdout, "pristine": root / "pristine",
+            "digest": tree_digest(runs)}
+
+
+@pytest.fixture
+def recipe(built) -> Iterator[dict]:
+    """The module's recipe run, as it was when it finished. A test may change it (rerun, force,
+    break a step): afterwards the tree is put back from the pristine copy, at the same path,
+    because the state files and the runs' configs name their paths absolutely."""
+    assert tree_digest(built["runs"]) == built["digest"]  # as the run left it
+    yield built
+    if tree_digest(built["runs"]) != built["digest"]:
+        shutil.rmtree(built["runs"])
+        shutil.copytree(built["pristine"], built["runs"], symlinks=True)
 
 
 def test_tiny_recipe_runs_end_to_end(recipe):
@@ -263,3 +293,62 @@ def test_an_unset_corpus_is_named(tmp_path, capsys):
     assert code == 2
     assert "config.params.corpus='': must be set (used by config.steps.prepare.inputs.data.root)" \
         in err, err
+
+
+# a process that holds the recipe's lock, as a running `gx run` does, until its stdin closes
+HOLD = """import sys
+from pathlib import Path
+from gx.recipe.state import hold_lock
+with hold_lock(Path(sys.argv[1]), sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def hold(state_dir: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(state_dir), NAME], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_of_the_same_recipe_is_refused_while_one_holds_its_lock(
+        tmp_path, corpus_root, env):
+    runs = tmp_path / "runs"
+    state_dir = runs / "recipes" / NAME
+    holder = hold(state_dir)
+    try:
+        proc = gx("run", *recipe_args(corpus_root), runs=runs, env=env)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+        holder.stdout.close()
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"recipe {NAME}: already being run by pid {holder.pid} on {socket.gethostname()}" \
+        in proc.stderr, proc.stderr
+    assert f"({state_dir / '.lock'})" in proc.stderr and "Traceback" not in proc.stderr
+    # refused before anything ran: no step queued, no data root, no run
+    assert sorted(p.name for p in state_dir.iterdir()) == [".lock"]
+    assert sorted(p.name for p in runs.iterdir()) == ["recipes"]
+    # a holder that exits normally releases the lock: nothing is left to take over
+    assert (state_dir / ".lock").read_text() == ""
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(recipe, corpus_root, env):
+    runs = recipe["runs"]
+    state_dir = runs / "recipes" / NAME
+    before = states(runs)
+    holder = hold(state_dir)
+    holder.send_signal(signal.SIGKILL)  # dies holding the lock: its pid stays in the file
+    holder.wait()
+    holder.stdin.close()
+    holder.stdout.close()
+    assert json.loads((state_dir / ".lock").read_text())["pid"] == holder.pid
+
+    proc = gx("run", *recipe_args(corpus_root), runs=runs, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"recipe {NAME}: taking over the lock of pid {holder.pid} on " \
+        f"{socket.gethostname()}" in proc.stdout, proc.stdout
+    assert "0 of 5 steps ran, all up to date" in proc.stdout
+    assert states(runs) == before
+    assert (state_dir / ".lock").read_text() == ""  # released when the run ended

@@ -1,6 +1,5 @@
-"""The `sweep` step of a recipe (gemini_core/recipe.py): a mixture sweep whose winner.json feeds
-the steps after it. Registered through the entry point group "gx.recipe_steps", so the recipe
-runner in gemini_core runs it without importing sweeps."""
+"""The `sweep` step of a recipe: a mixture sweep (sweeps/) whose winner.json feeds the steps
+after it."""
 
 from __future__ import annotations
 
@@ -12,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gx.recipe import StepContext, StepKind, run_tokenizer
 from gemini_core.runs.rundir import find_run
+from gx.recipe.kinds import StepContext, StepKind, run_tokenizer
 
 
 class SweepStep(StepKind):
@@ -29,12 +28,12 @@ class SweepStep(StepKind):
         return sweep_config.from_config_dict(cfg)
 
     def run(self, typed: Any, ctx: StepContext) -> dict:
-        from sweeps import runner
+        from sweeps import runner, sweep_setup
         # Ray may already be up (started by a data_prepare step), and then runner's own
         # start-up, which sets this, is skipped: Tune's boxed output would break up the log
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         if ctx.force:  # redo the fit and the choice; done trial runs are reused by content
-            shutil.rmtree(runner.plan_sweep(typed, ctx.runs_root, ctx.log).dir,
+            shutil.rmtree(sweep_setup.setup_sweep(typed, ctx.runs_root, ctx.log).dir,
                           ignore_errors=True)
         sweep_dir = runner.run_sweep(typed, ctx.runs_root, log=ctx.log)
         winner = sweep_dir / "winner.json"
