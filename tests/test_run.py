@@ -96,7 +96,7 @@ def test_run_end_to_end_then_reuse(tmp_path, cache_dir, corpus_root):
     ls = gx("ls", runs_root=runs, cache=cache_dir, corpus=corpus_root)
     assert run.run_id in ls.stdout and "done" in ls.stdout and "24/24" in ls.stdout
     show = gx("show", run.run_id[:12], runs_root=runs, cache=cache_dir, corpus=corpus_root)
-    assert "trainer.steps = 24" in show.stdout and "mean" in show.stdout
+    assert "train.steps = 24" in show.stdout and "mean" in show.stdout
 
     ev = gx("eval", run.run_id, "--data", str(corpus_root), runs_root=runs, cache=cache_dir,
             corpus=corpus_root)

@@ -16,9 +16,10 @@ MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, mlp_d
 OPT = OptimizerConfig(lr=3e-3, warmup_steps=2, schedule="cosine")
 TOTAL = 40
 
-# Pins init + forward: this tiny model, seed 0 and these tokens give exactly this first-step
-# loss (≈ ln 97 = 4.5747, as an untrained model should). A change to initialisation, the
-# architecture, the loss or the RNG plumbing moves it; update it only on purpose.
+# A canary, not the correctness check (that is test_first_step_loss_is_the_uniform_loss and the
+# layer tests): this tiny model, seed 0 and these tokens give exactly this first-step loss. A
+# change to initialisation, the architecture, the loss or the RNG plumbing moves it, and so may a
+# JAX/XLA upgrade (other fusion or reduction order) in the last digits.
 GOLDEN_FIRST_LOSS = 4.591292
 
 
@@ -42,14 +43,23 @@ def leaves_equal(a, b) -> bool:
         x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
-def test_golden_first_step_loss(compiled):
+def test_first_step_loss_is_the_uniform_loss(compiled):
     _, train_step, _ = compiled
     _, metrics = train_step(fresh_state(), batch())
-    loss = float(metrics["loss"])
-    assert abs(loss - math.log(MODEL.vocab_size)) < 0.05
-    assert loss == pytest.approx(GOLDEN_FIRST_LOSS, abs=1e-5)
+    # an untrained model is near uniform: ln V plus about half the logits' variance (0.006 here)
+    assert abs(float(metrics["loss"]) - math.log(MODEL.vocab_size)) < 0.05
     assert float(metrics["lr"]) == 0.0  # warmup starts at 0
     assert float(metrics["grad_norm"]) > 0
+
+
+@pytest.mark.canary
+def test_golden_first_step_loss(compiled):
+    _, train_step, _ = compiled
+    loss = float(train_step(fresh_state(), batch())[1]["loss"])
+    assert loss == pytest.approx(GOLDEN_FIRST_LOSS, abs=1e-5), (
+        f"canary: first-step loss {loss:.6f}, pinned {GOLDEN_FIRST_LOSS}. If you upgraded "
+        "JAX/jaxlib/XLA and test_first_step_loss_is_the_uniform_loss passes, the compiler moved "
+        "it: re-pin GOLDEN_FIRST_LOSS. Otherwise init, the model, the loss or the RNG changed.")
 
 
 def test_loss_decreases_on_a_repeated_batch(compiled):

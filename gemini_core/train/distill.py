@@ -82,7 +82,7 @@ def load_teacher_state(t: Teacher, layout: Layout | None = None) -> Teacher:
     cfg = t.run.config()
     opt = OptimizerConfig(**cfg["optimizer"])
     graphdef, like = step_fns.init_state(t.model, opt, cfg["train"]["steps"], cfg["seed"], layout)
-    ckpt = Checkpointer(t.run.checkpoints, keep=1, async_save=False)
+    ckpt = Checkpointer(t.run.checkpoints, keep=1, async_save=False, read_only=True)
     try:
         step = ckpt.latest_step()
         if step is None:

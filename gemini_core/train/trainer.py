@@ -3,6 +3,8 @@
 The CLI, each sweep trial in a Ray worker, and the recipe pipeline all call it. It prepares the
 data (cached), resolves the mixture schedule, derives the run id, then trains — or reuses a
 `done` run, or resumes an interrupted one from its last checkpoint — and returns the summary.
+A method with a loss of its own (DoReMi's Group-DRO proxy) passes an `objective.Objective` and
+trains in this same loop.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from gemini_core.scale import distributed, faults, flops, sharding
 from gemini_core.train import step_fns
 from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import ExperimentConfig
-from gemini_core.data.mixture import MixtureSchedule, Sampler, Stage
+from gemini_core.data.mixture import MixtureSchedule, Stage
+from gemini_core.data.sampler import Sampler
 from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
 from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
+from gemini_core.train.objective import Objective
 from gemini_core.train.progress import Progress
 from gemini_core.runs.rundir import RunDir, fingerprint, run_id
 from gemini_core.runs.tracking import Tracker
@@ -121,11 +125,16 @@ class Prepared:
     run: RunDir
     teacher: distill.Teacher | None = None  # a distilled student's teacher run
     layout: sharding.Layout | None = None  # the device mesh and rules; set by run_experiment
+    objective: Objective | None = None  # a loss other than next-token (objective.py)
 
 
-def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print) -> Prepared:
+def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print,
+            objective: Objective | None = None) -> Prepared:
     """Data, tokenizer and schedule, then the run's identity; no training."""
     config_lib.require_data_root(cfg.data)
+    if objective is not None and cfg.distill.teacher:
+        raise UserError(f"config.distill.teacher={cfg.distill.teacher!r}: a {objective.suffix} "
+                        f"run trains its own objective and cannot also be distilled")
     declared = declared_schedule(cfg)
     data = prepare_data(cfg.data, tokenizer_sample_weights(cfg, declared),
                         cache_root(cfg, runs_root), log=log)
@@ -137,9 +146,13 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print) -> Prepare
         ident["distill"]["teacher"] = teacher.fingerprint  # what the teacher is, not its name
     else:
         ident.pop("distill")  # its knobs mean nothing without a teacher
+    name = cfg.name
+    if objective is not None:
+        ident.update(objective.identity())
+        name = f"{cfg.name}_{objective.suffix}"
     fp = fingerprint(ident)
-    return Prepared(cfg, data, schedule, ident, fp,
-                    RunDir(runs_root, cfg.name, run_id(cfg.name, fp)), teacher)
+    return Prepared(cfg, data, schedule, ident, fp, RunDir(runs_root, name, run_id(name, fp)),
+                    teacher, objective=objective)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,8 +160,11 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print) -> Prepare
 
 
 def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = False,
-                   overrides: Mapping | None = None, log: Log = print) -> dict:
-    """Trains `cfg` (or reuses a done run, or resumes an interrupted one); returns the summary."""
+                   overrides: Mapping | None = None, log: Log = print,
+                   objective: Objective | None = None) -> dict:
+    """Trains `cfg` (or reuses a done run, or resumes an interrupted one); returns the summary.
+
+    `objective` replaces the next-token step (objective.py); it adds to the run's identity."""
     runs_root = Path(runs_root).absolute()
     enable_compilation_cache(cache_root(cfg, runs_root))
     # the mesh first: a layout that does not fit the devices is a user error before any data
@@ -158,7 +174,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
     primary = distributed.is_primary()
     if not primary:
         log = _quiet
-    p = prepare(cfg, runs_root, log)
+    p = prepare(cfg, runs_root, log, objective)
     p.layout = layout
     if not primary:
         p.run = _Follower(p.run.path.parents[1], p.run.experiment, p.run.run_id)
@@ -268,6 +284,8 @@ class _Meter:
     # is the window mean, far less noisy than one step's few rows of a small domain
     loss_sum_D: np.ndarray | None = None
     rows_D: np.ndarray | None = None
+    # an objective's non-scalar metrics, named (Objective.log_metrics); logged with the step's row
+    extra: Callable[[dict], dict[str, float]] | None = None
 
     def emit(self, step: int, metrics_dev, domain_B: np.ndarray, force: bool = False) -> None:
         """Step `step` has finished; its metrics were left on device until now."""
@@ -280,6 +298,7 @@ class _Meter:
             self.loss_sum_D, self.rows_D = np.zeros(n), np.zeros(n)
         self.loss_sum_D += np.bincount(domain_B, weights=fetched.pop("row_loss"), minlength=n)
         self.rows_D += np.bincount(domain_B, minlength=n)
+        extra = self.extra(fetched) if self.extra is not None else {}
         metrics = {f"train/{k}": float(v) for k, v in fetched.items()}
         self.progress.update(step + 1, metrics["train/loss"])
         if not force and (step + 1) % self.log_every:
@@ -294,7 +313,7 @@ class _Meter:
         metrics["perf/mfu"] = self.steps_window * self.flops_per_step / elapsed / self.peak_flops
         for d, w in zip(self.sampler.domains, self.sampler.weights(step)):
             metrics[f"mixture/{d}"] = w
-        self.tracker.log(step + 1, metrics)
+        self.tracker.log(step + 1, {**metrics, **extra})
         self.progress.set_rate(tok_s)
         self.t_window, self.steps_window = time.perf_counter(), 0
 
@@ -311,11 +330,10 @@ def _train(p: Prepared, log: Log) -> dict:
     layout = p.layout or sharding.Layout.from_config(cfg.mesh)
     _check_batch(cfg, layout)
     graphdef, state = step_fns.init_state(cfg.model, cfg.optimizer, total, cfg.seed, layout)
+    if p.objective is not None:  # the loop's state (objective.LoopState): checkpointed whole
+        state = {"state": state, "carry": p.objective.init_carry(layout)}
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        state = ckpt.restore(start, state)
-        log(f"resuming {run.run_id} from step {start} ({run.checkpoints})")
+    start, state = resume(run, ckpt, state, log)
     guard = faults.Guard(cfg.faults, run.path, run_id=run.run_id, fingerprint=p.fingerprint,
                          log=log)
     start, state = guard.restore_newer(start, state)  # a restarted Ray worker: its replica
@@ -329,13 +347,16 @@ def _train(p: Prepared, log: Log) -> dict:
         progress = Progress(total, start, log)
         meter = _Meter(tracker, sampler, progress, tc.log_every, tc.batch_size * seq_len,
                        flops.flops_per_token(cfg.model, seq_len) * tc.batch_size * seq_len,
-                       flops.mesh_peak_flops(layout.mesh))
+                       flops.mesh_peak_flops(layout.mesh),
+                       extra=p.objective.log_metrics if p.objective is not None else None)
         try:
-            final_eval = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter, guard)
+            final_eval, state = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter,
+                                      guard)
         finally:
             progress.close()
             ckpt.close()
-        tracker.summary(final_eval)
+        extra = p.objective.summary(state["carry"], total) if p.objective is not None else {}
+        tracker.summary({**final_eval, **extra})
     guard.finish()
     epochs = sampler.epochs()
     log(format_table(final_eval, epochs, cfg.data.domains))
@@ -346,31 +367,53 @@ def _train(p: Prepared, log: Log) -> dict:
     return {**final_eval, "run_id": run.run_id, "steps": total,
             "tokens": total * tc.batch_size * seq_len, "train/loss": progress.last_loss,
             "params": n_params, "epochs": epochs, "perf/first_step_s": meter.first_step_s,
-            **guard.summary()}
+            **guard.summary(), **extra}
 
 
-def _train_step(p: Prepared, graphdef, sampler: Sampler, log: Log):
-    """(state, tokens_Bx(T+1), step) -> (state, metrics): the plain step, or a distilled
-    student's (the step indexes the teacher's cached top-K)."""
+def resume(run: RunDir, ckpt: Checkpointer, state, log: Log) -> tuple[int, object]:
+    """(steps done, state): the latest checkpoint read into `state`'s shapes and shardings (the
+    loop's whole state: an objective's carry too), or (0, state) for a fresh run."""
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state)
+        log(f"resuming {run.run_id} from step {start} ({run.checkpoints})")
+    return start, state
+
+
+def _model_state(p: Prepared, state):
+    """The train state (params, optimizer) inside the loop's state: what eval reads."""
+    return state["state"] if p.objective is not None else state
+
+
+def _train_step(p: Prepared, graphdef, state, sampler: Sampler, log: Log):
+    """(state, tokens_Bx(T+1), domain_B, step) -> (state, metrics): the plain step, an
+    objective's, or a distilled student's (the step indexes the teacher's cached top-K)."""
+    if p.objective is not None:
+        custom = p.objective.make_step(graphdef, state, p.layout)
+        return lambda state, tokens_BxT1, domain_B, step: custom(state, tokens_BxT1, domain_B)
     if p.teacher is None:
         plain = step_fns.make_train_step(graphdef, p.layout)
-        return lambda state, tokens_BxT1, step: plain(state, tokens_BxT1)
+        return lambda state, tokens_BxT1, domain_B, step: plain(state, tokens_BxT1)
     dc = p.cfg.distill
     if not dc.top_k:
-        return distill.make_train_step(
+        full = distill.make_train_step(
             graphdef, distill.load_teacher_state(p.teacher, p.layout), dc, layout=p.layout)
+        return lambda state, tokens_BxT1, domain_B, step: full(state, tokens_BxT1, step)
     batches = {k: p.identity[k] for k in ("mixture", "seed")}
     batches.update(manifest=p.identity["data"]["manifest"], steps=sampler.total_steps,
                    batch_size=sampler.batch_size, seq_len=sampler.seq_len)
     cache = distill.topk_cache(p.teacher, dc, sampler, batches,
                                cache_root(p.cfg, p.run.path.parents[1]), log)
-    return distill.make_train_step(graphdef, p.teacher, dc, cache, layout=p.layout)
+    topk = distill.make_train_step(graphdef, p.teacher, dc, cache, layout=p.layout)
+    return lambda state, tokens_BxT1, domain_B, step: topk(state, tokens_BxT1, step)
 
 
 def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: EvalSet,
-          ckpt: Checkpointer, meter: _Meter, guard: faults.Guard) -> dict[str, float]:
+          ckpt: Checkpointer, meter: _Meter,
+          guard: faults.Guard) -> tuple[dict[str, float], object]:
+    """Steps from `start` to the end; returns the final eval and the final state."""
     tc, total = p.cfg.train, p.cfg.train.steps
-    train_step = _train_step(p, graphdef, sampler, meter.progress.note)
+    train_step = _train_step(p, graphdef, state, sampler, meter.progress.note)
     eval_step = step_fns.make_eval_step(graphdef, p.layout)
     guard.begin(start, state)
 
@@ -383,7 +426,8 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
     step = reached = start  # reached: steps done so far; below it a rollback's replay runs
     while step < total:
         tokens_BxT1, domain_B = sampler.batch(step)
-        state, metrics = guard.step(lambda s: train_step(s, tokens_BxT1, step), state, step)
+        state, metrics = guard.step(lambda s: train_step(s, tokens_BxT1, domain_B, step), state,
+                                    step)
         done = step + 1
         fresh = done > reached  # a replayed step's checkpoint and eval exist already
         save = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total and fresh
@@ -404,7 +448,7 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
         if save:
             ckpt.save(done, state)
         if ev:
-            metrics_eval = evaluate(eval_step, state, evalset, tc.batch_size)
+            metrics_eval = evaluate(eval_step, _model_state(p, state), evalset, tc.batch_size)
             meter.tracker.log(done, metrics_eval)
             meter.progress.note(f"step {done}: eval/mean/loss {metrics_eval['eval/mean/loss']:.4f}"
                                 f"  eval/mean/bpb {metrics_eval['eval/mean/bpb']:.4f}")
@@ -416,6 +460,6 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
         step += 1
     if ckpt.latest_step() != total:
         ckpt.save(total, state)
-    final_eval = evaluate(eval_step, state, evalset, tc.batch_size)
+    final_eval = evaluate(eval_step, _model_state(p, state), evalset, tc.batch_size)
     meter.tracker.log(total, final_eval)
-    return final_eval
+    return final_eval, state
