@@ -3,6 +3,13 @@
 Library code takes `ExperimentConfig`, never a ConfigDict. Every user mistake found here is a
 `UserError` naming the full key path (`config.model.num_heads`) and the offending value, raised
 before any data is read or anything compiles.
+
+Names are checked here too, once, for every config converted through `to_dataclass` (runs,
+sweeps, ladders, recipes, curation pipelines): a field called `name`, and every key of a section
+of sections (recipe steps, mixture stages), must pass `names.check_name`.
+
+Over 500 lines on purpose: the whole schema and every check of it in one place, the boundary
+that DESIGN.md's "Config boundary" describes.
 """
 
 from __future__ import annotations
@@ -12,15 +19,21 @@ import dataclasses
 import math
 import types
 import typing
+from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
 
 from gemini_core.errors import UserError
+from gemini_core.names import check_name
 
 MISSING = dataclasses.MISSING
 DEFAULT_DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
 NAMED_WEIGHTS = ("natural", "uniform")  # resolved from the data: token shares, or 1/D each
+
+# every integer field: step, token and FLOP arithmetic mixes ints and floats, exact up to 2**53
+# (a larger step count would also send the schedule's float boundary search into a long loop)
+MAX_INT = 2**53
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +222,14 @@ def _convert_scalar(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise UserError(f"{path}={value!r}: too large (at most 2**53 in magnitude)")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # never a setting: NaN passes every comparison check, infinity most upper bounds
+            if not math.isfinite(value):
+                raise UserError(f"{path}={value!r}: must be a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -234,6 +252,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
             raise UserError(f"{path}={value!r}: expected a mapping, got {type(value).__name__}")
         _, val_tp = typing.get_args(tp)
+        if dataclasses.is_dataclass(val_tp):  # named sections (steps, stages): names, too
+            for k, _ in _items(value):
+                check_name(path, str(k), key=True)
         return types.MappingProxyType(
             {str(k): _convert(v, val_tp, f"{path}.{k}") for k, v in _items(value)})
     return _convert_scalar(value, tp, path)
@@ -270,6 +291,8 @@ def to_dataclass(value: Any, cls: type, path: str) -> Any:
                 raise UserError(f"{path}.{name}: missing required field ({_type_name(hints[name])})")
             continue
         kwargs[name] = _convert(given[name], hints[name], f"{path}.{name}")
+        if name == "name" and hints[name] is str and kwargs[name]:  # "" has its own message
+            check_name(f"{path}.name", kwargs[name])
     return cls(**kwargs)
 
 
@@ -317,6 +340,40 @@ def require_data_root(d: DataConfig) -> None:
                         "--config.data.root=../shared/corpus")
 
 
+def check_paths(d: DataConfig) -> None:
+    """The paths a run reads exist and are of the right kind (a --dry-run too, which reads none
+    of them): a mistyped path fails now, not after minutes of data preparation. Not part of
+    from_config_dict: a recipe validates step configs whose paths upstream steps write later."""
+    p = "config.data"
+    root, schedule, cache = (_path_kind(x) for x in (d.root, d.schedule, d.cache_dir))
+    if d.root and root != "directory":
+        raise UserError(f"{p}.root={d.root!r}: {_not(root, 'directory')} (the corpus folder, "
+                        "one folder per domain)")
+    if d.schedule and schedule != "file":
+        raise UserError(f"{p}.schedule={d.schedule!r}: {_not(schedule, 'file')} (a "
+                        "MixtureSchedule JSON such as a sweep's winner.json)")
+    if d.cache_dir and cache not in ("directory", "missing"):
+        raise UserError(f"{p}.cache_dir={d.cache_dir!r}: {_not(cache, 'directory')}")
+
+
+def _path_kind(path: str) -> str:
+    """directory | file | missing | other (a device, a socket) | why it cannot be looked at."""
+    if not path:
+        return "missing"
+    try:
+        p = Path(path)
+        return ("directory" if p.is_dir() else "file" if p.is_file() else
+                "other" if p.exists() else "missing")
+    except OSError as e:  # a name too long, a loop of links
+        return f"unusable path ({e.strerror or e})"
+
+
+def _not(kind: str, wanted: str) -> str:
+    return {"missing": f"no such {wanted}", "directory": "a directory, not a file",
+            "file": "a file, not a directory",
+            "other": f"not a {wanted}"}.get(kind, kind)
+
+
 def check_data(d: DataConfig) -> None:
     p = "config.data"
     _positive(f"{p}.seq_len", d.seq_len)
@@ -327,6 +384,8 @@ def check_data(d: DataConfig) -> None:
         raise UserError(f"{p}.domains=(): name at least one domain")
     if len(set(d.domains)) != len(d.domains):
         raise UserError(f"{p}.domains={d.domains!r}: a domain is named twice")
+    for i, domain in enumerate(d.domains):  # folders under the data root and the cache
+        check_name(f"{p}.domains[{i}]", domain)
     t, tp = d.tokenizer, f"{p}.tokenizer"
     if t.vocab_size < 260:  # 256 byte-fallback pieces + specials must fit
         raise UserError(f"{tp}.vocab_size={t.vocab_size}: must be at least 260 (byte fallback "
@@ -385,6 +444,9 @@ def _check_mixture(m: MixtureConfig, domains: tuple[str, ...]) -> None:
     p = "config.mixture.stages"
     if not m.stages:
         raise UserError(f"{p}: declare at least one stage")
+    for name, stage in m.stages.items():  # first: an ordering error would name another stage
+        if not 0.0 <= stage.start < 1.0:
+            raise UserError(f"{p}.{name}.start={stage.start}: must be in [0, 1)")
     ordered = sorted(m.stages.items(), key=lambda kv: kv[1].start)
     if ordered[0][1].start != 0.0:
         name, stage = ordered[0]
@@ -394,9 +456,19 @@ def _check_mixture(m: MixtureConfig, domains: tuple[str, ...]) -> None:
             raise UserError(f"{p}.{name_b}.start={b.start}: stage starts must be strictly "
                             f"increasing (stage {name_a} also starts at {a.start})")
     for name, stage in m.stages.items():
-        if not 0.0 <= stage.start < 1.0:
-            raise UserError(f"{p}.{name}.start={stage.start}: must be in [0, 1)")
         check_weights(f"{p}.{name}.weights", stage.weights, domains)
+
+
+def _check_tracking(t: TrackingConfig) -> None:
+    """W&B's own limits (wandb_settings): checked here, not when W&B starts after data prep."""
+    p = "config.tracking"
+    bad = sorted(set(t.project) & set("/\\#?%:"))
+    if not t.project or len(t.project) > 128 or bad:
+        raise UserError(f"{p}.project={t.project!r}: a W&B project name is 1-128 characters "
+                        "without / \\ # ? % :")
+    for i, tag in enumerate(t.tags):
+        if not 1 <= len(tag) <= 64:
+            raise UserError(f"{p}.tags[{i}]={tag!r}: a W&B tag is 1-64 characters")
 
 
 def _check_distributed(d: DistributedConfig) -> None:
@@ -442,9 +514,11 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     _check_train(exp.train)
     _check_optimizer(exp.optimizer, exp.train)
     _check_mixture(exp.mixture, exp.data.domains)
+    _check_tracking(exp.tracking)
     _check_distributed(exp.distributed)
     _check_faults(exp.faults)
     _check_distill(exp.distill)
+    _positive("config.mesh.device_memory_gib", exp.mesh.device_memory_gib)
     from gemini_core.scale import sharding
     exp = dataclasses.replace(exp, mesh=sharding.resolve_config(exp.mesh))
     return exp

@@ -12,6 +12,28 @@ class UserError(Exception):
     exit_code = 2
 
 
+class DamagedFile(UserError):
+    """A file gx wrote earlier cannot be read back (truncated, not JSON, a folder in its place):
+    damage from outside gx (a full disk, a copy cut short, a hand edit), since gx writes its
+    records by write-then-rename. The message names the file and what to do."""
+
+    def __init__(self, path, problem: str, remedy: str = ""):
+        super().__init__(f"{path}: damaged ({problem})" + (f"; {remedy}" if remedy else ""))
+        self.path = path
+        self.problem = problem
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint that cannot be read back whole (gemini_core.runs.checkpoint.verify)."""
+
+    def __init__(self, path, step: int, problem: str, remedy: str = ""):
+        super().__init__(f"{path}: checkpoint of step {step} is damaged ({problem})"
+                         + (f"; {remedy}" if remedy else ""))
+        self.path = path
+        self.step = step
+        self.problem = problem
+
+
 class TrainingStopped(Exception):
     """Training stopped on purpose, with a message that says why and what to do (no traceback):
     a fault the trainer could not recover from (gemini_core.scale.faults), or a preemption."""

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from gemini_core import config as config_lib
 from gemini_core.errors import UserError
 
-_OVERRIDE = re.compile(r"^--?config\.([^=]+)(=.*)?$")
+_OVERRIDE = re.compile(r"^--?config\.([^=]+)(=.*)?$", re.DOTALL)  # a value may hold a newline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,11 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
 
 def load_module(path: Path):
     if not path.is_file():
-        raise UserError(f"{path}: experiment file not found")
+        what = "a directory, not an experiment file" if path.is_dir() else "experiment file not found"
+        raise UserError(f"{path}: {what}")
+    if path.suffix != ".py":  # importlib finds no loader for it: say so, not AttributeError
+        raise UserError(f"{path}: not a Python experiment file (expected a .py file defining "
+                        "get_config(arg=None))")
     spec = importlib.util.spec_from_file_location(f"gx_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

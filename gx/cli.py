@@ -34,8 +34,16 @@ Runs live in ./runs (or $GX_RUNS_ROOT, or --runs-root)."""
 handlers: dict = {}  # command -> fn(args, overrides) -> exit code: sweep, fit, compare, scaling
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one `--help` away) and exit 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="gx", description="Declarative LLM pretraining experiments on JAX.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-root", default=None, help="where runs live (default: $GX_RUNS_ROOT or ./runs)")
@@ -115,12 +123,13 @@ def cmd_run(args, overrides: list[str]) -> int:
     from gemini_core.experiment import load_experiment
     from gemini_core.runs.rundir import runs_root
 
+    root = runs_root(args.runs_root)  # a bad runs root is an error in a dry run too
     if args.experiment is None and isinstance(args.force, str):  # gx run --force EXPERIMENT
         args.experiment, args.force = args.force, True
     if args.experiment is None:
         raise UserError("gx run: name the EXPERIMENT file, e.g. experiments/quickstart.py")
     from gx import recipe
-    if recipe.is_recipe(args.experiment):  # a pipeline of steps (gemini_core/recipe.py)
+    if recipe.is_recipe(args.experiment):  # a pipeline of steps (gx/recipe/)
         if not args.dry_run:
             step_fns.tune_host_malloc()
         return recipe.main(args.experiment, overrides, runs_root(args.runs_root),
@@ -129,13 +138,15 @@ def cmd_run(args, overrides: list[str]) -> int:
         raise UserError(f"--force {args.force}: only a recipe has steps to name; "
                         f"{args.experiment} is one run (--force alone reruns it)")
     exp = load_experiment(args.experiment, overrides)
+    from gemini_core.config import check_paths
+    check_paths(exp.config.data)  # a mistyped path fails now, in a dry run too
     if args.dry_run:
         print(dry_run.render(exp.config, trainer.declared_schedule(exp.config)))
         return 0
     step_fns.tune_host_malloc()  # before JAX's first computation; see its docstring
     from gemini_core.scale import distributed
     distributed.initialize(exp.config.distributed)  # multi-host: before JAX sees any device
-    trainer.run_experiment(exp.config, runs_root(args.runs_root), force=args.force,
+    trainer.run_experiment(exp.config, root, force=args.force,
                          overrides=exp.overrides)
     return 0
 
@@ -146,10 +157,12 @@ def _last_step(run) -> int | None:
             lines = f.read().splitlines()
         for line in reversed(lines):
             try:
-                return json.loads(line)["step"]
-            except (ValueError, KeyError):
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or damage
                 continue
-    except FileNotFoundError:
+            if isinstance(step, int):
+                return step
+    except OSError:  # none yet (or something else in its place: ls lists, never fails)
         return None
     return None
 
@@ -158,13 +171,7 @@ def cmd_ls(args) -> int:
     from gemini_core.runs.rundir import iter_runs, runs_root
 
     root = runs_root(args.runs_root)
-    rows = []
-    for run in iter_runs(root, args.experiment):
-        st, summary, cfg = run.status() or {}, run.summary() or {}, run.config() or {}
-        loss = summary.get("eval/mean/loss")
-        rows.append((run.run_id, run.shown_state(),
-                     f"{_last_step(run) or 0}/{cfg.get('train', {}).get('steps', '?')}",
-                     f"{loss:.4f}" if loss is not None else "-", st.get("end") or st.get("start", "")))
+    rows = [_ls_row(run) for run in iter_runs(root, args.experiment)]
     from gx.recipe import format_states
     recipes = format_states(root, args.experiment)
     if not rows:
@@ -174,17 +181,46 @@ def cmd_ls(args) -> int:
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for row in [head] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for row in rows:  # a damaged run's sixth column: what is damaged, and what to do
+        if len(row) > len(head):
+            print(f"{row[0]}: {row[-1]}")
     if recipes:
         print(f"\n{recipes}")
     return 0
+
+
+def _ls_row(run) -> tuple[str, ...]:
+    """One run's line; a damaged record shows as the run's state, and the others still list."""
+    from gemini_core.errors import DamagedFile
+    try:
+        st, summary, cfg = run.status() or {}, run.summary() or {}, run.config() or {}
+        loss = summary.get("eval/mean/loss")
+        train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+        return (run.run_id, run.shown_state(),
+                f"{_last_step(run) or 0}/{train.get('steps', '?')}",
+                f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                str(st.get("end") or st.get("start", "")))
+    except DamagedFile as e:
+        return (run.run_id, f"damaged ({Path(e.path).name})", "-", "-", "", str(e))
 
 
 def cmd_show(args) -> int:
     from gemini_core.eval.domain_loss import format_table
     from gemini_core.runs.rundir import find_run, runs_root
 
+    from gemini_core.errors import DamagedFile
+
     run = find_run(runs_root(args.runs_root), args.run)
     cfg, st, summary = run.config() or {}, run.status() or {}, run.summary()
+    if not isinstance(cfg.get("overrides") or {}, dict):
+        raise DamagedFile(run.path / "config.json", "overrides is not an object",
+                          "run the same `gx run` command to rewrite it")
+    try:
+        table = (format_table(summary, summary.get("epochs"),
+                              (cfg.get("data") or {}).get("domains")) if summary else "")
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DamagedFile(run.path / "summary.json", f"a value is not what gx wrote: {e}",
+                          "rerun the experiment with `gx run --force` to rebuild it") from None
     print(f"run       {run.run_id}   ({st.get('state', '?')})")
     print(f"dir       {run.path}")
     print(f"fingerprint {cfg.get('fingerprint')}")
@@ -196,8 +232,8 @@ def cmd_show(args) -> int:
         print("  (none)")
     if st.get("error"):
         print(f"error     {st['error']}")
-    if summary:
-        print(format_table(summary, summary.get("epochs"), cfg.get("data", {}).get("domains")))
+    if table:
+        print(table)
     return 0
 
 
@@ -205,6 +241,8 @@ def cmd_eval(args) -> int:
     from gemini_core.eval import run_eval
     from gemini_core.runs.rundir import find_run, runs_root
 
+    if args.batches is not None and args.batches <= 0:
+        raise UserError(f"--batches={args.batches}: must be a positive number of batches per domain")
     run = find_run(runs_root(args.runs_root), args.run)
     run_eval.evaluate_run(run, Path(args.data), split=args.split, batches=args.batches)
     return 0
@@ -230,9 +268,9 @@ def cmd_data(args, overrides: list[str]) -> int:
         report = pipeline.read_report(Path(args.dir))
         print(pipeline.format_report(report))
     elif args.data_command == "train-classifier":
-        from gemini_core.data.curation import pipeline
+        from gemini_core.data.curation import classifier_train
         exp = _load_curation(args.experiment, overrides)
-        pipeline.train_classifier(exp.config, runs_root(args.runs_root))
+        classifier_train.train_classifier(exp.config, runs_root(args.runs_root))
     else:
         from gemini_core.train import trainer
         from gemini_core.data.curation.tokenizer_report import format_report, tokenizer_report
@@ -254,6 +292,11 @@ def cmd_plan(args) -> int:
                                   batch=args.batch)
     print(compute_plan.render(plan))
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line, whatever user text (a name with a newline) it quotes."""
+    return str(e).strip().replace("\r", "\\r").replace("\n", "\\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.command](args, overrides)
         return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval, "plan": cmd_plan}[args.command](args)
     except UserError as e:
-        print(f"gx: error: {e}", file=sys.stderr)
+        print(f"gx: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except TrainingStopped as e:  # an unrecoverable fault or a preemption: the message says why
-        print(f"gx: {e}", file=sys.stderr)
+        print(f"gx: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("gx: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ config: one UserError naming the key path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any, Mapping
 
@@ -17,8 +18,10 @@ import ml_collections
 from gemini_core import config as gc_config
 from gemini_core.config import ExperimentConfig, to_dataclass
 from gemini_core.errors import UserError
+from gemini_core.nested import merge
 from sweeps import fit as fit_lib
 from sweeps.doremi import DoReMiConfig, check as check_doremi
+from sweeps import space as space_lib
 from sweeps.space import SpaceConfig
 
 EMPTY: Mapping = types.MappingProxyType({})
@@ -56,10 +59,12 @@ class ResourcesConfig:
 
 
 def check_resources(r: ResourcesConfig) -> None:
-    if r.cpus_per_trial < 1 or r.max_concurrent < 0 or r.max_failures < 0 \
-            or r.progress_every_s < 0:
-        raise UserError(f"config.resources={dataclasses.asdict(r)}: cpus_per_trial >= 1, "
-                        "max_concurrent >= 0, max_failures >= 0, progress_every_s >= 0")
+    for name, least in (("cpus_per_trial", 1), ("max_concurrent", 0), ("max_failures", 0),
+                        ("progress_every_s", 0)):
+        value = getattr(r, name)
+        if not (math.isfinite(value) and value >= least):
+            raise UserError(f"config.resources.{name}={value!r}: must be a finite number >= "
+                            f"{least}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +116,6 @@ def proxy_config(sweep: SweepConfig) -> ExperimentConfig:
         raise UserError(str(e).replace("config.", "config.proxy.", 1)) from None
 
 
-def _merge(base: dict, update: Mapping) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
-    return out
-
-
 def target_config(sweep: SweepConfig) -> ExperimentConfig:
     """The validation's target scale: the proxy with `validate.target` (or x4 params, x4 tokens)."""
     proxy = gc_config.to_json_dict(proxy_config(sweep))
@@ -131,7 +129,7 @@ def target_config(sweep: SweepConfig) -> ExperimentConfig:
                   "train": {"steps": 4 * t["steps"],
                             "checkpoint_every": 4 * t["checkpoint_every"]}}
     try:
-        return gc_config.from_config_dict(_merge(proxy, update))
+        return gc_config.from_config_dict(merge(proxy, update))
     except UserError as e:
         raise UserError(f"config.validate.target: {e}") from None
 
@@ -155,8 +153,15 @@ def _check(s: SweepConfig) -> None:
     if not scales or not set(scales) <= {"proxy", "target"} or len(set(scales)) < len(scales):
         raise UserError(f"config.validate.scales={scales}: 'proxy', 'target' or both")
     factor = s.validate.boost_factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
-        raise UserError(f"config.validate.boost_factor={factor!r}: expected a number > 1")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1 \
+            or not math.isfinite(factor):
+        raise UserError(f"config.validate.boost_factor={factor!r}: expected a finite number > 1")
+    worse = s.objective.max_worse_than_baseline
+    if not (math.isfinite(worse) and worse >= 0):
+        raise UserError(f"config.objective.max_worse_than_baseline={worse!r}: must be a finite "
+                        "number >= 0 (0 = no constraint)")
+    if f.samples < 1:
+        raise UserError(f"config.fit.samples={f.samples}: must be >= 1")
     if s.method not in ("regression", "doremi"):
         raise UserError(f"config.method={s.method!r}: expected 'regression' or 'doremi'")
     check_doremi(s.doremi)
@@ -175,6 +180,7 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> SweepConfig:
     proxy = proxy_config(sweep)
     target_config(sweep)  # a broken target scale fails now, not after the trials
     domains = proxy.data.domains
+    space_lib.check_fields(sweep.space, domains, "config.space")  # the data's part: sweep_setup
     for d in sweep.objective.targets:
         if d not in domains:
             raise UserError(f"config.objective.targets.{d}: not in config.proxy.data.domains")

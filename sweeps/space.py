@@ -116,8 +116,10 @@ def check_data(domains: Sequence[str], tokens: Mapping[str, int], target_tokens:
                         "target run's training tokens, which the repetition caps refer to)")
 
 
-def _check_fields(space: SpaceConfig, domains: Sequence[str], where: str, min_trials: int
-                  ) -> None:
+def check_fields(space: SpaceConfig, domains: Sequence[str], where: str, min_trials: int = 1
+                 ) -> None:
+    """The space's own fields, without the data: also at the config boundary
+    (sweeps.config.from_config_dict), so a bad field fails before any data is prepared."""
     K = len(domains)
     if not isinstance(space.trials, (int, np.integer)) or isinstance(space.trials, bool) \
             or space.trials < max(1, min_trials):
@@ -171,7 +173,7 @@ def check_space(space: SpaceConfig, domains: Sequence[str], tokens: Mapping[str,
     contradictory; cheap, so a sweep calls it before Ray starts any trial. `min_trials`: how
     many points the regression fit needs (the fitter knows its feature count)."""
     check_data(domains, tokens, target_tokens, where)
-    _check_fields(space, domains, where, min_trials)
+    check_fields(space, domains, where, min_trials)
     if space.prior == "natural" and not any(tokens[d] > 0 for d in domains):
         raise UserError(f"{where}.prior='natural': every domain has 0 tokens")
     cap = caps(space, domains, tokens, target_tokens)

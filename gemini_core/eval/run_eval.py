@@ -21,7 +21,7 @@ from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.data.tokens import encode_split
-from gemini_core.errors import UserError
+from gemini_core.errors import DamagedCheckpoint, DamagedFile, UserError
 from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
 from gemini_core.runs.rundir import RunDir, write_json_atomic
 
@@ -54,11 +54,21 @@ def _layout(cfg: dict, log: Log) -> sharding.Layout:
 
 
 def _restore(run: RunDir, cfg: dict, layout: sharding.Layout):
-    model_cfg = ModelConfig(**cfg["model"])
-    opt_cfg = OptimizerConfig(**cfg["optimizer"])
-    ckpt = Checkpointer(run.checkpoints, keep=cfg["train"]["keep_checkpoints"])
     try:
-        step = ckpt.latest_step()
+        model_cfg = ModelConfig(**cfg["model"])
+        opt_cfg = OptimizerConfig(**cfg["optimizer"])
+    except TypeError as e:  # a field added or removed by hand
+        raise DamagedFile(run.path / "config.json", str(e),
+                          "run the same `gx run` command to rewrite it") from None
+    # read-only: evaluating never moves, creates or cleans anything in the run's checkpoints
+    ckpt = Checkpointer(run.checkpoints, keep=cfg["train"]["keep_checkpoints"], read_only=True)
+    try:
+        try:
+            step = ckpt.latest_step()
+        except DamagedCheckpoint as e:
+            raise DamagedCheckpoint(e.path, e.step, e.problem,
+                                    f"`gx run` the experiment again to resume {run.run_id} from "
+                                    "its newest intact checkpoint, then evaluate") from None
         if step is None:
             raise UserError(f"{run.run_id} has no checkpoint yet ({run.checkpoints})")
         graphdef, like = step_fns.init_state(model_cfg, opt_cfg, cfg["train"]["steps"], cfg["seed"],
@@ -68,16 +78,41 @@ def _restore(run: RunDir, cfg: dict, layout: sharding.Layout):
         ckpt.close()
 
 
-def evaluate_run(run: RunDir, data_dir: Path, *, split: str | None = None,
-                 batches: int | None = None, log: Log = print) -> dict[str, float]:
+# what eval reads from a run's config.json, by section
+_NEEDED = {"data": ("valid_file", "domains", "seq_len", "text_field", "on_bad_record",
+                    "num_workers"),
+           "train": ("eval_batches", "batch_size", "keep_checkpoints", "steps"),
+           "model": (), "optimizer": ()}
+
+
+def _config(run: RunDir) -> dict:
+    """The run's config.json, with the fields eval reads present (one line naming a missing one)."""
     cfg = run.config()
     if not cfg:
         raise UserError(f"{run.path}: no config.json; not a run directory")
+    missing = [] if "seed" in cfg else ["seed"]
+    for section, keys in _NEEDED.items():
+        part = cfg.get(section)
+        missing += [section] if not isinstance(part, dict) else [
+            f"{section}.{k}" for k in keys if k not in part]
+    missing += [s for s in ("paths", "placement") if not isinstance(cfg.get(s, {}), dict)]
+    if missing:
+        raise DamagedFile(run.path / "config.json", f"no valid field {missing[0]}",
+                          "run the same `gx run` command to rewrite it")
+    return cfg
+
+
+def evaluate_run(run: RunDir, data_dir: Path, *, split: str | None = None,
+                 batches: int | None = None, log: Log = print) -> dict[str, float]:
+    if batches is not None and batches <= 0:
+        raise UserError(f"--batches={batches}: must be a positive number of batches per domain")
+    if not data_dir.is_dir():
+        what = "not a directory" if data_dir.exists() else "no such directory"
+        raise UserError(f"--data={str(data_dir)!r}: {what} (a folder with one folder per domain)")
+    cfg = _config(run)
     data, train = cfg["data"], cfg["train"]
     split = split or data["valid_file"]
     batches = batches or train["eval_batches"]
-    if batches <= 0:
-        raise UserError(f"--batches={batches}: must be positive")
     tokenizer = _tokenizer(run, cfg)
     layout = _layout(cfg, log)
     graphdef, state, step = _restore(run, cfg, layout)

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import socket
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
-from gemini_core.errors import UserError
+from gemini_core.errors import DamagedFile, UserError
 
 # preempted: stopped by SIGTERM after a final checkpoint (gemini_core.scale.faults); resumes like an
 # interrupted run
@@ -22,7 +24,14 @@ STATES = ("queued", "running", "done", "failed", "preempted")
 
 
 def runs_root(flag: str | None = None) -> Path:
-    return Path(flag or os.environ.get("GX_RUNS_ROOT") or "runs").absolute()
+    """The runs root: the flag, else $GX_RUNS_ROOT, else ./runs. It need not exist yet (the first
+    run creates it), but something else in its place is an error."""
+    source = ("--runs-root" if flag else "GX_RUNS_ROOT" if os.environ.get("GX_RUNS_ROOT")
+              else "the default runs root")
+    root = Path(flag or os.environ.get("GX_RUNS_ROOT") or "runs").absolute()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{source}={str(root)!r}: not a directory")
+    return root
 
 
 def canonical_json(obj: Any) -> str:
@@ -49,11 +58,23 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, remedy: str = "") -> Any:
+    """The JSON in `path`; None when there is no such file; DamagedFile when it cannot be read."""
     try:
-        return json.loads(path.read_text())
+        text = Path(path).read_bytes()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise DamagedFile(path, "a directory, not a file", remedy) from None
+    except OSError as e:
+        raise DamagedFile(path, f"cannot read it: {e.strerror or e}", remedy) from None
+    try:
+        return json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DamagedFile(path, "not UTF-8 text", remedy) from None
+    except json.JSONDecodeError as e:
+        problem = "empty" if not text.strip() else f"not valid JSON: {e.msg} at line {e.lineno}"
+        raise DamagedFile(path, problem, remedy) from None
 
 
 def _now() -> str:
@@ -72,6 +93,16 @@ def pid_alive(pid: int | None, host: str | None) -> bool:
     return True
 
 
+# what to do about each damaged record (DamagedFile's remedy)
+_REMEDY = {
+    "status.json": "delete it and run the same `gx run` command: the run resumes from its "
+                   "newest intact checkpoint",
+    "config.json": "run the same `gx run` command to rewrite it",
+    "summary.json": "rerun the experiment with `gx run --force` to rebuild it",
+}
+ERROR_LOG = "error.log"  # full tracebacks of failures; status.json's error names it
+
+
 class RunDir:
     """`<runs root>/<experiment>/<run id>/` with config, status, metrics, summary, checkpoints."""
 
@@ -79,6 +110,13 @@ class RunDir:
         self.run_id = rid
         self.experiment = experiment
         self.path = Path(root) / experiment / rid
+        # defence in depth behind config.check_name: whatever the names, the run directory is
+        # exactly two levels below the root. Lexical (abspath, not resolve): a runs root or an
+        # experiment folder that is a symlink to another disk stays allowed.
+        inside = Path(os.path.abspath(self.path))
+        if inside.parent.parent != Path(os.path.abspath(root)) or not experiment or not rid:
+            raise UserError(f"experiment {experiment!r}, run {rid!r}: the run directory "
+                            f"{inside} would not be inside the runs root {Path(root).absolute()}")
 
     @property
     def checkpoints(self) -> Path:
@@ -89,13 +127,20 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def status(self) -> dict | None:
-        return read_json(self.path / "status.json")
+        return self._record("status.json")
 
     def config(self) -> dict | None:
-        return read_json(self.path / "config.json")
+        return self._record("config.json")
 
     def summary(self) -> dict | None:
-        return read_json(self.path / "summary.json")
+        return self._record("summary.json")
+
+    def _record(self, name: str) -> dict | None:
+        path = self.path / name
+        value = read_json(path, _REMEDY[name])
+        if value is not None and not isinstance(value, dict):
+            raise DamagedFile(path, f"a JSON {type(value).__name__}, not an object", _REMEDY[name])
+        return value
 
     def is_busy(self) -> bool:
         """Another live process on this host is running this very run."""
@@ -115,7 +160,12 @@ class RunDir:
 
     def set_status(self, state: str, **fields: Any) -> None:
         assert state in STATES, state
-        st = self.status() or {}
+        try:
+            st = self.status() or {}
+        except DamagedFile:  # rewritten whole below; the damaged one told nobody anything
+            st = {}
+        if "error" in fields:
+            fields["error"] = self._log_error(str(fields["error"]))
         st.update(state=state, pid=os.getpid(), host=socket.gethostname(), **fields)
         if state == "running":
             st["start"] = _now()
@@ -124,6 +174,23 @@ class RunDir:
         if state in ("done", "failed", "preempted"):
             st["end"] = _now()
         write_json_atomic(self.path / "status.json", st)
+
+    def _log_error(self, error: str) -> str:
+        """Appends the full error (with the traceback of the exception being handled, when there
+        is one) to error.log; returns one line for status.json that points there."""
+        exc = sys.exc_info()[1]
+        full = "".join(traceback.format_exception(exc)) if exc is not None else error + "\n"
+        log = self.path / ERROR_LOG
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as f:
+                f.write(f"--- {_now()} pid {os.getpid()} on {socket.gethostname()}\n{full}")
+        except OSError:  # a full disk must not hide the error itself
+            return error.splitlines()[0][:500] if error else error
+        first = error.strip().splitlines()[0] if error.strip() else "error"
+        if len(first) > 1000:  # the whole message is in the log
+            first = first[:997] + "..."
+        return f"{first} (full error: {log})"
 
     def write_config(self, cfg: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -143,14 +210,14 @@ def iter_runs(root: Path, experiment: str | None = None) -> Iterator[RunDir]:
         if experiment and exp_dir.name != experiment:
             continue
         for run in sorted(exp_dir.iterdir()):
-            if (run / "config.json").is_file():
+            if (run / "config.json").exists():  # a damaged one too: `gx ls` shows it
                 yield RunDir(root, exp_dir.name, run.name)
 
 
 def find_run(root: Path, rid: str) -> RunDir:
     """A run by id (or a run directory path)."""
-    as_path = Path(rid)
-    if (as_path / "config.json").is_file():
+    as_path = Path(os.path.abspath(rid))  # "." or "../x" name the folder they point to
+    if (as_path / "config.json").exists():
         return RunDir(as_path.parent.parent, as_path.parent.name, as_path.name)
     matches = [r for r in iter_runs(root) if r.run_id == rid or r.run_id.startswith(rid)]
     if not matches:
