@@ -377,7 +377,8 @@ def chinchilla_compute(params: float) -> float:
 # output
 
 
-def _si(x: float) -> str:
+def si(x: float) -> str:
+    """A count with an SI suffix for plans and tables: 1.23M, 45.6B."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
@@ -404,11 +405,11 @@ def render(plan: Plan, fit: LossFit = CHINCHILLA_FIT) -> str:
                      f"(2·N FLOPs each)")
     rows = [("choice", "params N", "tokens D", "tokens/param", "train FLOPs", "inference FLOPs",
              "total FLOPs", "loss (fit)")]
-    rows.append(("Chinchilla (D = 20·N)", _si(base.params), _si(base.tokens),
+    rows.append(("Chinchilla (D = 20·N)", si(base.params), si(base.tokens),
                  f"{base.tokens_per_param:.1f}", f"{base.train_flops:.3g}",
                  f"{base.inference_flops:.3g}", f"{base.total_flops:.3g}", f"{loss:.3f}"))
     if aware is not None:
-        rows.append(("inference-aware", _si(aware.params), _si(aware.tokens),
+        rows.append(("inference-aware", si(aware.params), si(aware.tokens),
                      f"{aware.tokens_per_param:.1f}", f"{aware.train_flops:.3g}",
                      f"{aware.inference_flops:.3g}", f"{aware.total_flops:.3g}", "same"))
     lines += [""] + _table(rows)
@@ -426,8 +427,8 @@ def render(plan: Plan, fit: LossFit = CHINCHILLA_FIT) -> str:
                   f"vocab={plan.data_shape['vocab']} seq={plan.data_shape['seq']} "
                   f"batch={plan.data_shape['batch']}: {plan.data_shape_reason})"]
     for name, m in plan.matches.items():
-        lines += [f"  {name}: d={m.d} -> {m.params:,} params ({_si(m.params)}, {m.error:+.1%} vs "
-                  f"N), {m.steps:,} steps = {_si(m.tokens)} tokens, {m.run_flops:.3g} FLOPs "
+        lines += [f"  {name}: d={m.d} -> {m.params:,} params ({si(m.params)}, {m.error:+.1%} vs "
+                  f"N), {m.steps:,} steps = {si(m.tokens)} tokens, {m.run_flops:.3g} FLOPs "
                   f"with attention (gemini_core.scale.flops)",
                   f"    {m.command}"]
         if abs(m.error) > MATCH_TOLERANCE:
@@ -446,7 +447,7 @@ def render(plan: Plan, fit: LossFit = CHINCHILLA_FIT) -> str:
             "Chinchilla row's loss, on the fit's iso-loss",
             "  curve (exponents α, β) re-balanced so that the Chinchilla row is "
             "compute-optimal on it; the published A, B alone",
-            f"  would put the optimum at N = {_si(fit.compute_optimal_params(plan.compute))} "
+            f"  would put the optimum at N = {si(fit.compute_optimal_params(plan.compute))} "
             f"(approach 3 disagrees with approaches 1-2) and rate this row at "
             f"L = {fit.loss(aware.params, aware.tokens):.3f}.",
         ]

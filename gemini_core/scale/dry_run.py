@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gemini_core.scale import flops, sharding
+from gemini_core.scale.compute_plan import si
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, domain_counts
 
@@ -36,13 +37,6 @@ def tokens_per_domain(schedule: MixtureSchedule, domains, total_steps: int, batc
         return None  # "natural" weights are only known once the data is tokenized
     sequences = domain_counts(schedule, domains, total_steps, batch_size).sum(axis=0)
     return {d: int(n) * seq_len for d, n in zip(domains, sequences)}
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
 
 
 def _gib(n_bytes: float) -> str:
@@ -187,13 +181,13 @@ def render(cfg: ExperimentConfig, schedule: MixtureSchedule) -> str:
         f"model        d_model={m.d_model} layers={m.num_layers} heads={m.num_heads} "
         f"kv_heads={m.num_kv_heads} head_dim={m.qk_dim} mlp={m.ffw_dim} vocab={m.vocab_size} "
         f"tied={m.tie_embeddings}",
-        f"params       {counts['total']:,} total ({_si(counts['total'])}); "
+        f"params       {counts['total']:,} total ({si(counts['total'])}); "
         f"{counts['non_embedding']:,} non-embedding; {counts['embedding']:,} embedding",
-        f"FLOPs/token  {_si(fpt)} (6·N_nonembed + 12·L·H·K·T)  ->  "
+        f"FLOPs/token  {si(fpt)} (6·N_nonembed + 12·L·H·K·T)  ->  "
         f"{fpt * total_tokens:.3g} FLOPs for the run",
         f"steps        {t.steps:,} x batch {t.batch_size} x seq {seq} = "
-        f"{total_tokens:,} tokens ({_si(total_tokens)})",
-        f"chinchilla   {_si(chinchilla)} tokens optimal for {_si(counts['total'])} params "
+        f"{total_tokens:,} tokens ({si(total_tokens)})",
+        f"chinchilla   {si(chinchilla)} tokens optimal for {si(counts['total'])} params "
         f"(20/param); this run is {total_tokens / chinchilla:.3g}x that",
         f"memory       params {_gib(mem['params'])} + AdamW state {_gib(mem['optimizer'])} = "
         f"{_gib(mem['params'] + mem['optimizer'])} (f32, before activations)",
