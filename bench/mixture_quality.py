@@ -73,7 +73,7 @@ def sweep_config(args, method: str, proxy_steps: int | None = None):
         schema=sweep_config_lib.SweepConfig, convert=sweep_config_lib.from_config_dict).config)
     proxy = sweep["proxy"]
     # one target scale for both methods: 2x width (~4x non-embedding params), --target-steps
-    # (warmup 1/40 and checkpoints every 1/12 of them: the figures in README were made so)
+    # (warmup 1/40 and checkpoints every 1/12 of them: the figures in bench/results/ were made so)
     steps = args.target_steps
     sweep["validate"]["target"] = {
         "model": {"d_model": 2 * proxy["model"]["d_model"], "mlp_dim": 2 * proxy["model"]["mlp_dim"]},

@@ -17,7 +17,7 @@ speed bounds any sweep's parallel efficiency on this machine (shared caches, mem
 or virtual CPUs that share a physical core all show in it).
 
 usage: python bench/sweep_throughput.py [--size small] [--trials 12] [--steps 600] [--out F]
-(the defaults are the default sweep's proxy and README's figures: about 26 minutes)
+(the defaults are the default sweep's proxy and bench/results/sweep_throughput_*'s figures: about 26 minutes)
 """
 
 from __future__ import annotations

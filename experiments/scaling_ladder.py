@@ -9,7 +9,7 @@ head size d/4, the family's depth rule: 2 layers at these widths) with its own w
 number of steps; the learning-rate schedule (WSD) ends at each run's last step, so every final
 loss is a fully decayed one, as Chinchilla's approach 3 needs. `size=small` (default): 5 widths
 x 4 budgets (0.26M-2.1M tokens; about 1,200 CPU-seconds of training steps, so roughly 10-15
-minutes on 2 idle cores; README "Scaling laws" has what we measured); `size=tiny`: 3 widths x 2
+minutes on 2 idle cores; bench/results/scaling_fit_* has what we measured); `size=tiny`: 3 widths x 2
 budgets of very small models, a few seconds each, for tests.
 """
 

@@ -172,7 +172,7 @@ class DistributedConfig:
 class FaultsConfig:
     """Surviving faults inside one process (gemini_core.scale.faults). How a run is protected, not
     what it computes (a rolled-back or rechecked run is bit-identical): not in the fingerprint.
-    Defaults cost about 1% of step time (README, "Faults and recovery")."""
+    Defaults cost about 1% of step time (docs/faults.md)."""
 
     snapshot_every: int = 50  # steps between in-memory copies of the state; 0 = none
     max_rollbacks: int = 3  # rollbacks to a snapshot in one process before the run fails

@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gx ... | head` closed the pipe: what was read is all that's wanted
+        sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush cannot fail again
+        return 0
     except Exception:
         traceback.print_exc()
         print("gx: internal error (a bug in gx, not in your config): the traceback is above",

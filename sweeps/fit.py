@@ -9,7 +9,7 @@ each non-first stage's start fraction. Four regressors compete per domain:
   stages' weights averaged by the fraction of training each covers): loss as a power law in
   each domain's token count, so D + 1 parameters however many stages. On 48 real small-proxy
   trials CV chose it for 5 of 6 domains, where it ranked held-out losses better than the
-  regressor chosen without it on four and as well on math (bench/mixture_quality.py, README).
+  regressor chosen without it on four and as well on math (bench/mixture_quality.py, bench/results/mixture_quality_*).
 - `loglinear`: the Data Mixing Laws form L = c + k * exp(t . w) (Ye et al. 2024), fitted by
   `scipy.optimize.least_squares` from a closed-form start (a grid over c; log|L - c| is linear
   in w). Falls back to linear, and says so in `fallback`, when the fit fails.

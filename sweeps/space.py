@@ -28,7 +28,7 @@ A trial's schedule is a base stage plus, when `anneal` is on, an end-of-training
   natural (token-proportional) and the uniform mixture, each in every stage, projected onto the
   constraints: the baselines the validation compares the winner against, so the fit sees them
   measured rather than extrapolates to them (uniform beat all 48 sampled trials of a sweep that
-  lacked it: README "Mixture quality"). An anchor that duplicates a kept schedule is skipped.
+  lacked it: bench/results/mixture_quality_*). An anchor that duplicates a kept schedule is skipped.
   Every trial has the same stage structure, so the regression sees the same features for each.
 - Duplicates are dropped greedily: a schedule whose distance to a kept one, L1 over all stages'
   weights plus |difference of stage starts|, is below `dedup_tol` (or is exactly 0) is

@@ -48,9 +48,17 @@ SLOWEST_FIRST = ("test_recipe", "test_sweep", "test_scaling", "test_sharding", "
                  "test_run", "test_multihost", "test_distill", "test_faults", "test_model")
 
 
+# modules of half a minute or more on 2 cores (real Ray, training in subprocesses, whole
+# pipelines): `pytest -m "not slow"` is the quick local loop; the README command and CI run all
+SLOW = set(SLOWEST_FIRST) | {"test_doremi", "test_hardening", "test_sweep_failures", "test_steps"}
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable
+    for item in items:
+        if item.module.__name__ in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
