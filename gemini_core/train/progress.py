@@ -20,7 +20,10 @@ class Progress:
         self.first_loss: float | None = None  # of the first step this process ran
         self.last_loss: float | None = None
         self.rate: float | None = None
-        self._t0, self._start = time.perf_counter(), start
+        self._t0 = time.perf_counter()
+        # the first step of a process includes XLA's compile: the ETA counts from after it
+        self._t_first: float | None = None
+        self._step_first = start
         self._last_line = self._t0
         self._every_s = every_s
         if interactive is None:
@@ -34,6 +37,7 @@ class Progress:
         first = self.first_loss is None
         if first:
             self.first_loss = loss
+            self._t_first, self._step_first = time.perf_counter(), step
         self.step, self.last_loss = step, loss
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
@@ -58,8 +62,8 @@ class Progress:
         return "  ".join(parts)
 
     def _eta(self) -> str:
-        done = self.step - self._start
-        if done <= 0:
-            return "?"
-        left = (time.perf_counter() - self._t0) / done * (self.total - self.step)
+        done = self.step - self._step_first
+        if self._t_first is None or done <= 0:
+            return "? (compiling; measured from the next steps)"
+        left = (time.perf_counter() - self._t_first) / done * (self.total - self.step)
         return f"{int(left // 60)}m{int(left % 60):02d}s"
