@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gx", description="Declarative LLM pretraining experiments on JAX.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     from gemini_core.experiment import config_overrides
 
     overrides, rest = config_overrides(argv)
-    args = _parser().parse_args(rest)
+    args = build_parser().parse_args(rest)
     takes_config = args.command in ("run", *handlers) or getattr(args, "data_command", "") in (
         "prepare", "train-classifier", "tokenizer-report")
     if overrides and not takes_config:

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from gemini_core.train import distill, trainer
-from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment
 from gemini_core.runs.rundir import RunDir
-from gemini_core.runs.tracking import read_metrics
+from gemini_core.runs.metrics import read_metrics
 
 
 def test_kl_forward_reverse_and_topk_match_their_definitions():
@@ -76,18 +75,36 @@ def test_student_trains_towards_its_teacher(teacher, corpus_root):
     assert list((cache / "distill").glob("*-top384-*/ids.npy"))
 
 
-def test_teacher_errors(teacher, corpus_root, tmp_path):
-    root, cache, teacher_id = teacher
-    other_vocab = _config("student", corpus_root, cache, f"--config.distill.teacher={teacher_id}",
-                          "--config.data.tokenizer.vocab_size=320")
-    with pytest.raises(UserError, match="tokenizer"):
-        trainer.prepare(other_vocab, root, log=lambda _: None)
-    proc = subprocess.run(
+def _gx_student(root, corpus_root, cache, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "gx", "--runs-root", str(root), "run",
          "experiments/distill_nano.py:size=tiny", f"--config.data.root={corpus_root}",
-         f"--config.data.cache_dir={cache}", "--config.distill.teacher=no_such_run"],
+         f"--config.data.cache_dir={cache}", "--config.tracking.wandb=false", *extra],
         capture_output=True, text=True)
-    assert proc.returncode == 2 and "no_such_run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines and lines[-1].startswith("gx: error: "), proc.stderr
+    return lines[-1]
+
+
+def test_teacher_errors(teacher, corpus_root, tmp_path):
+    root, cache, teacher_id = teacher
+    # a student whose tokenizer differs (another vocabulary size): refused before training,
+    # naming the key, and both tokenizers
+    students = sorted((root / "distill_nano_tiny").glob("*"))
+    line = _error_line(_gx_student(root, corpus_root, cache,
+                                   f"--config.distill.teacher={teacher_id}",
+                                   "--config.data.tokenizer.vocab_size=320"))
+    assert line.startswith(f"gx: error: config.distill.teacher={teacher_id!r}: the teacher's "
+                           "tokenizer ("), line
+    assert "is not the student's" in line and "data.tokenizer settings" in line, line
+    assert sorted((root / "distill_nano_tiny").glob("*")) == students  # no run started
+    line = _error_line(_gx_student(root, corpus_root, cache,
+                                   "--config.distill.teacher=no_such_run"))
+    assert "no_such_run: no such run" in line, line
     proc = subprocess.run(
         [sys.executable, "-m", "gx", "run", "experiments/distill_nano.py:size=tiny",
          "--config.distill.kl=reverse", "--config.distill.top_k=8", "--dry-run"],

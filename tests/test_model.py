@@ -39,6 +39,8 @@ def test_causal_and_batch_independent_via_jacobian():
     model = build()
     B, L, D, V = 2, 6, TINY.d_model, TINY.vocab_size
     x_NxD = model.embed(tokens(B, L))
+    # eager on purpose: under jax.jit, jaxlib 0.10.2's XLA:CPU miscomputes this jacobian (a vmap
+    # of >= 128 vjps through RMSNorm's x * sum(...) pattern), and the test would fail spuriously
     jac = jax.jacrev(lambda x: model.logits(model.decode(x, B)))(x_NxD)  # (N, V, N, D)
     influence_NxN = np.abs(np.asarray(jac)).reshape(B * L, V, B * L, D).sum(axis=(1, 3))
     row_b, row_i = np.divmod(np.arange(B * L), L)
@@ -122,6 +124,9 @@ def test_tied_vs_untied_head():
     np.testing.assert_allclose(tied(toks)[0], h_NxD @ tied.embed_VxD[...].T, rtol=1e-5, atol=1e-6)
 
 
-def test_initial_logits_are_near_uniform():
+def test_initial_loss_is_ln_vocab():
+    # std-0.02 init, tied head: logits over the RMS-normed hidden state have std ~0.02 * sqrt(D),
+    # so E[NLL] ~ ln V + var/2 = ln V + 0.006 for D = 32 (the analytic check of init; the golden
+    # loss in tests/test_steps.py is only a canary)
     nll = build().token_nll(tokens(4, 16), tokens(4, 16, seed=2))
-    assert abs(float(nll.mean()) - math.log(TINY.vocab_size)) < 0.1
+    assert abs(float(nll.mean()) - math.log(TINY.vocab_size)) < 0.05

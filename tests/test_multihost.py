@@ -54,7 +54,7 @@ def reference(tmp_path_factory, corpus_root, data_cache):
 
 
 def test_two_processes_match_one_process_and_only_process_0_writes(reference):
-    from gemini_core.runs.tracking import read_offline_run
+    from gemini_core.runs.wandb_offline import read_offline_run
 
     ref = reference["losses"]
     assert sorted(ref) == list(range(1, 7))

@@ -1,9 +1,12 @@
-"""Sharding: presets against one device, parameter shardings, mesh config errors, the dry-run
-memory plan. (Multi-host: tests/test_multihost.py.)
+"""Sharding: presets against one device (loss curves and final parameters), a sharded run killed
+and resumed, parameter shardings, mesh config errors, the dry-run memory plan. (Multi-host:
+tests/test_multihost.py.)
 
 JAX fixes its device count when it first starts, and other tests start it in this pytest process
 with one CPU device, so what needs 8 devices runs in child processes: the 1-device reference
-through the real CLI, and the three presets in one 8-device worker (this file run as a script).
+through the real CLI, the three presets in one 8-device worker (this file run as a script), the
+killed run through the CLI. Checkpoints restore onto any mesh, so their parameters are compared
+here on one device.
 The runs use two of the six domains: the same code path, a fifth of the tokenizing.
 """
 
@@ -11,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +37,7 @@ TINY = [
 ]
 PRESETS = ("dp", "fsdp", "fsdp_tp")
 RTOL = 1e-4
+PARAMS_RTOL, PARAMS_ATOL = 1e-5, 2e-6  # parameters after 20 steps: measured |diff| <= 1.2e-7
 
 # What the rule tables say for the tiny model (D=32, H=2 query heads, G=1 kv head, K=16, F=64,
 # V=384) on 8 devices, written out by hand: dp replicates everything; fsdp (fsdp=8) splits
@@ -88,7 +94,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    from gemini_core.runs.tracking import read_metrics
+    from gemini_core.runs.metrics import read_metrics
     return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
 
 
@@ -104,6 +110,29 @@ def _assert_close(got: dict[int, float], want: dict[int, float], what: str) -> N
     for step in sorted(want):
         rel = abs(got[step] - want[step]) / abs(want[step])
         assert rel <= RTOL, f"{what}: step {step} loss {got[step]} vs {want[step]} (rel {rel:.2e})"
+
+
+def _final_params(run_dir: Path) -> dict[str, np.ndarray]:
+    """A run's last checkpoint, restored onto this process's one device (a checkpoint restores
+    onto any mesh), as {parameter path: array}."""
+    import jax
+    from gemini_core.config import ModelConfig, OptimizerConfig
+    from gemini_core.runs.checkpoint import Checkpointer
+    from gemini_core.runs.rundir import read_json
+    from gemini_core.train import step_fns
+
+    cfg = read_json(run_dir / "config.json")
+    _, like = step_fns.init_state(ModelConfig(**cfg["model"]), OptimizerConfig(**cfg["optimizer"]),
+                                  cfg["train"]["steps"], cfg["seed"])
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=3, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        assert step == cfg["train"]["steps"], (run_dir, step)
+        state = ckpt.restore(step, like)
+    finally:
+        ckpt.close()
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(state["model"])[0]}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +175,54 @@ def test_presets_give_the_one_device_loss_curve(runs):
     # the layout is not part of what a run is: every preset has the 1-device run's id
     ids = {runs["worker"][p]["run_id"] for p in PRESETS}
     assert ids == {_only_run(runs["root"] / "one").run_id}, ids
+
+
+def test_presets_end_with_the_one_device_parameters(runs):
+    # not only the losses: every parameter after the last step, to float rounding (the presets
+    # sum gradients in another order: an ulp or so of the largest parameters after 20 steps)
+    one = _final_params(_only_run(runs["root"] / "one").path)
+    assert len(one) == 11, sorted(one)
+    for preset in PRESETS:
+        got = _final_params(_only_run(runs["root"] / preset).path)
+        assert got.keys() == one.keys(), preset
+        for key in one:
+            np.testing.assert_allclose(got[key], one[key], rtol=PARAMS_RTOL, atol=PARAMS_ATOL,
+                                       err_msg=f"{preset} {key}")
+
+
+def test_a_sharded_run_killed_mid_run_resumes_to_the_uninterrupted_result(runs):
+    # fsdp_tp on 8 devices through the CLI, checkpointing every 5 steps, kill -9 once a checkpoint
+    # mid-run is written, the same command again: it resumes, and ends bit for bit where the
+    # worker's uninterrupted fsdp_tp run ended (checkpoint_every is not part of the computation)
+    killed = runs["root"] / "killed"
+    args = [*TINY, *runs["data"], "--config.mesh.preset=fsdp_tp",
+            "--config.train.checkpoint_every=5"]
+    proc = _gx(*args, runs=killed, env=_env(8))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            steps = [int(p.name) for p in killed.glob("*/*/checkpoints/*") if p.name.isdigit()]
+            if any(5 <= s < 20 for s in steps):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before a mid-run checkpoint was seen"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    run = _only_run(killed)
+    assert run.status()["state"] == "running"  # what it was doing when it died
+    resumed = _finish(_gx(*args, runs=killed, env=_env(8)))
+    assert "resuming" in resumed, resumed[-2000:]
+    assert run.status()["state"] == "done"
+    want = _final_params(_only_run(runs["root"] / "fsdp_tp").path)
+    got = _final_params(run.path)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    from gemini_core.runs.metrics import read_metrics
+    steps = [row["step"] for row in read_metrics(run.path)]
+    assert steps == sorted(set(steps)), steps  # no step logged twice after the resume
+    _assert_close(_losses(run.path), runs["one"], "killed and resumed fsdp_tp")
 
 
 def test_gx_eval_restores_onto_the_runs_mesh_and_gives_its_numbers(runs):

@@ -219,7 +219,10 @@ def find_run(root: Path, rid: str) -> RunDir:
     as_path = Path(os.path.abspath(rid))  # "." or "../x" name the folder they point to
     if (as_path / "config.json").exists():
         return RunDir(as_path.parent.parent, as_path.parent.name, as_path.name)
-    matches = [r for r in iter_runs(root) if r.run_id == rid or r.run_id.startswith(rid)]
+    matches = [r for r in iter_runs(root) if r.run_id.startswith(rid)]
+    exact = [r for r in matches if r.run_id == rid]
+    if exact:  # a whole id wins over the longer ids it is a prefix of
+        return exact[0]
     if not matches:
         raise UserError(f"{rid}: no such run under {root} (see `gx ls`)")
     if len(matches) > 1:

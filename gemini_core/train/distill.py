@@ -56,8 +56,11 @@ class Teacher:
 
 def resolve_teacher(dc: DistillConfig, runs_root: Path, tokenizer: Tokenizer) -> Teacher:
     """The teacher run, checked: done, and the same tokenizer as the student's data."""
-    run = find_run(runs_root, dc.teacher)
     where = f"config.distill.teacher={dc.teacher!r}"
+    try:
+        run = find_run(runs_root, dc.teacher)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     state = (run.status() or {}).get("state")
     if state != "done":
         raise UserError(f"{where}: run {run.run_id} is {state or 'not started'}; a teacher must "
