@@ -345,7 +345,7 @@ def check_paths(d: DataConfig) -> None:
     of them): a mistyped path fails now, not after minutes of data preparation. Not part of
     from_config_dict: a recipe validates step configs whose paths upstream steps write later."""
     p = "config.data"
-    root, schedule, cache = (_path_kind(x) for x in (d.root, d.schedule, d.cache_dir))
+    root, schedule, cache = (path_kind(x) for x in (d.root, d.schedule, d.cache_dir))
     if d.root and root != "directory":
         raise UserError(f"{p}.root={d.root!r}: {_not(root, 'directory')} (the corpus folder, "
                         "one folder per domain)")
@@ -356,7 +356,7 @@ def check_paths(d: DataConfig) -> None:
         raise UserError(f"{p}.cache_dir={d.cache_dir!r}: {_not(cache, 'directory')}")
 
 
-def _path_kind(path: str) -> str:
+def path_kind(path: str) -> str:
     """directory | file | missing | other (a device, a socket) | why it cannot be looked at."""
     if not path:
         return "missing"

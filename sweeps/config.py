@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import ml_collections
 
@@ -114,6 +114,22 @@ def proxy_config(sweep: SweepConfig) -> ExperimentConfig:
         return gc_config.from_config_dict(cfg)
     except UserError as e:
         raise UserError(str(e).replace("config.", "config.proxy.", 1)) from None
+
+
+def check_proxy_data(sweep: SweepConfig, *, skip: Collection[str] = (),
+                     running: bool = False) -> None:
+    """The proxy's data paths exist and are of the right kind (gemini_core.config.check_paths)
+    and, `running`, its corpus is set; named under config.proxy, the key the user typed.
+    `skip`: fields (proxy.data.root, ...) that a recipe's upstream steps fill, not there yet."""
+    data = proxy_config(sweep).data
+    data = dataclasses.replace(data, **{f: "" for f in ("root", "schedule", "cache_dir")
+                                        if f"proxy.data.{f}" in skip})
+    try:
+        if running:
+            gc_config.require_data_root(data)
+        gc_config.check_paths(data)
+    except UserError as e:  # --config.data.root in its example becomes --config.proxy.data.root
+        raise UserError(str(e).replace("config.data.", "config.proxy.data.")) from None
 
 
 def target_config(sweep: SweepConfig) -> ExperimentConfig:

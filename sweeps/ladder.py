@@ -90,13 +90,18 @@ def rung_config(ladder: LadderConfig, size: str, steps: int) -> ExperimentConfig
     cfg = merge(cfg, {"name": ladder.name, "train": {"steps": steps}, "tracking": {
         "job_type": "scaling", "tags": [ladder.name, size, f"steps={steps}"]}})
     try:
-        return gc_config.from_config_dict(cfg)
+        exp = gc_config.from_config_dict(cfg)
+        gc_config.check_paths(exp.data)  # a mistyped path fails at load, not after the others
+        return exp
     except UserError as e:
         msg = str(e)
         key = msg.split("=")[0].split(":")[0].removeprefix("config.")
         where = f"config.sizes.{size}." if key in _keys(override) else "config.base."
-        raise UserError(f"{msg.replace('config.', where, 1)} (ladder run {size} x {steps} "
-                        "steps)") from None
+        msg = msg.replace("config.", where, 1)
+        # the runs' train.steps are the ladder's steps: named as the user sets them
+        msg = msg.replace(f"config.train.steps={steps}",
+                          f"config.steps[{ladder.steps.index(steps)}]={steps}")
+        raise UserError(f"{msg} (ladder run {size} x {steps} steps)") from None
 
 
 def _check(ladder: LadderConfig) -> None:
@@ -137,10 +142,25 @@ def _check(ladder: LadderConfig) -> None:
     check_resources(ladder.resources)
 
 
+def _check_budgets(budgets: tuple[float, ...], runs: list[Rung]) -> None:
+    """The compute-optimal table's budgets start where the ladder does: below its smallest run
+    the fit has no model small enough to say anything (and `--config.fit.budgets=5`, which
+    ml_collections reads as (5.0,), is caught here rather than tabulated)."""
+    from gemini_core.scale import flops
+    least = min(6.0 * flops.param_counts(r.config.model)["non_embedding"] * r.steps
+                * r.config.train.batch_size * r.config.data.seq_len for r in runs)
+    for i, c in enumerate(budgets):
+        if c < least:
+            raise UserError(f"config.fit.budgets[{i}]={c:g}: below the ladder's smallest run "
+                            f"({least:.3g} FLOPs, 6·N·D); budgets are FLOPs at or beyond the "
+                            "ladder's, a tuple such as --config.fit.budgets='(1e15, 1e16)'")
+
+
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> LadderConfig:
     ladder = to_dataclass(cfg, LadderConfig, "config")
     _check(ladder)
-    rungs(ladder)  # every run's config is valid now, before any data is read
+    runs = rungs(ladder)  # every run's config is valid now, before any data is read
+    _check_budgets(ladder.fit.budgets, runs)
     return ladder
 
 

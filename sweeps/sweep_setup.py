@@ -16,7 +16,7 @@ from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.runs.rundir import fingerprint, write_json_atomic
 from sweeps import fit as fit_lib
 from sweeps import space as space_lib
-from sweeps.config import SweepConfig, proxy_config, target_config
+from sweeps.config import SweepConfig, check_proxy_data, proxy_config, target_config
 
 Log = Callable[[str], None]
 
@@ -56,8 +56,8 @@ def setup_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepS
     from gemini_core.train import trainer
 
     runs_root = Path(runs_root).absolute()
+    check_proxy_data(sweep, running=True)
     proxy = trial_base(proxy_config(sweep))
-    gc_config.require_data_root(proxy.data)
     cache = trainer.cache_root(proxy, runs_root)
     data = prepare_data(proxy.data, proxy.data.tokenizer.sample_weights, cache, log=log)
     domains = proxy.data.domains

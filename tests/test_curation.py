@@ -210,8 +210,8 @@ def test_config_errors_name_the_key(raw, tmp_path):
     with pytest.raises(UserError, match=r"config\.quality\.params\.min_wrds"):
         pipeline.prepare(load(root, "--config.quality.params={'min_wrds': 3}"), tmp_path,
                          log=lambda _: None)
-    with pytest.raises(UserError, match=r"no such domain folder"):
-        pipeline.prepare(load(tmp_path / "nowhere"), tmp_path, log=lambda _: None)
+    with pytest.raises(UserError, match=r"config\.data\.root='.*nowhere': no such directory"):
+        load(tmp_path / "nowhere")  # at load, before any data is read
 
 
 def test_hugging_face_source_on_local_files_and_unreachable_hub(raw, tmp_path, monkeypatch):

@@ -2,7 +2,9 @@
 file formats; docs/guarantees.md lists what this module checks.
 
 The inputs: every field of ExperimentConfig (enumerated from the dataclasses in
-gemini_core/config.py) with values of the wrong type and impossible values; names with path
+gemini_core/config.py), and of the sweep, scaling-ladder and data-curation configs, with values
+of the wrong type and impossible values; paths of the wrong kind (missing, a file for a folder,
+a folder under a file) for the recipe, data prepare, a sweep and a ladder; names with path
 separators and markup for every command that takes a name; experiment files, schedule JSON,
 run records, tables and data reports that are truncated, empty, of the wrong JSON type, binary,
 or a directory in place of a file; bad command-line values. Each runs in-process through
@@ -27,8 +29,10 @@ from typing import Any, Iterator
 
 
 from gemini_core import config as config_lib
+from gemini_core.data.curation import config as curation_config
 from gx import cli
 from sweeps import config as sweep_config
+from sweeps import ladder as ladder_lib
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "experiments/quickstart.py")
@@ -121,23 +125,48 @@ def config_cases() -> Iterator[Case]:
         yield Case(["run", QUICKSTART, "--dry-run", f"--{stage}{suffix}={v}"], (stage,))
 
 
-# a sweep's fields that such values may hold; a sweep that gets past its config then stops at
-# the proxy's empty data root (the experiment file leaves it to the command line)
-SWEEP_MAY_PASS = {("name", "bogus"), ("space.concentration", "(1, 2)"), ("space.seed", "0")}
-
-
-def sweep_config_cases() -> Iterator[Case]:
-    """Every field of a sweep's config (SweepConfig, its search space, fit, resources...), checked
-    before any data is prepared or any trial runs."""
-    for i, (path, tp, default) in enumerate(schema_fields(sweep_config.SweepConfig)):
+def schema_cases(schema: type, command: list[str], may_pass: set[tuple[str, str]],
+                 stop: str) -> Iterator[Case]:
+    """Every field of a command's own schema (its nested sections unrolled) with values of the
+    wrong type and impossible values, checked at load, before any data is read or Ray starts.
+    A value the field may hold (`may_pass`, or the field's default) passes the config and then
+    stops at `stop`, the key path of the corpus the experiment file leaves to the command
+    line."""
+    for i, (path, tp, default) in enumerate(schema_fields(schema)):
         if tp is Any:
-            continue  # the proxy: an experiment config, the family above
+            continue  # an experiment config inside (a proxy, a ladder's base): the first family
         key = f"config.{path}"
         values, impossible = field_values(i, tp)
         for v in (*values, *impossible):
-            legit = (path, v) in SWEEP_MAY_PASS or v == str(default)
-            yield Case(["sweep", SWEEP, f"--{key}={v}"],
-                       (key, "config.data.root") if legit else (key,))
+            legit = (path, v) in may_pass or v == str(default)
+            yield Case([*command, f"--{key}={v}"], (key, stop) if legit else (key,))
+
+
+# values those fields may hold: a name, a search space's concentration range, any seed; an
+# output folder (created where the user names it) and the name of the records' text field
+SWEEP_MAY_PASS = {("name", "bogus"), ("space.concentration", "(1, 2)"), ("space.seed", "0")}
+LADDER_MAY_PASS = {("name", "bogus"), ("fit.seed", "-7")}
+CURATION_MAY_PASS = {("name", "bogus"), ("seed", "-7")} | {
+    (field, value) for field in ("output.dir", "data.text_field") for value in BAD_TEXT}
+
+
+def sweep_config_cases() -> Iterator[Case]:
+    """A sweep's config (SweepConfig, its search space, fit, resources...); one that gets past
+    it stops at the proxy's unset corpus, named as the user types it."""
+    yield from schema_cases(sweep_config.SweepConfig, ["sweep", SWEEP], SWEEP_MAY_PASS,
+                            "config.proxy.data.root")
+
+
+def ladder_config_cases() -> Iterator[Case]:
+    """A scaling ladder's config (sizes, steps, fit, resources)."""
+    yield from schema_cases(ladder_lib.LadderConfig, ["scaling", "run", LADDER],
+                            LADDER_MAY_PASS, "config.base.data.root")
+
+
+def curation_config_cases() -> Iterator[Case]:
+    """A data-curation pipeline's config (every stage's fields), for `gx data prepare`."""
+    yield from schema_cases(curation_config.CurationConfig, ["data", "prepare", PREP],
+                            CURATION_MAY_PASS, "config.data.root")
 
 
 def name_cases() -> Iterator[Case]:
@@ -240,6 +269,51 @@ def file_cases(tmp: Path) -> Iterator[Case]:
     yield Case(["data", "report", str(report)], (str(report),))
     (report / "report.json").write_text('{"domains": ')
     yield Case(["data", "report", str(report)], (str(report),))
+
+
+def path_cases(tmp: Path, corpus: Path) -> Iterator[Case]:
+    """Paths of the wrong kind (missing, a file for a folder, a folder for a file, a folder
+    under a file) for the recipe, `gx data prepare`, a sweep and a ladder: each named at load
+    by the key the user typed, before any data is read."""
+    paths = tmp / "paths"
+    paths.mkdir()
+    afile, missing, folder = paths / "a_file", paths / "missing", paths / "folder"
+    afile.write_text("x")
+    folder.mkdir()
+    under = afile / "out"
+    recipe = str(REPO / "experiments/gemini_recipe.py") + ":size=tiny"
+    for corpus_value in (missing, afile):
+        yield Case(["run", recipe, "--dry-run", f"--config.params.corpus={corpus_value}"],
+                   ("config.params.corpus",))
+    for key, value in (("pretrain.config.data.cache_dir", afile),
+                       ("distill.config.data.cache_dir", afile),
+                       ("tokenizer.config.cache_dir", afile),
+                       ("sweep.config.proxy.data.cache_dir", afile),
+                       ("prepare.config.output.dir", under),
+                       ("prepare.config.safety.blocklist_dir", missing),
+                       ("prepare.config.classifier.model", folder)):
+        yield Case(["run", recipe, "--dry-run", f"--config.params.corpus={corpus}",
+                    f"--config.steps.{key}={value}"], (f"config.steps.{key}",))
+    root = f"--config.data.root={corpus}"
+    for args, key in (([f"--config.data.root={missing}"], "config.data.root"),
+                      ([f"--config.data.root={afile}"], "config.data.root"),
+                      ([root, f"--config.output.dir={afile}"], "config.output.dir"),
+                      ([root, f"--config.output.dir={under}"], "config.output.dir"),
+                      ([root, f"--config.safety.blocklist_dir={afile}"],
+                       "config.safety.blocklist_dir"),
+                      ([f"--config.data.root={folder}", "--config.classifier.enabled=false",
+                        "--config.data.domains=('web',)"], "config.safety.blocklist_dir"),
+                      ([root, f"--config.classifier.model={missing}"], "config.classifier.model"),
+                      ([root, f"--config.classifier.model={folder}"], "config.classifier.model")):
+        for command in (["data", "prepare", PREP], ["data", "train-classifier", PREP]):
+            yield Case([*command, *args], (key,))
+    for value in (missing, afile):
+        yield Case(["sweep", SWEEP, f"--config.proxy.data.root={value}"],
+                   ("config.proxy.data.root",))
+        yield Case(["scaling", "run", LADDER, f"--config.base.data.root={value}"],
+                   ("config.base.data.root",))
+    yield Case(["scaling", "run", LADDER, f"--config.base.data.root={corpus}",
+                f"--config.base.data.schedule={folder}"], ("config.base.data.schedule",))
 
 
 RECORD_DAMAGE = {"truncated": b'{"state": "do', "empty": b"", "list": b"[1, 2]",
@@ -350,8 +424,10 @@ def test_fuzz_every_command(tmp_path, corpus_root, capsys, monkeypatch):
     # a case that wrongly passed validation must fail fast, not start a local Ray and train
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
 
-    cases = [*config_cases(), *sweep_config_cases(), *name_cases(), *recipe_cases(inputs), *file_cases(inputs),
-             *record_cases(records, corpus_root), *cli_cases(inputs, corpus_root)]
+    cases = [*config_cases(), *sweep_config_cases(), *ladder_config_cases(),
+             *curation_config_cases(), *name_cases(), *recipe_cases(inputs), *file_cases(inputs),
+             *path_cases(inputs, corpus_root), *record_cases(records, corpus_root),
+             *cli_cases(inputs, corpus_root)]
     watched = (Path("/"), REPO, REPO / "experiments", tmp_path.parent, tmp_path, work)
     before = snapshot(*watched)
     records_before = sorted(str(p) for p in records.rglob("*"))

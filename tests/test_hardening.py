@@ -27,6 +27,8 @@ from gx import cli
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "experiments/quickstart.py")
+SWEEP = str(REPO / "experiments/mixture_sweep.py") + ":size=tiny"
+LADDER = str(REPO / "experiments/scaling_ladder.py") + ":size=tiny"
 TINY = [
     "--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.num_heads=2",
     "--config.model.mlp_dim=64", "--config.data.seq_len=32",
@@ -265,6 +267,45 @@ def test_bad_paths_and_values_are_one_line(tmp_path, capsys, corpus_root, data_c
                                 "--batches", "0")
     assert_one_line_error(code, out, err, "--batches=0")
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_recipe_data_sweep_and_ladder_mistakes_are_named_at_load(tmp_path, capsys, corpus_root,
+                                                                 monkeypatch):
+    """Each at load, by the key the user typed, before any data is read or Ray starts (a case
+    that wrongly got past its config fails fast against an unreachable Ray)."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    runs = tmp_path / "runs"
+    missing, afile = tmp_path / "missing", tmp_path / "a_file"
+    afile.write_text("x")
+    prep = str(REPO / "experiments/data_prep.py")
+    corpus = f"--config.data.root={corpus_root}"
+    cases = [
+        # the recipe's dry run checks the corpus its first step reads
+        (["run", str(REPO / "experiments/gemini_recipe.py") + ":size=tiny", "--dry-run",
+          f"--config.params.corpus={missing}"],
+         (f"config.params.corpus='{missing}': no such directory", "config.steps.prepare")),
+        (["data", "prepare", prep, corpus, "--config.output.examples=-7"],
+         ("config.output.examples=-7: must be >= 0",)),
+        (["data", "prepare", prep, corpus, "--config.classifier.max_docs_per_class=-7"],
+         ("config.classifier.max_docs_per_class=-7: must be >= 10",)),
+        (["data", "prepare", prep, f"--config.data.root={missing}"],
+         (f"config.data.root='{missing}': no such directory",)),
+        (["data", "prepare", prep, corpus, f"--config.output.dir={afile}"],
+         (f"config.output.dir='{afile}': a file, not a directory",)),
+        (["data", "prepare", prep, corpus, f"--config.output.dir={afile / 'out'}"],
+         ("config.output.dir=", f"{afile} is a file, not a directory")),
+        (["scaling", "run", LADDER, "--config.fit.budgets=5"],
+         ("config.fit.budgets[0]=5: below the ladder's smallest run",)),
+        (["sweep", SWEEP, f"--config.proxy.data.root={missing}"],
+         (f"config.proxy.data.root='{missing}': no such directory",)),
+        (["sweep", SWEEP], ("config.proxy.data.root='': set it", "--config.proxy.data.root=")),
+    ]
+    for argv, needles in cases:
+        code, out, err = in_process(capsys, "--runs-root", str(runs), *argv)
+        line = assert_one_line_error(code, out, err, *needles)
+        assert "config.data.root" not in line or argv[0] == "data", line
+    assert not runs.exists()
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
 # ---------------------------------------------------------------------------------------------

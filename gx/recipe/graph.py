@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from gemini_core import config as config_lib
 from gemini_core.errors import UserError
@@ -66,23 +66,31 @@ def _check_refs(recipe: RecipeConfig, steps: dict[str, Step]) -> None:
 
 
 def _in_step(step: Step, message: str) -> str:
-    """A validation message about `config.<field>` names the recipe's key path instead."""
+    """A validation message about `config.<field>` names the recipe's key path instead: for a
+    field a param fills, the param the user set (config.params.<key>)."""
     for key, ref in step.refs.items():
         for sep in ("=", ":", "."):
-            if message.startswith(f"config.{key}{sep}"):
-                return f"{ref.where}={ref.text!r}: {message}"
+            if not message.startswith(f"config.{key}{sep}"):
+                continue
+            if ref.is_param:
+                return (f"config.params.{ref.output}{message[len(f'config.{key}'):]}; step "
+                        f"{step.name}'s {key} ({ref.where})")
+            return f"{ref.where}={ref.text!r}: {message}"
     if message.startswith("config."):
         return f"config.steps.{step.name}.config.{message[len('config.'):]}"
     return f"config.steps.{step.name} ({step.label}): {message}"
 
 
-def validate_step(step: Step, values: Mapping[str, Any]) -> Any:
-    """The step's typed config with `values` in the fields its inputs fill."""
+def validate_step(step: Step, values: Mapping[str, Any], pending: Collection[str] = ()) -> Any:
+    """The step's typed config with `values` in the fields its inputs fill, its paths checked
+    but for the fields in `pending` (placeholders for what upstream steps will write)."""
     cfg = copy.deepcopy(step.merged)
     for key, value in values.items():
         set_path(cfg, key, copy.deepcopy(value))
     try:
-        return step.kind.validate(cfg)
+        typed = step.kind.validate(cfg)
+        step.kind.check_paths(typed, pending)
+        return typed
     except UserError as e:
         raise UserError(_in_step(step, str(e))) from None
 
@@ -127,7 +135,14 @@ def _fingerprint(recipe: RecipeConfig, step: Step, ordered: Mapping[str, Step]) 
                               for f in step.kind.not_identity)}
     step.fingerprint = fingerprint({"kind": step.spec.kind, "config": step.config,
                                     "inputs": step.input_fps})
-    step.typed = validate_step(step, placeholders)
+    step.typed = validate_step(step, placeholders, _pending(step))
+
+
+def _pending(step: Step) -> set[str]:
+    """The fields (every leaf, dotted) that upstream steps' outputs fill."""
+    keys = [key for key, ref in step.refs.items() if not ref.is_param]
+    return {leaf for leaf in flatten(step.merged)
+            if any(leaf == key or leaf.startswith(key + ".") for key in keys)}
 
 
 def build_graph(recipe: RecipeConfig, recipe_path: Path, runs_root: Path) -> StepGraph:

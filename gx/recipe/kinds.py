@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from gemini_core import config as config_lib
 from gemini_core import experiment as experiment_lib
@@ -49,6 +49,10 @@ class StepKind:
         """The typed config; UserError naming `config.<field>` on any mistake."""
         raise NotImplementedError
 
+    def check_paths(self, typed: Any, pending: Collection[str]) -> None:
+        """The paths the step reads exist and are of the right kind (in a dry run too), but for
+        the fields in `pending` (dotted): upstream steps' outputs, not written yet."""
+
     def check_refs(self, name: str, refs: Mapping[str, Ref],
                    kinds: Mapping[str, "StepKind"]) -> None:
         """Kind-specific rules on what step `name`'s inputs must be (see Distill); `kinds`: the
@@ -83,10 +87,11 @@ class DataPrepare(StepKind):
 
     def validate(self, cfg: dict) -> Any:
         from gemini_core.data.curation import config as curation_config
-        c = curation_config.from_config_dict(cfg)
-        if not c.data.root:
-            raise UserError("config.data.root='': the raw corpus folder")
-        return c
+        return curation_config.from_config_dict(cfg, paths=False)
+
+    def check_paths(self, typed: Any, pending: Collection[str]) -> None:
+        from gemini_core.data.curation import config as curation_config
+        curation_config.check_paths(typed, skip=pending)
 
     def run(self, typed: Any, ctx: StepContext) -> dict:
         from gemini_core.data.curation import pipeline
@@ -104,6 +109,14 @@ class DataPrepare(StepKind):
 
     def describe(self, outputs: dict) -> str:
         return outputs.get("data_root", "")
+
+
+def data_without(data: config_lib.DataConfig, pending: Collection[str],
+                 prefix: str) -> config_lib.DataConfig:
+    """`data` with its path fields that are in `pending` (as `<prefix><field>`) left unset, so
+    that config_lib.check_paths passes over them."""
+    return dataclasses.replace(data, **{f: "" for f in ("root", "schedule", "cache_dir")
+                                        if prefix + f in pending})
 
 
 def tree_digest(root: Path) -> str:
@@ -160,6 +173,12 @@ class Tokenizer(StepKind):
         config_lib.check_data(tc.data())
         return tc
 
+    def check_paths(self, typed: Any, pending: Collection[str]) -> None:
+        try:
+            config_lib.check_paths(data_without(typed.data(), pending, ""))
+        except UserError as e:  # its fields are at the top of the step's config, not under data
+            raise UserError(str(e).replace("config.data.", "config.", 1)) from None
+
     def static_outputs(self, typed: Any) -> dict:
         return {"settings": jsonable(typed.tokenizer)}
 
@@ -198,6 +217,9 @@ class Train(StepKind):
 
     def validate(self, cfg: dict) -> Any:
         return config_lib.from_config_dict(cfg)
+
+    def check_paths(self, typed: Any, pending: Collection[str]) -> None:
+        config_lib.check_paths(data_without(typed.data, pending, "data."))
 
     def run(self, typed: Any, ctx: StepContext) -> dict:
         from gemini_core.train import trainer

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from gemini_core.runs.rundir import find_run
 from gx.recipe.kinds import StepContext, StepKind, run_tokenizer
@@ -26,6 +26,10 @@ class SweepStep(StepKind):
     def validate(self, cfg: dict) -> Any:
         from sweeps import config as sweep_config
         return sweep_config.from_config_dict(cfg)
+
+    def check_paths(self, typed: Any, pending: Collection[str]) -> None:
+        from sweeps import config as sweep_config
+        sweep_config.check_proxy_data(typed, skip=pending)
 
     def run(self, typed: Any, ctx: StepContext) -> dict:
         from sweeps import runner, sweep_setup

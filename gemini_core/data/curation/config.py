@@ -9,12 +9,16 @@ domain on top of the built-in per-domain defaults (code and math are not prose).
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Collection, Mapping
 
 import ml_collections
 
-from gemini_core.config import DEFAULT_DOMAINS, to_dataclass
+from gemini_core.config import DEFAULT_DOMAINS, path_kind, to_dataclass
+from gemini_core.data.curation import quality
+from gemini_core.data.curation.classifier import MIN_DOCS
 from gemini_core.data.curation.dedup import DedupParams
 from gemini_core.errors import UserError
 
@@ -166,13 +170,105 @@ def _check(c: CurationConfig) -> None:
         raise UserError(f"config.classifier.threshold={cl.threshold}: must be in [0, 1)")
     if not 0.0 <= cl.drop_fraction < 1.0:
         raise UserError(f"config.classifier.drop_fraction={cl.drop_fraction}: must be in [0, 1)")
+    if cl.max_docs_per_class < MIN_DOCS:
+        raise UserError(f"config.classifier.max_docs_per_class={cl.max_docs_per_class}: must be "
+                        f">= {MIN_DOCS} (documents per class, some for training, some held out)")
     if c.safety.max_matches < 0:
         raise UserError(f"config.safety.max_matches={c.safety.max_matches}: must be >= 0")
+    if c.output.examples < 0:
+        raise UserError(f"config.output.examples={c.output.examples}: must be >= 0 (0 = none)")
+    if not c.data.text_field:
+        raise UserError("config.data.text_field='': name the field that holds each record's text")
+    if c.quality.enabled:
+        _check_quality(c)
     dedup_params(c)  # DedupParams checks its own fields, with the config's key paths
     if c.data.max_docs < 0:
         raise UserError(f"config.data.max_docs={c.data.max_docs}: must be >= 0 (0 = all)")
     if c.workers < 0:
         raise UserError(f"config.workers={c.workers}: must be >= 0 (0 = all cores)")
+
+
+def _check_quality(c: CurationConfig) -> None:
+    """Every domain's rules build (a misspelt or negative parameter names its key); the
+    pipeline builds them again where it uses them."""
+    base = quality.params_from(c.quality.params, "config.quality.params")
+    for domain, values in c.quality.overrides.items():
+        if domain not in c.data.domains:
+            raise UserError(f"config.quality.overrides.{domain}: not in config.data.domains")
+        if not isinstance(values, Mapping):
+            raise UserError(f"config.quality.overrides.{domain}={values!r}: expected a section "
+                            "of quality parameters, e.g. {'min_words': 20}")
+    for domain in c.data.domains:
+        quality.params_for(domain, base, {k: dict(v) for k, v in c.quality.overrides.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# paths: checked when the config is loaded, before any document is read or Ray starts
+
+
+def _require(key: str, path: str, wanted: str, what: str) -> None:
+    kind = path_kind(path)
+    if kind != wanted:
+        problem = {"missing": f"no such {wanted}", "directory": "a directory, not a file",
+                   "file": "a file, not a directory", "other": f"not a {wanted}"}.get(kind, kind)
+        raise UserError(f"{key}={path!r}: {problem} ({what})")
+
+
+def _check_output_dir(path: str) -> None:
+    """A folder to create or reuse: not a file, and not under one."""
+    kind = path_kind(path)
+    if kind in ("directory", "missing"):
+        parent = Path(path).absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if kind == "directory" or parent.is_dir():
+            return
+        kind = f"{parent} is a file, not a directory"
+    problem = "a file, not a directory" if kind == "file" else kind
+    raise UserError(f"config.output.dir={path!r}: {problem} (the folder the cleaned data root "
+                    "is written to)")
+
+
+def _needs_root(c: CurationConfig) -> bool:
+    """Whether any input is looked up under data.root: a domain's files by a relative pattern
+    (sources.py), or the default blocklist."""
+    if c.safety.enabled and not c.safety.blocklist_dir:
+        return True
+    for domain in c.data.domains:
+        source = c.data.sources.get(domain)
+        if source and source.kind == "hf":
+            continue
+        for split, pattern in c.data.files.items():
+            if not os.path.isabs((source.files.get(split) if source else None) or pattern):
+                return True
+    return False
+
+
+def check_paths(c: CurationConfig, skip: Collection[str] = ()) -> None:
+    """The paths the pipeline reads exist and are of the right kind, and its output folder can
+    be one. `skip`: key paths (data.root, ...) whose values are not there yet: a recipe's
+    upstream steps write them."""
+    root, s, cl = c.data.root, c.safety, c.classifier
+    if root and "data.root" not in skip:
+        _require("config.data.root", root, "directory", "the raw corpus, one folder per domain")
+    if s.enabled and s.blocklist_dir and "safety.blocklist_dir" not in skip:
+        _require("config.safety.blocklist_dir", s.blocklist_dir, "directory",
+                 "the blocklists, <lang>.txt")
+    if cl.enabled and cl.model and "classifier.model" not in skip:
+        _require("config.classifier.model", cl.model, "file", "a trained quality classifier, "
+                 ".npz")
+    if c.output.dir and "output.dir" not in skip:
+        _check_output_dir(c.output.dir)
+    if "data.root" in skip:
+        return
+    if not root and _needs_root(c):
+        raise UserError("config.data.root='': set it to the raw corpus folder (one folder per "
+                        "domain), e.g. --config.data.root=../shared/corpus")
+    default = Path(root) / "_filters" / "ldnoobw"
+    if root and s.enabled and not s.blocklist_dir and not default.is_dir():
+        raise UserError(f"config.safety.blocklist_dir='': its default {default} is not a "
+                        "directory; name the blocklists' folder, or set "
+                        "config.safety.enabled=false")
 
 
 def dedup_params(c: CurationConfig) -> DedupParams:
@@ -181,7 +277,12 @@ def dedup_params(c: CurationConfig) -> DedupParams:
                        bands=d.bands, threshold=d.threshold, seed=c.seed)
 
 
-def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> CurationConfig:
+def from_config_dict(cfg: ml_collections.ConfigDict | Mapping, *,
+                     paths: bool = True) -> CurationConfig:
+    """The typed config. `paths`: check the paths too (check_paths); a recipe checks them
+    itself, but for the fields its upstream steps fill."""
     c = to_dataclass(cfg, CurationConfig, "config")
     _check(c)
+    if paths:
+        check_paths(c)
     return c

@@ -102,7 +102,8 @@ class FilterWorker:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.cfg = config_lib.from_config_dict(plan.cfg_json)
+        # checked on the driver; a worker may run elsewhere, or in another folder
+        self.cfg = config_lib.from_config_dict(plan.cfg_json, paths=False)
         self.blocklist = (safety.Blocklist.load(Path(plan.blocklist_dir))
                           if plan.blocklist_dir else None)
         self.classifier = (classifier_lib.QualityClassifier.load(Path(plan.classifier_path))
