@@ -41,16 +41,18 @@ def data_cache(tmp_path_factory) -> Path:
     return _session_dir(tmp_path_factory, "data-cache")
 
 
-# the longest modules (under pyproject's 3 pytest-xdist workers, a module per worker at a time:
-# recipe, sweep and scaling about 4 minutes each, the rest 2 or less), started first: the workers
-# then end together instead of leaving one long module running alone at the end
-SLOWEST_FIRST = ("test_recipe", "test_sweep", "test_scaling", "test_sharding", "test_curation",
-                 "test_run", "test_multihost", "test_distill", "test_faults", "test_model")
+# the longest modules, started first (measured on 2 cores without AVX-512 under pyproject's 3
+# pytest-xdist workers, a module per worker at a time: recipe, scaling, sweep and curation 4-6
+# minutes each, the rest 2 or less): the workers then end together instead of leaving one long
+# module running alone at the end
+SLOWEST_FIRST = ("test_recipe", "test_scaling", "test_sweep", "test_curation", "test_sharding",
+                 "test_hardening", "test_steps", "test_faults", "test_distill", "test_multihost",
+                 "test_run", "test_model", "test_doremi", "test_sweep_failures")
 
 
 # modules of half a minute or more on 2 cores (real Ray, training in subprocesses, whole
 # pipelines): `pytest -m "not slow"` is the quick local loop; the README command and CI run all
-SLOW = set(SLOWEST_FIRST) | {"test_doremi", "test_hardening", "test_sweep_failures", "test_steps"}
+SLOW = set(SLOWEST_FIRST)
 
 
 def pytest_collection_modifyitems(config, items):
