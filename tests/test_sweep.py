@@ -267,7 +267,8 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
             ("validate.scales=tagret", r"validate\.scales=.*'proxy', 'target'"),
             ("validate.boost=('cod',)", r"validate\.boost=.*unknown domain\(s\) cod "),
             ("validate.boost_factor=1.0", r"validate\.boost_factor=1.0: expected a finite number > 1"),
-            ("resources.progress_every_s=-1", r"resources=.*'progress_every_s': -1.*>= 0")]:
+            ("resources.progress_every_s=-1",
+                 r"resources\.progress_every_s=-1.0: must be a finite number >= 0")]:
         with pytest.raises(UserError, match=rf"config\.{error}"):
             load_experiment("experiments/mixture_sweep.py:size=tiny",
                             [f"--config.proxy.data.root={corpus_root}", f"--config.{override}"],
