@@ -41,8 +41,8 @@ def parse() -> argparse.Namespace:
 
 
 def run(args, role: str, *overrides: str) -> tuple[dict, float]:
-    from gemini_core.train import trainer
     from gemini_core.experiment import load_experiment
+    from gemini_core.train import trainer
     n, d = (args.teacher_steps, 0) if role == "teacher" else (args.student_steps, args.student_d)
     extra = (f",steps={n}" if n else "") + (f",d={d}" if d else "")
     cfg = load_experiment(f"experiments/distill_nano.py:role={role},size={args.size}{extra}", [

@@ -26,10 +26,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from gemini_core.config import FaultsConfig, ModelConfig, OptimizerConfig
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.scale import faults, replica
 from gemini_core.train import step_fns
-from gemini_core.runs.checkpoint import Checkpointer
-from gemini_core.config import FaultsConfig, ModelConfig, OptimizerConfig
 
 MODEL = ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=1, mlp_dim=512,
                     tie_embeddings=True, vocab_size=4096)

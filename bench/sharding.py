@@ -50,9 +50,9 @@ def child(devices: int, preset: str, args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
+    from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
     from gemini_core.scale import flops, sharding
     from gemini_core.train import step_fns
-    from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
 
     step_fns.tune_host_malloc()
     assert jax.device_count() == devices, jax.devices()

@@ -87,6 +87,7 @@ class OurRunner:
     def __init__(self, case: Case, warmup: int):
         import jax
         import jax.numpy as jnp
+
         from gemini_core.config import OptimizerConfig
         self.case, self.cfg = case, model_config(case)
         graphdef, self.state = step_fns.init_state(self.cfg, OptimizerConfig(lr=3e-4), 10_000, 0)
@@ -169,6 +170,7 @@ def median_or_none(xs: list[float]) -> float | None:
 
 def bench(args: argparse.Namespace) -> dict:
     import jax
+
     from gemini_core.scale import flops
     cases = [c for c in CASES if c.name in args.cases.split(",")]
     peak = flops.measure_matmul_peak(2048, 20)

@@ -118,10 +118,10 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args, overrides: list[str]) -> int:
-    from gemini_core.scale import dry_run
-    from gemini_core.train import step_fns, trainer
     from gemini_core.experiment import load_experiment
     from gemini_core.runs.rundir import runs_root
+    from gemini_core.scale import dry_run
+    from gemini_core.train import step_fns, trainer
 
     root = runs_root(args.runs_root)  # a bad runs root is an error in a dry run too
     if args.experiment is None and isinstance(args.force, str):  # gx run --force EXPERIMENT
@@ -205,10 +205,9 @@ def _ls_row(run) -> tuple[str, ...]:
 
 
 def cmd_show(args) -> int:
+    from gemini_core.errors import DamagedFile
     from gemini_core.eval.domain_loss import format_table
     from gemini_core.runs.rundir import find_run, runs_root
-
-    from gemini_core.errors import DamagedFile
 
     run = find_run(runs_root(args.runs_root), args.run)
     cfg, st, summary = run.config() or {}, run.status() or {}, run.summary()
@@ -272,9 +271,9 @@ def cmd_data(args, overrides: list[str]) -> int:
         exp = _load_curation(args.experiment, overrides)
         classifier_train.train_classifier(exp.config, runs_root(args.runs_root))
     else:
-        from gemini_core.train import trainer
         from gemini_core.data.curation.tokenizer_report import format_report, tokenizer_report
         from gemini_core.experiment import load_experiment
+        from gemini_core.train import trainer
         cfg = load_experiment(args.experiment, overrides).config
         from gemini_core.config import require_data_root
         require_data_root(cfg.data)

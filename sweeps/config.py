@@ -20,8 +20,9 @@ from gemini_core.config import ExperimentConfig, to_dataclass
 from gemini_core.errors import UserError
 from gemini_core.nested import merge
 from sweeps import fit as fit_lib
-from sweeps.doremi import DoReMiConfig, check as check_doremi
 from sweeps import space as space_lib
+from sweeps.doremi import DoReMiConfig
+from sweeps.doremi import check as check_doremi
 from sweeps.space import SpaceConfig
 
 EMPTY: Mapping = types.MappingProxyType({})

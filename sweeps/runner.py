@@ -24,7 +24,8 @@ from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from gemini_core.runs.rundir import write_json_atomic
 from sweeps import fit as fit_lib
-from sweeps import optimize, space as space_lib
+from sweeps import optimize
+from sweeps import space as space_lib
 from sweeps.config import SweepConfig
 from sweeps.fanout import run_jobs
 from sweeps.report_text import format_sweep

@@ -15,8 +15,7 @@ from gemini_core.config import to_dataclass
 from gemini_core.errors import UserError
 from gemini_core.runs.rundir import write_json_atomic
 from gemini_core.scale.compute_plan import LossFit
-from sweeps.scaling_law import (N_CONSTANTS, TABLE_COLUMNS, ScalingFitConfig, fit_runs,
-                                predict)
+from sweeps.scaling_law import N_CONSTANTS, TABLE_COLUMNS, ScalingFitConfig, fit_runs, predict
 
 Log = Callable[[str], None]
 

@@ -27,9 +27,8 @@ import pandas as pd
 
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
-from sweeps.fit import (REGRESSORS, Objective, check_trials, evaluate_holdout, fit,
-                        objective_values)
 from sweeps import optimize
+from sweeps.fit import REGRESSORS, Objective, check_trials, evaluate_holdout, fit, objective_values
 
 SUM_TOLERANCE = 1e-3
 SINGLE_STAGE = ""  # the stage name of `weight/<domain>` columns

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from gemini_core.runs import wandb_run
 from gemini_core.config import TrackingConfig
+from gemini_core.runs import wandb_run
 from sweeps.report import render_html
 from sweeps.report_plots import plots
 from sweeps.sweep_dir import SweepData, load_sweep

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from gemini_core.data.curation import classifier as clf
-from gemini_core.data.curation.classifier import (ClassifierParams, QualityClassifier, auc,
-                                             featurize)
+from gemini_core.data.curation.classifier import ClassifierParams, QualityClassifier, auc, featurize
 from gemini_core.errors import UserError
 
 M64 = (1 << 64) - 1

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from gemini_core import config as config_lib
-from gemini_core.train import trainer
 from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment, split_spec
+from gemini_core.train import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "experiments" / "quickstart.py")

@@ -15,8 +15,7 @@ import pytest
 
 from gemini_core.config import DEFAULT_DOMAINS, DataConfig, TokenizerConfig
 from gemini_core.data.sources import BadRecords, iter_documents
-from gemini_core.data.tokenizer import (CHUNK_CHARS, build_once, chunks,
-                                        train_or_load_tokenizer)
+from gemini_core.data.tokenizer import CHUNK_CHARS, build_once, chunks, train_or_load_tokenizer
 from gemini_core.data.tokens import encode_split, prepare_data, resolve_sample_weights
 from gemini_core.errors import UserError
 

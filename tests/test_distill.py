@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemini_core.train import distill, trainer
 from gemini_core.experiment import load_experiment
-from gemini_core.runs.rundir import RunDir
 from gemini_core.runs.metrics import read_metrics
+from gemini_core.runs.rundir import RunDir
+from gemini_core.train import distill, trainer
 
 
 def test_kl_forward_reverse_and_topk_match_their_definitions():

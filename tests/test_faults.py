@@ -26,11 +26,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gx import cli
-from gemini_core.scale import fault_hooks, faults, replica
 from gemini_core.runs import wandb_offline
-from gemini_core.runs.rundir import RunDir, iter_runs
 from gemini_core.runs.metrics import read_metrics
+from gemini_core.runs.rundir import RunDir, iter_runs
+from gemini_core.scale import fault_hooks, faults, replica
+from gx import cli
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 60

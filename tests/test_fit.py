@@ -18,11 +18,23 @@ from scipy import optimize
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from sweeps import fit as fitmod
-from sweeps.fit import (Objective, evaluate_holdout, features, fit, objective_values, regret,
-                        spearman)
-from sweeps.regressors import (LightGBMRegressor, LinearRegressor, LogLinearRegressor,
-                               LogWeightRegressor, token_shares)
+from sweeps.fit import (
+    Objective,
+    evaluate_holdout,
+    features,
+    fit,
+    objective_values,
+    regret,
+    spearman,
+)
 from sweeps.optimize import choose, project_capped_simplex, write_winner
+from sweeps.regressors import (
+    LightGBMRegressor,
+    LinearRegressor,
+    LogLinearRegressor,
+    LogWeightRegressor,
+    token_shares,
+)
 from sweeps.table import fit_table, format_fit_report, parse_columns, read_table
 
 DOMAINS = ("web", "code", "math")

@@ -4,9 +4,9 @@ import math
 import jax
 from flax import nnx
 
-from gemini_core.scale import flops
 from gemini_core.config import ModelConfig
 from gemini_core.model.transformer import Transformer
+from gemini_core.scale import flops
 
 # the PyTorch peer's config (a): V8192 D256 L4 H4, one kv head, mlp 4·D, untied head
 PEER_A = ModelConfig(d_model=256, num_layers=4, num_heads=4, num_kv_heads=1,

@@ -27,7 +27,6 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator
 
-
 from gemini_core import config as config_lib
 from gemini_core.data.curation import config as curation_config
 from gx import cli

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from gx import cli
 from gemini_core.experiment import config_overrides, load_experiment
+from gx import cli
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"

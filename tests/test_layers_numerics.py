@@ -5,6 +5,7 @@ and bf16 compute against f32."""
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gemini_core.data import mixture
 from gemini_core.data.mixture import MixtureSchedule, Stage, domain_counts

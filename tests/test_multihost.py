@@ -14,7 +14,6 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from test_sharding import TINY, _assert_close, _env, _finish, _gx, _losses, _only_run, data_args
 
 MESH = ["--config.mesh.preset=fsdp_tp", "--config.mesh.data=4", "--config.mesh.fsdp=1",

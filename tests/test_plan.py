@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemini_core.scale import compute_plan as cp
-from gemini_core.scale import flops
 from gemini_core.errors import UserError
 from gemini_core.experiment import load_experiment
+from gemini_core.scale import compute_plan as cp
+from gemini_core.scale import flops
 
 REPO = Path(__file__).resolve().parents[1]
 GOPHER_BUDGET = 5.76e23  # Chinchilla's own budget: 70B params on 1.4T tokens

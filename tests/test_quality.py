@@ -15,7 +15,8 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gemini_core.data.curation import langid, quality
 from gemini_core.data.curation.quality import RULES, QualityParams, params_for, quality_failures

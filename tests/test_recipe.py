@@ -13,8 +13,8 @@ import hashlib
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,9 +23,9 @@ from typing import Iterator
 
 import pytest
 
-from gx import cli
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.runs.rundir import read_json
+from gx import cli
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "experiments/gemini_recipe.py:size=tiny"

@@ -19,9 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gemini_core.train import trainer
 from gemini_core.experiment import load_experiment
 from gemini_core.runs.rundir import RunDir, iter_runs
+from gemini_core.train import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

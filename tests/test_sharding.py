@@ -116,6 +116,7 @@ def _final_params(run_dir: Path) -> dict[str, np.ndarray]:
     """A run's last checkpoint, restored onto this process's one device (a checkpoint restores
     onto any mesh), as {parameter path: array}."""
     import jax
+
     from gemini_core.config import ModelConfig, OptimizerConfig
     from gemini_core.runs.checkpoint import Checkpointer
     from gemini_core.runs.rundir import read_json
@@ -293,8 +294,8 @@ def test_mesh_config_errors_name_the_key(override, message, capsys):
 
 
 def test_mesh_errors_that_need_the_device_count(capsys):
-    from gemini_core.scale import distributed, sharding
     from gemini_core.errors import UserError
+    from gemini_core.scale import distributed, sharding
 
     with pytest.raises(UserError, match=r"config.mesh.fsdp=-1: only one mesh axis may be -1"):
         _load("--config.mesh.data=-1", "--config.mesh.fsdp=-1")
@@ -333,8 +334,8 @@ def test_every_logical_axis_the_model_names_has_a_rule():
 
 
 def test_distributed_and_mesh_stay_out_of_the_fingerprint():
-    from gemini_core.train import trainer
     from gemini_core.data.mixture import MixtureSchedule, Stage
+    from gemini_core.train import trainer
 
     schedule = MixtureSchedule((Stage(0.0, {"web": 1.0}),))
     base = trainer.identity(_load(), schedule, "m")
@@ -402,10 +403,10 @@ def _worker(spec_path: str) -> None:
     import jax
     import numpy as np
 
+    from gemini_core.experiment import load_experiment
+    from gemini_core.runs.checkpoint import Checkpointer
     from gemini_core.scale import sharding
     from gemini_core.train import step_fns, trainer
-    from gemini_core.runs.checkpoint import Checkpointer
-    from gemini_core.experiment import load_experiment
 
     assert jax.device_count() == 8, jax.devices()
     spec = json.loads(Path(spec_path).read_text())

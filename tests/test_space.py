@@ -5,12 +5,20 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gemini_core.data.mixture import WEIGHT_TOLERANCE
 from gemini_core.errors import UserError
-from sweeps.space import (SpaceConfig, caps, check_space, prior_weights,
-                          project_to_capped_simplex, sample_schedules, sample_space)
+from sweeps.space import (
+    SpaceConfig,
+    caps,
+    check_space,
+    prior_weights,
+    project_to_capped_simplex,
+    sample_schedules,
+    sample_space,
+)
 
 DOMAINS = ("web", "code", "math", "books")
 # math is tiny: at the target's 1e8 tokens, max_epochs=4 caps it at 4e6 / 1e8 = 0.04

@@ -7,9 +7,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from gemini_core.config import ModelConfig, OptimizerConfig
 from gemini_core.scale import flops
 from gemini_core.train import optim, step_fns
-from gemini_core.config import ModelConfig, OptimizerConfig
 
 MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, mlp_dim=64,
                     vocab_size=97)

@@ -90,8 +90,8 @@ def sweep_dir(tmp_path_factory) -> Path:
     from gemini_core.runs.rundir import write_json_atomic
     from sweeps import fit as fit_lib
     from sweeps import optimize, runner, validation
-    from sweeps.regressors import token_shares
     from sweeps.config import FitConfig, ObjectiveConfig, SweepConfig
+    from sweeps.regressors import token_shares
     from sweeps.space import SpaceConfig, sample_space
     from sweeps.sweep_setup import SweepSetup, baselines
 

@@ -19,10 +19,20 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from gemini_core.config import DataConfig
-from gemini_core.data.sources import (BadRecords, domain_file, file_sha256, iter_documents,
-                                      text_batches)
-from gemini_core.data.tokenizer import (Tokenizer, build_once, normalize_weights,
-                                        train_or_load_tokenizer, write_json)
+from gemini_core.data.sources import (
+    BadRecords,
+    domain_file,
+    file_sha256,
+    iter_documents,
+    text_batches,
+)
+from gemini_core.data.tokenizer import (
+    Tokenizer,
+    build_once,
+    normalize_weights,
+    train_or_load_tokenizer,
+    write_json,
+)
 from gemini_core.errors import UserError
 from gemini_core.runs.rundir import fingerprint
 

@@ -15,15 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from gemini_core.scale import sharding
-from gemini_core.train import step_fns
-from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.data.tokens import encode_split
 from gemini_core.errors import DamagedCheckpoint, DamagedFile, UserError
 from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.runs.rundir import RunDir, write_json_atomic
+from gemini_core.scale import sharding
+from gemini_core.train import step_fns
 
 Log = Callable[[str], None]
 

@@ -8,10 +8,24 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from gemini_core.config import TrackingConfig
-from gemini_core.runs.metrics import (METRICS_FILE, STEP_KEY, as_floats, dump_row, metrics_path,
-                                      read_metrics, truncate_metrics)
-from gemini_core.runs.wandb_run import (WANDB_SUBDIR, EnvPatch, recoverable, sdk_env, start_wandb,
-                                        teardown_if_idle, wandb_mode)
+from gemini_core.runs.metrics import (
+    METRICS_FILE,
+    STEP_KEY,
+    as_floats,
+    dump_row,
+    metrics_path,
+    read_metrics,
+    truncate_metrics,
+)
+from gemini_core.runs.wandb_run import (
+    WANDB_SUBDIR,
+    EnvPatch,
+    recoverable,
+    sdk_env,
+    start_wandb,
+    teardown_if_idle,
+    wandb_mode,
+)
 
 
 class Tracker:

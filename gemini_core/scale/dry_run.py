@@ -19,10 +19,10 @@ import re
 import jax
 import jax.numpy as jnp
 
-from gemini_core.scale import flops, sharding
-from gemini_core.scale.compute_plan import si
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, domain_counts
+from gemini_core.scale import flops, sharding
+from gemini_core.scale.compute_plan import si
 
 
 def steps_per_stage(schedule: MixtureSchedule, total_steps: int) -> list[int]:

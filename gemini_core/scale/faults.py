@@ -46,8 +46,7 @@ import numpy as np
 
 from gemini_core.config import FaultsConfig
 from gemini_core.errors import TrainingStopped
-from gemini_core.scale.fault_hooks import (ENV_FLIP, ENV_NAN, flip_bit, parse_hook, pick_leaf,
-                                           poison)
+from gemini_core.scale.fault_hooks import ENV_FLIP, ENV_NAN, flip_bit, parse_hook, pick_leaf, poison
 from gemini_core.scale.replica import replica_holder, replica_holders, replica_key, running_ray
 from gemini_core.scale.state_copies import differing_devices, fingerprint, to_device, to_host
 

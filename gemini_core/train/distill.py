@@ -34,13 +34,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gemini_core.train import step_fns
-from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import DistillConfig, ModelConfig, OptimizerConfig
 from gemini_core.data.tokenizer import Tokenizer, build_once
 from gemini_core.errors import UserError
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.runs.rundir import RunDir, find_run, fingerprint
 from gemini_core.scale.sharding import Layout
+from gemini_core.train import step_fns
 
 Log = Callable[[str], None]
 

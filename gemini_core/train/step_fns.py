@@ -28,8 +28,8 @@ from flax import nnx
 
 from gemini_core.config import ModelConfig, OptimizerConfig
 from gemini_core.model.transformer import Transformer
-from gemini_core.train.optim import lr_schedule, make_optimizer
 from gemini_core.scale.sharding import Layout
+from gemini_core.train.optim import lr_schedule, make_optimizer
 
 State = Any  # nnx.State: a pytree of arrays
 Metrics = dict[str, jax.Array]

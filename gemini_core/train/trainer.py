@@ -20,20 +20,19 @@ import jax
 import numpy as np
 
 from gemini_core import config as config_lib
-from gemini_core.train import distill
-from gemini_core.scale import distributed, faults, flops, sharding
-from gemini_core.train import step_fns
-from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.data.sampler import Sampler
 from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
 from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
-from gemini_core.train.objective import Objective
-from gemini_core.train.progress import Progress
+from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.runs.rundir import RunDir, fingerprint, run_id
 from gemini_core.runs.tracking import Tracker
+from gemini_core.scale import distributed, faults, flops, sharding
+from gemini_core.train import distill, step_fns
+from gemini_core.train.objective import Objective
+from gemini_core.train.progress import Progress
 
 Log = Callable[[str], None]
 

@@ -20,9 +20,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from gemini_core.data.curation import classifier as classifier_lib
+from gemini_core.data.curation import config as config_lib
 from gemini_core.data.curation import dedup as dedup_lib
 from gemini_core.data.curation import langid, pii, quality, safety
-from gemini_core.data.curation import config as config_lib
 from gemini_core.data.curation.config import CurationConfig
 from gemini_core.data.curation.normalize import normalize
 from gemini_core.data.curation.sources import Shard, read_shard

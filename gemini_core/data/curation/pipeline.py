@@ -28,9 +28,15 @@ from gemini_core.data.curation import safety
 from gemini_core.data.curation.classifier_train import classifier_path, classifier_threshold
 from gemini_core.data.curation.config import CurationConfig, dedup_params
 from gemini_core.data.curation.dedup_pass import assemble, dedup_shards
-from gemini_core.data.curation.filter_pass import (FORMAT, FilterWorker, Plan, blocklist_dir,
-                                                   quality_params)
+from gemini_core.data.curation.filter_pass import (
+    FORMAT,
+    FilterWorker,
+    Plan,
+    blocklist_dir,
+    quality_params,
+)
 from gemini_core.data.curation.ray_map import Progress, ray_map
+
 # read_report: the reader of what prepare writes, offered beside it (gx data report, the recipe)
 from gemini_core.data.curation.report import format_report, read_report  # noqa: F401
 from gemini_core.data.curation.sources import Shard, check_hf_source, limit_shards, plan_shards
