@@ -57,11 +57,6 @@ def features(schedule: MixtureSchedule, domains: Sequence[str]) -> np.ndarray:
     return np.concatenate([weights_SxD.reshape(-1), starts])
 
 
-def feature_names(n_stages: int, domains: Sequence[str]) -> list[str]:
-    return ([f"stage{s}/{d}" for s in range(n_stages) for d in domains]
-            + [f"stage{s}/start" for s in range(1, n_stages)])
-
-
 # ---------------------------------------------------------------------------------------------
 # objective
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
 
 from gemini_core.errors import UserError
 from gemini_core.runs.rundir import RunDir, iter_runs
@@ -29,14 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "experiments/quickstart.py")
 SWEEP = str(REPO / "experiments/mixture_sweep.py") + ":size=tiny"
 LADDER = str(REPO / "experiments/scaling_ladder.py") + ":size=tiny"
-TINY = [
-    "--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.num_heads=2",
-    "--config.model.mlp_dim=64", "--config.data.seq_len=32",
-    "--config.data.tokenizer.vocab_size=384", "--config.data.tokenizer.sample_chars=200000",
-    "--config.train.batch_size=4", "--config.train.steps=24", "--config.train.log_every=4",
-    "--config.train.eval_every=12", "--config.train.eval_batches=1",
-    "--config.train.checkpoint_every=6", "--config.optimizer.warmup_steps=2",
-]
 
 
 def gx(*args: str, root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
