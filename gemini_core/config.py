@@ -193,6 +193,27 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DownstreamConfig:
+    """Downstream tasks scored during and after training (gemini_core.eval.downstream). What is
+    measured, not what is trained: not in the fingerprint, and a done run asked for tasks it
+    lacks evaluates them on its final checkpoint."""
+
+    tasks: tuple[str, ...] = ()  # shipped task names, names in `declare`, task files (.py)
+    declare: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # name -> declaration
+    every_steps: int = 0  # 0 = only at the end of training
+    limit: int = 200  # examples per task in training (a fixed, seeded subset); 0 = all
+    final_limit: int = -1  # examples per task at the end; -1 = `limit`, 0 = all
+    shots: int = -1  # few-shot examples; -1 = each task's own
+    batch_size: int = 32  # scoring and generation batch
+    max_new_tokens: int = 256  # generative tasks (each task's stop strings end a sample sooner)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    downstream: DownstreamConfig = DownstreamConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     model: ModelConfig
@@ -206,6 +227,7 @@ class ExperimentConfig:
     distributed: DistributedConfig = DistributedConfig()
     faults: FaultsConfig = FaultsConfig()
     distill: DistillConfig = DistillConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,6 +524,19 @@ def _check_distill(d: DistillConfig) -> None:
                         "give KL(student || teacher), which needs the teacher on every token")
 
 
+def _check_downstream(d: DownstreamConfig) -> None:
+    p = "config.eval.downstream"
+    for name in ("every_steps", "limit"):
+        _non_negative(f"{p}.{name}", getattr(d, name))
+    for name in ("batch_size", "max_new_tokens"):
+        _positive(f"{p}.{name}", getattr(d, name))
+    for name in ("final_limit", "shots"):
+        if getattr(d, name) < -1:
+            raise UserError(f"{p}.{name}={getattr(d, name)}: must be -1 (the default) or >= 0")
+    if d.every_steps and not d.tasks:
+        raise UserError(f"{p}.every_steps={d.every_steps} with no {p}.tasks: name the tasks")
+
+
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConfig:
     """Validates and converts a user's experiment config; raises UserError on any mistake."""
     exp = to_dataclass(cfg, ExperimentConfig, "config")
@@ -518,6 +553,7 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     _check_distributed(exp.distributed)
     _check_faults(exp.faults)
     _check_distill(exp.distill)
+    _check_downstream(exp.eval.downstream)
     _positive("config.mesh.device_memory_gib", exp.mesh.device_memory_gib)
     from gemini_core.scale import sharding
     exp = dataclasses.replace(exp, mesh=sharding.resolve_config(exp.mesh))

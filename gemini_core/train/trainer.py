@@ -107,6 +107,8 @@ def identity(cfg: ExperimentConfig, schedule: MixtureSchedule, manifest_hash: st
     # how the run is protected, not what it computes (rollbacks and SDC checks are bit-exact):
     # changing an interval between restarts must continue the same run
     resolved.pop("faults", None)
+    # what is measured, not what is trained: asking a done run for more tasks evaluates them
+    resolved.pop("eval", None)
     # where and how it runs, not what it computes: the same run on another mesh or slice (its
     # losses agree to float rounding, tests/test_sharding.py) resumes the same checkpoints
     for placement_field in ("mesh", "distributed"):
