@@ -16,6 +16,12 @@ pinned by logical name too (`constrain`, a no-op without a mesh): the residual s
 batch, the MLP hidden and attention heads by their parameter axes, logits by vocab. Left to the
 compiler's propagation alone, FSDP would split the residual stream along D like the weights and
 keep the whole batch on every device.
+
+Generation's KV-cache path (`prefill`, then `extend` a token at a time; driven by
+gemini_core.model.generate) reuses the same projections and attention: `prefill` is the
+training forward that also returns each layer's keys and values, and `extend` writes new keys
+and values into a preallocated (B, S, G, K) cache per layer and attends to it, with every row at
+its own positions (RoPE tables per row).
 """
 
 from __future__ import annotations
@@ -58,17 +64,24 @@ class RMSNorm(nnx.Module):
 
 def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape (L, K) for the rotate-half convention (the halves share frequencies)."""
+    return rope_at(jnp.arange(seq_len, dtype=jnp.float32), head_dim, base)
+
+
+def rope_at(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape positions.shape + (K,): the tables at any positions, e.g. (B, L) of a
+    decode step whose rows are at different positions (the same f32 arithmetic as the tables)."""
     inv_freq_K2 = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angle_LxK2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_K2[None, :]
-    angle_LxK = jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1)
-    return jnp.cos(angle_LxK), jnp.sin(angle_LxK)
+    angle_K2 = positions.astype(jnp.float32)[..., None] * inv_freq_K2
+    angle_K = jnp.concatenate([angle_K2, angle_K2], axis=-1)
+    return jnp.cos(angle_K), jnp.sin(angle_K)
 
 
 def apply_rope(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+    """Rotates by tables of shape (L, K), shared by the batch, or (B, L, K), a row's own."""
     half = x_BxLxHxK.shape[-1] // 2
     x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
     rotated_BxLxHxK = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_LxK[:, None, :], sin_LxK[:, None, :]
+    cos, sin = cos_LxK[..., None, :], sin_LxK[..., None, :]
     return (x_BxLxHxK * cos + rotated_BxLxHxK * sin).astype(x_BxLxHxK.dtype)
 
 
@@ -86,6 +99,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array,
                  mask_LxL: jax.Array) -> jax.Array:
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self.qkv(x_NxD, batch, cos_LxK, sin_LxK)
+        return self.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_LxL)
+
+    def qkv(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array,
+            sin_LxK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values (B, L, ·, K), rotated."""
         H, G, K, dt = self.num_heads, self.num_kv_heads, self.head_dim, self.dtype
         N, D = x_NxD.shape
         L = N // batch
@@ -100,10 +119,45 @@ class Attention(nnx.Module):
         v_BxLxGxK = qkv_NxC[:, (H + G) * K:].reshape(batch, L, G, K)
         q_BxLxHxK = apply_rope(q_BxLxHxK, cos_LxK, sin_LxK)
         k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxK, sin_LxK)
-        out_BxLxHxK = constrain(causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_LxL),
+        return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
+
+    def attend(self, q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+               mask_LxS: jax.Array) -> jax.Array:
+        """Attention of the queries to the keys, through the output projection: (B·L, D)."""
+        H, K, dt = self.num_heads, self.head_dim, self.dtype
+        B, L = q_BxLxHxK.shape[:2]
+        out_BxLxHxK = constrain(causal_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_LxS),
                                 ("batch", "length", "q_heads", None))
-        wo_CxD = self.wo_HxKxD[...].reshape(H * K, D).astype(dt)
-        return out_BxLxHxK.reshape(N, H * K) @ wo_CxD
+        wo_CxD = self.wo_HxKxD[...].reshape(H * K, -1).astype(dt)
+        return out_BxLxHxK.reshape(B * L, H * K) @ wo_CxD
+
+    def extend(self, x_NxD: jax.Array, batch: int, cos_BxLxK: jax.Array, sin_BxLxK: jax.Array,
+               pos_BxL: jax.Array, kv: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """L new positions per row (pos_BxL, consecutive) against the KV cache: their keys and
+        values written at their positions, then attention to every cache slot at or before
+        each query's position (slots after it hold padding or nothing yet)."""
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self.qkv(x_NxD, batch, cos_BxLxK, sin_BxLxK)
+        k_BxSxGxK, v_BxSxGxK = (write_cache(c, new, pos_BxL[:, 0])
+                                for c, new in zip(kv, (k_BxLxGxK, v_BxLxGxK)))
+        S = k_BxSxGxK.shape[1]
+        # (B, 1, 1, L, S): causal_attention's mask broadcasts over kv heads and their queries
+        mask_Bx1x1xLxS = (jnp.arange(S)[None, None, None, None, :]
+                          <= pos_BxL[:, None, None, :, None])
+        return (self.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1x1xLxS),
+                (k_BxSxGxK, v_BxSxGxK))
+
+
+KV_CACHE_AXES = ("batch", None, "kv_heads", None)  # a layer's k or v cache (B, S, G, K)
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (k, v), each (B, S, G, K)
+
+
+def write_cache(cache_BxSxGxK: jax.Array, new_BxLxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
+    """The cache with each row's L new entries written from its own start slot."""
+    def row(c_SxGxK, new_LxGxK, start):
+        return jax.lax.dynamic_update_slice(c_SxGxK, new_LxGxK.astype(c_SxGxK.dtype),
+                                            (start, 0, 0))
+    return constrain(jax.vmap(row)(cache_BxSxGxK, new_BxLxGxK, start_B), KV_CACHE_AXES)
 
 
 def causal_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
@@ -114,6 +168,7 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.
     multi-query attention is one (R·L, K) x (K, S) matmul per sequence rather than H thin ones.
     The softmax is normalised after the second matmul (divide the (L, K) output, not the (L, S)
     probabilities): one pass fewer over the scores, and a backward pass with no (L, S) reduction.
+    The mask is (L, S), shared by the batch, or (B, 1, 1, L, S), a row's own (the KV cache's).
     """
     B, L, H, K = q_BxLxHxK.shape
     G = k_BxSxGxK.shape[2]
@@ -166,9 +221,28 @@ class Block(nnx.Module):
 
     def __call__(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array,
                  mask_LxL: jax.Array) -> jax.Array:
-        x_NxD = x_NxD + self.attn(self.attn_norm(x_NxD), batch, cos_LxK, sin_LxK, mask_LxL)
-        x_NxD = constrain(x_NxD, ("batch", None))
+        return self.residual(x_NxD, self.attn(self.attn_norm(x_NxD), batch, cos_LxK, sin_LxK,
+                                              mask_LxL))
+
+    def residual(self, x_NxD: jax.Array, attn_NxD: jax.Array) -> jax.Array:
+        """The attention output added to the stream, then the MLP's."""
+        x_NxD = constrain(x_NxD + attn_NxD, ("batch", None))
         return constrain(x_NxD + self.mlp(self.mlp_norm(x_NxD)), ("batch", None))
+
+    def prefill(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array,
+                mask_LxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block as __call__, also returning its keys and values (B, L, G, K)."""
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self.attn.qkv(self.attn_norm(x_NxD), batch, cos_LxK,
+                                                        sin_LxK)
+        attn_NxD = self.attn.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_LxL)
+        return self.residual(x_NxD, attn_NxD), k_BxLxGxK, v_BxLxGxK
+
+    def extend(self, x_NxD: jax.Array, batch: int, cos_BxLxK: jax.Array, sin_BxLxK: jax.Array,
+               pos_BxL: jax.Array, kv: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        attn_NxD, kv = self.attn.extend(self.attn_norm(x_NxD), batch, cos_BxLxK, sin_BxLxK,
+                                        pos_BxL, kv)
+        return self.residual(x_NxD, attn_NxD), kv
 
 
 class Transformer(nnx.Module):
@@ -201,6 +275,39 @@ class Transformer(nnx.Module):
         for block in self.blocks:
             x_NxD = block(x_NxD, batch, cos_LxK, sin_LxK, mask_LxL)
         return self.final_norm(x_NxD)
+
+    def prefill(self, tokens_BxL: jax.Array, cache_len: int) -> tuple[jax.Array, KVCache]:
+        """The forward over prompts (right-padded: every row's positions are its own from 0):
+        the final-normed hidden state (B·L, D) and a KV cache of `cache_len` slots per row
+        holding the L positions' keys and values (padding's too: the decode steps overwrite
+        them before any query can see them)."""
+        cfg = self.cfg
+        B, L = tokens_BxL.shape
+        cos_LxK, sin_LxK = rope_tables(L, cfg.qk_dim, cfg.rope_base)
+        mask_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
+        x_NxD = self.embed(tokens_BxL)
+        cache = []
+        for block in self.blocks:
+            x_NxD, k_BxLxGxK, v_BxLxGxK = block.prefill(x_NxD, B, cos_LxK, sin_LxK, mask_LxL)
+            pad = ((0, 0), (0, cache_len - L), (0, 0), (0, 0))
+            cache.append(tuple(constrain(jnp.pad(a, pad), KV_CACHE_AXES)
+                               for a in (k_BxLxGxK, v_BxLxGxK)))
+        return self.final_norm(x_NxD), tuple(cache)
+
+    def extend(self, tokens_BxL: jax.Array, start_B: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """L new tokens per row at positions start_B + [0, L), attending to the cache: the
+        final-normed hidden state (B·L, D) and the cache with their keys and values added."""
+        cfg = self.cfg
+        B, L = tokens_BxL.shape
+        pos_BxL = start_B[:, None] + jnp.arange(L, dtype=start_B.dtype)[None, :]
+        cos_BxLxK, sin_BxLxK = rope_at(pos_BxL, cfg.qk_dim, cfg.rope_base)
+        x_NxD = self.embed(tokens_BxL)
+        new_cache = []
+        for block, kv in zip(self.blocks, cache):
+            x_NxD, kv = block.extend(x_NxD, B, cos_BxLxK, sin_BxLxK, pos_BxL, kv)
+            new_cache.append(kv)
+        return self.final_norm(x_NxD), tuple(new_cache)
 
     def hidden(self, tokens_BxL: jax.Array) -> jax.Array:
         """The final-normed residual stream, flattened: (B·L, D)."""
