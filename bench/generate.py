@@ -21,14 +21,13 @@ usage: python bench/generate.py [--rounds 3] [--recompute-rounds 1]
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 from flax import nnx
 
@@ -42,27 +41,6 @@ QUICKSTART = ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=1,
 BATCH, PROMPT, NEW = 8, 256, 256
 RECOMPUTE_PAD = 64  # the recompute baseline's length buckets
 TARGET_SPEEDUP = 10.0
-
-
-def machine() -> str:
-    """CPU model, cores usable here, AVX-512 or not, JAX and its devices."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    avx = "AVX-512" if "avx512f" in flags else "no AVX-512" + (" (AVX2)" if "avx2" in flags
-                                                               else "")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{model}, {cores} cores usable, {avx}; load {load:.1f}; {platform.machine()}; "
-            f"jax {jax.__version__} on {jax.devices()[0].platform} x {jax.device_count()}")
 
 
 def build(cfg: ModelConfig) -> Transformer:
@@ -141,7 +119,7 @@ def parse() -> argparse.Namespace:
 def main() -> int:
     args = parse()
     step_fns.tune_host_malloc()  # as the trainer does, before JAX's first computation
-    print(f"machine: {machine()}")
+    print(f"machine: {machine.describe()}")
     print(f"model: quickstart dims ({QUICKSTART.d_model} wide, {QUICKSTART.num_layers} layers, "
           f"{QUICKSTART.num_heads} heads / {QUICKSTART.num_kv_heads} kv head, mlp "
           f"{QUICKSTART.mlp_dim}, vocab {QUICKSTART.vocab_size}), random weights; batch "

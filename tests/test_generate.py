@@ -21,9 +21,9 @@ import pytest
 from flax import nnx
 
 from gemini_core.config import DataConfig, ModelConfig, TokenizerConfig
+from gemini_core.data.tokenizer import document_ids
 from gemini_core.errors import UserError
-from gemini_core.model.generate import (Decoder, SamplingConfig, TextStream, bucket,
-                                        document_ids, generate)
+from gemini_core.model.generate import Decoder, SamplingConfig, TextStream, bucket, generate
 from gemini_core.model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -141,7 +141,8 @@ def test_code_programs_put_the_completion_where_the_tests_expect(loaded):
     spec, mbpp = loaded["mbpp"]
     for e in mbpp:
         r = e.record
-        assert e.program("CODE") == (r["test_setup_code"] + "\nCODE\n"
+        # the code first: task 367's setup uses the class its reference code defines
+        assert e.program("CODE") == ("CODE\n" + r["test_setup_code"] + "\n"
                                      + "\n".join(r["test_list"]) + "\n")
         compile_quietly(e.program(e.gold), str(e.id))
     assert {e.record["split"] for e in mbpp} == {"test"}

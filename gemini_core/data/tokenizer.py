@@ -118,6 +118,16 @@ class Tokenizer:
         return self._sp.encode(list(texts), out_type=int,
                                num_threads=num_threads or os.cpu_count() or 1)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """encode(text) and each token's [start, end) in characters of `text`.
+
+        A character spelled by several byte-fallback pieces gives its span to the last of them;
+        the ones before it have an empty span (start == end) at the character's start.
+        """
+        out = self._sp.encode(text, out_type="offset_mapping")
+        starts, ends = zip(*out["offsets"]) if out["offsets"] else ((), ())
+        return list(out["ids"]), list(starts), list(ends)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -143,6 +153,13 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------------------
 # the training sample
+
+
+def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A text as the start of a document: [EOS] + its ids. Training packs documents with EOS
+    after each one, so EOS is the model's "start of document" (there is no BOS); scoring and
+    generation both begin a prompt this way."""
+    return [tokenizer.eos_id] + tokenizer.encode(text)
 
 
 def normalize_weights(weights: Mapping[str, float], domains: Sequence[str],

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemini_core.data.tokenizer import document_ids
 from gemini_core.errors import UserError
 from gemini_core.model.transformer import KVCache, Transformer
 from gemini_core.scale.sharding import Layout, constrain
@@ -82,12 +83,6 @@ class Completion:
     finish_reason: str  # stop | length | eos
     prompt_tokens: int  # the prompt's ids the model saw (EOS included), after truncation
     truncated: int = 0  # prompt ids dropped from the left to fit max_len
-
-
-def document_ids(tokenizer: Any, text: str) -> list[int]:
-    """A text as the start of a document: training data puts EOS before every document's first
-    token, so the model's "start of document" is EOS (there is no BOS)."""
-    return [tokenizer.eos_id] + tokenizer.encode(text)
 
 
 def bucket(n: int, minimum: int = 1) -> int:
