@@ -19,8 +19,12 @@ EPILOG = """examples:
   gx ls
   gx show quickstart-1a2b3c4d
   gx eval quickstart-1a2b3c4d --data ../shared/corpus --split valid.jsonl.gz
+  gx eval quickstart-1a2b3c4d --tasks arc_easy,piqa,gsm8k --limit 200
+  gx generate quickstart-1a2b3c4d --prompt "Question: What is 2 + 3?\nAnswer:" --max-new-tokens 32
+  gx lm-eval --model gx --model_args run=quickstart-1a2b3c4d --tasks my_task --include_path DIR
   gx data prepare experiments/data_prep.py --config.data.root=../shared/corpus
   gx data report runs/data/data_prep-1a2b3c4d
+  gx data contamination --tasks gsm8k,arc_easy --data-root ../shared/corpus
   gx sweep experiments/mixture_sweep.py:size=tiny --config.proxy.data.root=../shared/corpus
   gx compare mixture_sweep_tiny
   gx fit results.csv --holdout heldout.csv
@@ -64,11 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="a run's config differences from its experiment's defaults, and its summary")
     show.add_argument("run", help="run id (a unique prefix is enough) or run directory")
 
-    ev = sub.add_parser("eval", help="per-domain loss and bpb of a run's final checkpoint on another data folder")
+    ev = sub.add_parser("eval", help="a run's final checkpoint: per-domain loss and bpb on a data folder (--data), or downstream tasks (--tasks)")
     ev.add_argument("run", help="run id (a unique prefix is enough) or run directory")
-    ev.add_argument("--data", required=True, help="folder with the same <domain>/ layout as the training data")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="folder with the same <domain>/ layout as the training data")
+    what.add_argument("--tasks", help="comma-separated downstream tasks: shipped names "
+                      "(arc_easy, arc_challenge, piqa, lambada, xcopa, gsm8k, humaneval, mbpp) "
+                      "and task files (my_tasks.py defining get_tasks()), mixed as you like")
+    ev.add_argument("--limit", type=int, default=None, help="--tasks: examples per task, a fixed seeded subset (default: each task's own; 0 = all)")
+    ev.add_argument("--shots", type=int, default=-1, help="--tasks: few-shot examples (default: each task's own)")
+    ev.add_argument("--batch-size", type=int, default=32, help="--tasks: scoring and generation batch (default 32)")
     ev.add_argument("--split", default=None, help="file name inside each domain folder (default: the run's valid file)")
     ev.add_argument("--batches", type=int, default=None, help="batches per domain (default: the run's eval_batches)")
+
+    ge = sub.add_parser("generate", help="complete a prompt (streamed) or a file of prompts with a run's checkpoint",
+                        description="Sample from RUN's newest checkpoint: greedy by default; "
+                        "--temperature, --top-k and --top-p sample, seeded by --seed.")
+    ge.add_argument("run", help="run id (a unique prefix is enough) or run directory")
+    src = ge.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; its completion streams to stdout")
+    src.add_argument("--prompts", help="a JSON-lines file, one object per prompt (see --field)")
+    ge.add_argument("--field", default="prompt", help="--prompts: the prompt's field (default: prompt)")
+    ge.add_argument("--out", default=None, help="--prompts: where the completions go (default: FILE.completions.jsonl beside it)")
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ge.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    ge.add_argument("--top-p", type=float, default=1.0, help="1 = off (default)")
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="a stop string (repeatable; \\n and \\t are a newline and a tab); the stop string is not returned")
+    ge.add_argument("--batch-size", type=int, default=8, help="--prompts: prompts per batch (default 8)")
+
+    lm = sub.add_parser("lm-eval", help="lm-evaluation-harness on a gx run (pip install -e '.[lmeval]')",
+                        description="lm_eval's own command line with the `gx` model registered: "
+                        "--model gx --model_args run=RUN_ID_OR_DIR[,runs_root=DIR,batch_size=N].")
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
 
     data = sub.add_parser("data", help="data curation: prepare a cleaned data root, reports",
                           description="Data curation (gemini_core/curation).")
@@ -90,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "e.g. experiments/quickstart.py).")
     tr.add_argument("experiment", help="e.g. experiments/quickstart.py")
     tr.add_argument("--single-domain", default="web", help="the one-domain tokenizer's domain (default: web)")
+    co = dsub.add_parser("contamination", help="share of benchmark examples sharing a 13-word n-gram with a data root",
+                         description="Per task: examples whose prompt or answer shares a word n-gram with a "
+                         "document of DATA_ROOT (gemini_core/data/curation/contamination.py); a table, and JSON.")
+    co.add_argument("--tasks", required=True, help="comma-separated task names, e.g. gsm8k,arc_easy")
+    co.add_argument("--data-root", required=True, help="folder with one folder per domain, e.g. ../shared/corpus")
+    co.add_argument("--benchmarks", default=None, help="folder of <task>/data.jsonl.gz (default: benchmarks/ beside the data root)")
+    co.add_argument("--domains", default=None, help="comma-separated domains (default: every domain folder)")
+    co.add_argument("--files", default=None, help="comma-separated file names in each domain folder (default: all .jsonl[.gz]/.parquet)")
+    co.add_argument("--ngram", type=int, default=13, help="words per n-gram (default 13)")
+    co.add_argument("--out", default=None, help="JSON report path (default: <runs root>/data/contamination-<data root name>.json)")
 
     pl = sub.add_parser("plan", help="model size and tokens for a compute budget (Chinchilla, inference-aware)",
                         description="Chinchilla-optimal model size N and tokens D for a training "
@@ -237,14 +281,56 @@ def cmd_show(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from gemini_core.eval import run_eval
     from gemini_core.runs.rundir import find_run, runs_root
 
     if args.batches is not None and args.batches <= 0:
         raise UserError(f"--batches={args.batches}: must be a positive number of batches per domain")
+    if args.tasks is not None:
+        from gemini_core.eval import downstream
+        if args.batch_size <= 0:
+            raise UserError(f"--batch-size={args.batch_size}: must be positive")
+        settings = downstream.Settings(limit=args.limit, shots=args.shots,
+                                       batch_size=args.batch_size)
+        downstream.evaluate_run_tasks(find_run(runs_root(args.runs_root), args.run), args.tasks,
+                                      settings)
+        return 0
+    from gemini_core.eval import run_eval
     run = find_run(runs_root(args.runs_root), args.run)
     run_eval.evaluate_run(run, Path(args.data), split=args.split, batches=args.batches)
     return 0
+
+
+def cmd_generate(args) -> int:
+    from gemini_core.eval import completions
+    from gemini_core.eval.loaded_run import load_run
+    from gemini_core.model.generate import SamplingConfig
+    from gemini_core.runs.rundir import find_run, runs_root
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size={args.batch_size}: must be positive")
+    stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              stop=stop).validate("gx generate")
+    prompts = Path(args.prompts) if args.prompts else None
+    if prompts is not None:
+        completions.read_prompts(prompts, args.field)  # its mistakes before the checkpoint loads
+    run = find_run(runs_root(args.runs_root), args.run)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - stdout is the completion's
+    loaded = load_run(run, log=log)
+    if prompts is None:
+        completions.stream_one(loaded, args.prompt, sampling, log=log)
+    else:
+        out = Path(args.out) if args.out else prompts.with_name(
+            prompts.name.split(".")[0] + ".completions.jsonl")
+        completions.complete_file(loaded, prompts, out, sampling, field=args.field,
+                                  batch_size=args.batch_size, log=log)
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from gemini_core.eval import lm_eval_adapter
+    return lm_eval_adapter.main(args.lm_eval_args, runs_root=args.runs_root)
 
 
 def _load_curation(spec: str, overrides: list[str]):
@@ -266,6 +352,8 @@ def cmd_data(args, overrides: list[str]) -> int:
         from gemini_core.data.curation import pipeline
         report = pipeline.read_report(Path(args.dir))
         print(pipeline.format_report(report))
+    elif args.data_command == "contamination":
+        return cmd_data_contamination(args)
     elif args.data_command == "train-classifier":
         from gemini_core.data.curation import classifier_train
         exp = _load_curation(args.experiment, overrides)
@@ -280,6 +368,26 @@ def cmd_data(args, overrides: list[str]) -> int:
         report = tokenizer_report(cfg.data, single_domain=args.single_domain,
                                   cache_root=trainer.cache_root(cfg, runs_root(args.runs_root)))
         print(format_report(report))
+    return 0
+
+
+def cmd_data_contamination(args) -> int:
+    from gemini_core.data.curation import contamination
+    from gemini_core.runs.rundir import runs_root, write_json_atomic
+
+    if args.ngram < 1:
+        raise UserError(f"--ngram={args.ngram}: must be >= 1 (words per n-gram)")
+    tasks = contamination.parse_tasks(args.tasks)
+    benchmarks = args.benchmarks or contamination.default_benchmarks(args.data_root)
+    texts = contamination.load_task_texts(benchmarks, tasks)
+    report = contamination.contamination_report(
+        texts, args.data_root, domains=args.domains and args.domains.split(","),
+        files=args.files and args.files.split(","), n=args.ngram)
+    out = Path(args.out or runs_root(args.runs_root) / "data" /
+               f"contamination-{Path(args.data_root).absolute().name}.json")
+    write_json_atomic(out, report)
+    print(contamination.format_table(report))
+    print(f"contamination: report {out}")
     return 0
 
 
@@ -303,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     from gemini_core.experiment import config_overrides
 
     overrides, rest = config_overrides(argv)
-    args = build_parser().parse_args(rest)
+    if "lm-eval" in rest:  # everything after it is lm_eval's, `--model` and all
+        i = rest.index("lm-eval")
+        args = build_parser().parse_args(rest[:i + 1])
+        args.lm_eval_args = rest[i + 1:]
+    else:
+        args = build_parser().parse_args(rest)
     takes_config = args.command in ("run", *handlers) or getattr(args, "data_command", "") in (
         "prepare", "train-classifier", "tokenizer-report")
     if overrides and not takes_config:
@@ -318,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data(args, overrides)
         if args.command in handlers:
             return handlers[args.command](args, overrides)
-        return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval, "plan": cmd_plan}[args.command](args)
+        return {"ls": cmd_ls, "show": cmd_show, "eval": cmd_eval, "generate": cmd_generate,
+                "lm-eval": cmd_lm_eval, "plan": cmd_plan}[args.command](args)
     except UserError as e:
         print(f"gx: error: {_one_line(e)}", file=sys.stderr)
         return 2

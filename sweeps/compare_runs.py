@@ -37,13 +37,18 @@ def format_runs(runs: list[RunDir]) -> str:
     summaries = [r.summary() or {} for r in runs]
     metrics = sorted({k for s in summaries for k in s if k.startswith("eval/") and "/loss" in k},
                      key=lambda k: (k == "eval/mean/loss", k))
-    lines += ["", f"{'metric':<24}" + "".join(f"{i[-width:]:>{width + 2}}" for i in ids)]
-    for m in metrics + ["eval/mean/bpb"]:
+    tasks = sorted({k for s in summaries for k in s
+                    if k.startswith("downstream/") and not k.endswith("_stderr")},
+                   key=lambda k: (k == "downstream/mean/bpb", k))
+    names = metrics + ["eval/mean/bpb"] + tasks
+    name_w = max(24, *(len(m) + 1 for m in names))
+    lines += ["", f"{'metric':<{name_w}}" + "".join(f"{i[-width:]:>{width + 2}}" for i in ids)]
+    for m in names:
         row = [s.get(m) for s in summaries]
-        lines.append(f"{m:<24}" + "".join(f"{v:>{width + 2}.4f}" if isinstance(v, float)
-                                          else f"{'-':>{width + 2}}" for v in row))
+        lines.append(f"{m:<{name_w}}" + "".join(f"{v:>{width + 2}.4f}" if isinstance(v, float)
+                                                else f"{'-':>{width + 2}}" for v in row))
     states = [(r.status() or {}).get("state", "?") for r in runs]
-    lines.append(f"{'state':<24}" + "".join(f"{s:>{width + 2}}" for s in states))
+    lines.append(f"{'state':<{name_w}}" + "".join(f"{s:>{width + 2}}" for s in states))
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.runs.rundir import write_json_atomic
 from gemini_core.scale import ray_local
 from sweeps.cpus import trial_cpus
-from sweeps.sweep_dir import LOSS
+from sweeps.sweep_dir import DOWNSTREAM, LOSS
 
 if TYPE_CHECKING:  # and not at run time: a Ray worker imports this module to run a trial, and
     # the setup's imports (the sweep config's, JAX among them) would slow every worker's start
@@ -106,7 +106,15 @@ def _run_job(job: dict, sweep_dir: Path, log: Log) -> None:
     tune.report({"name": job["name"], "run_id": summary["run_id"],
                  "failed": f"non-finite loss on {', '.join(bad)}" if bad else "",
                  **{f"{LOSS}{d}": v for d, v in losses.items()},
-                 f"{LOSS}mean": float(summary["eval/mean/loss"])})
+                 f"{LOSS}mean": float(summary["eval/mean/loss"]),
+                 **downstream_values(summary)})
+
+
+def downstream_values(summary: dict) -> dict[str, float]:
+    """The run's downstream task metrics (config.eval.downstream), stderr left out: a column
+    of the trials table each."""
+    return {k: float(v) for k, v in summary.items() if k.startswith(DOWNSTREAM)
+            and not k.endswith("_stderr") and isinstance(v, (int, float))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +227,7 @@ def run_jobs(setup: SweepSetup, jobs: list[dict], stage: str, log: Log) -> dict[
         tuner = new_tuner(trainable, jobs, path, stage, concurrent, res, log)
     log(f"{stage}: {len(jobs)} runs, {concurrent} at a time, {res.cpus_per_trial} CPU each")
     return {name: {"run_id": metrics.get("run_id", ""), "failed": failed,
-                   **{k: v for k, v in metrics.items() if k.startswith(LOSS)}}
+                   **{k: v for k, v in metrics.items() if k.startswith((LOSS, DOWNSTREAM))}}
             for name, (metrics, failed) in fit_results(tuner).items()}
 
 

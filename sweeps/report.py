@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sweeps.report_plots import num_text, plots
 from sweeps.report_text import describe_choice
-from sweeps.sweep_dir import LOSS, WEIGHT, SweepData, load_sweep
+from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT, SweepData, load_sweep
 from sweeps.validation import UPWEIGHTING, describe_upweighting, verdict
 
 
@@ -58,6 +58,9 @@ def _trials_table(s: SweepData) -> str:
         return _doremi_table(s)
     stages = s.n_stages()
     head = ["trial", "role", "mean loss", "predicted"] + [f"loss {d}" for d in s.domains]
+    # the proxies' downstream task metrics (config.eval.downstream), beside the losses
+    tasks = [c for c in s.table.columns if c.startswith(DOWNSTREAM)]
+    head += [c[len(DOWNSTREAM):] for c in tasks]
     for k in range(stages):
         if k:
             head.append(f"s{k} start")
@@ -71,6 +74,7 @@ def _trials_table(s: SweepData) -> str:
         cells = [_cell(trial), _cell(role_text, cls="role"), _cell(float(r[f"{LOSS}mean"])),
                  _cell(s.predicted_mean(trial))]
         cells += [_cell(float(r[f"{LOSS}{d}"]), 3) for d in s.domains]
+        cells += [_cell(float(r[c]), 3) for c in tasks]
         for k in range(stages):
             if k:
                 cells.append(_cell(float(r[f"start/s{k}"]), 2))

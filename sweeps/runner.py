@@ -29,7 +29,7 @@ from sweeps import space as space_lib
 from sweeps.config import SweepConfig
 from sweeps.fanout import run_jobs
 from sweeps.report_text import format_sweep
-from sweeps.sweep_dir import LOSS, WEIGHT
+from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT
 from sweeps.sweep_setup import SweepSetup, baselines, setup_sweep, write_setup
 from sweeps.validation import validate
 
@@ -48,7 +48,8 @@ def run_trials(setup: SweepSetup, log: Log) -> list[dict]:
 
 
 def trials_table(setup: SweepSetup, rows: list[dict]):
-    """One row per trial in the `gx fit` table format: weight/<stage>/<domain>, loss/<domain>."""
+    """One row per trial in the `gx fit` table format: weight/<stage>/<domain>, loss/<domain>,
+    and downstream/<task>/<metric> when the proxy evaluates tasks."""
     import pandas as pd
     records = []
     for row in rows:
@@ -61,6 +62,7 @@ def trials_table(setup: SweepSetup, rows: list[dict]):
         for d in setup.domains:
             record[f"{LOSS}{d}"] = row.get(f"{LOSS}{d}", float("nan"))
         record[f"{LOSS}mean"] = row.get(f"{LOSS}mean", float("nan"))
+        record.update({k: v for k, v in sorted(row.items()) if k.startswith(DOWNSTREAM)})
         records.append(record)
     return pd.DataFrame.from_records(records)
 

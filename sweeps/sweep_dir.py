@@ -16,6 +16,8 @@ from pathlib import Path
 from gemini_core.errors import UserError
 
 WEIGHT, LOSS = "weight/", "loss/"  # trials.csv columns: weight/s<k>/<domain>, loss/<domain>
+# and, when the proxy declares downstream tasks, their values: downstream/<task>/<metric>
+DOWNSTREAM = "downstream/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ def load_sweep(sweep_dir: Path) -> SweepData:
     table = (pd.read_csv(trials, keep_default_na=False) if trials.is_file() else
              pd.DataFrame({"trial": [], "run_id": [], "failed": []}))
     for col in table.columns:
-        if col.startswith((WEIGHT, LOSS, "start/")):
+        if col.startswith((WEIGHT, LOSS, DOWNSTREAM, "start/")):
             table[col] = pd.to_numeric(table[col], errors="coerce")
     table["failed"] = table["failed"].astype(str)
     table["run_id"] = table["run_id"].astype(str)

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 import jax
 import numpy as np
+from flax import nnx
 
 from gemini_core import config as config_lib
 from gemini_core.config import ExperimentConfig
@@ -25,6 +26,7 @@ from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.data.sampler import Sampler
 from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
+from gemini_core.eval import downstream
 from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
 from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.runs.rundir import RunDir, fingerprint, run_id
@@ -127,12 +129,14 @@ class Prepared:
     teacher: distill.Teacher | None = None  # a distilled student's teacher run
     layout: sharding.Layout | None = None  # the device mesh and rules; set by run_experiment
     objective: Objective | None = None  # a loss other than next-token (objective.py)
+    tasks: list = dataclasses.field(default_factory=list)  # config.eval.downstream's TaskSpecs
 
 
 def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print,
             objective: Objective | None = None) -> Prepared:
     """Data, tokenizer and schedule, then the run's identity; no training."""
     config_lib.require_data_root(cfg.data)
+    tasks = downstream.configured_specs(cfg.eval.downstream)  # its mistakes before any data
     if objective is not None and cfg.distill.teacher:
         raise UserError(f"config.distill.teacher={cfg.distill.teacher!r}: a {objective.suffix} "
                         f"run trains its own objective and cannot also be distilled")
@@ -153,7 +157,7 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print,
         name = f"{cfg.name}_{objective.suffix}"
     fp = fingerprint(ident)
     return Prepared(cfg, data, schedule, ident, fp, RunDir(runs_root, name, run_id(name, fp)),
-                    teacher, objective=objective)
+                    teacher, objective=objective, tasks=tasks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +187,10 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
     status = run.status() or {}
     if distributed.agree(status.get("state") == "done" and not force):
         log(f"{run.run_id} is already done: {run.path} (--force reruns it)")
-        return run.summary() or {}
+        if not primary:
+            return run.summary() or {}
+        # evaluation is not part of a run's identity: tasks asked of a done run are added to it
+        return downstream.add_missing_tasks(run, cfg.eval.downstream, p.tasks, cfg.seed, log)
     if distributed.agree(run.is_busy()):
         raise UserError(f"{run.run_id} is being run by pid {status.get('pid')} on "
                         f"{status.get('host')}: {run.path}")
@@ -350,9 +357,11 @@ def _train(p: Prepared, log: Log) -> dict:
                        flops.flops_per_token(cfg.model, seq_len) * tc.batch_size * seq_len,
                        flops.mesh_peak_flops(layout.mesh),
                        extra=p.objective.log_metrics if p.objective is not None else None)
+        tasks = downstream.InTraining.from_config(
+            cfg.eval.downstream, p.tasks, p.data.tokenizer, seq_len, layout, cfg.seed)
         try:
             final_eval, state = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter,
-                                      guard)
+                                      guard, tasks)
         finally:
             progress.close()
             ckpt.close()
@@ -410,9 +419,10 @@ def _train_step(p: Prepared, graphdef, state, sampler: Sampler, log: Log):
 
 
 def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: EvalSet,
-          ckpt: Checkpointer, meter: _Meter,
-          guard: faults.Guard) -> tuple[dict[str, float], object]:
-    """Steps from `start` to the end; returns the final eval and the final state."""
+          ckpt: Checkpointer, meter: _Meter, guard: faults.Guard,
+          tasks: downstream.InTraining | None) -> tuple[dict[str, float], object]:
+    """Steps from `start` to the end; returns the final eval (downstream tasks' included) and
+    the final state."""
     tc, total = p.cfg.train, p.cfg.train.steps
     train_step = _train_step(p, graphdef, state, sampler, meter.progress.note)
     eval_step = step_fns.make_eval_step(graphdef, p.layout)
@@ -433,12 +443,13 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
         fresh = done > reached  # a replayed step's checkpoint and eval exist already
         save = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total and fresh
         ev = tc.eval_every and done % tc.eval_every == 0 and done < total and fresh
+        ev_tasks = tasks is not None and tasks.due(done, total) and fresh
         stop = done == total or guard.stop_requested()  # read once: SIGTERM may come any time
         try:
             if pending is not None:
                 settle(pending)
             pending = (step, metrics, domain_B)
-            if save or ev or stop:  # settled now: nothing non-finite reaches disk or eval
+            if save or ev or ev_tasks or stop:  # settled now: nothing non-finite reaches disk or eval
                 settle(pending, force=stop)
                 pending = None
         except faults.Rollback as back:
@@ -453,6 +464,8 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
             meter.tracker.log(done, metrics_eval)
             meter.progress.note(f"step {done}: eval/mean/loss {metrics_eval['eval/mean/loss']:.4f}"
                                 f"  eval/mean/bpb {metrics_eval['eval/mean/bpb']:.4f}")
+        if ev_tasks:
+            _evaluate_tasks(p, tasks, graphdef, state, done, meter, final=False)
         if stop and done < total:  # SIGTERM: this step settled and logged, a checkpoint, exit
             if ckpt.latest_step() != done:
                 ckpt.save(done, state)
@@ -463,4 +476,22 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
         ckpt.save(total, state)
     final_eval = evaluate(eval_step, _model_state(p, state), evalset, tc.batch_size)
     meter.tracker.log(total, final_eval)
+    if tasks is not None:
+        final_eval.update(_evaluate_tasks(p, tasks, graphdef, state, total, meter, final=True))
     return final_eval, state
+
+
+def _evaluate_tasks(p: Prepared, tasks: downstream.InTraining, graphdef, state, done: int,
+                    meter: _Meter, *, final: bool) -> dict[str, float]:
+    """downstream/<task>/<metric> at step `done`, logged; at the end also downstream.json."""
+    note = meter.progress.note
+    note(f"step {done}: downstream evaluation of {len(tasks.specs)} task(s)"
+         + (" (final)" if final else ""))
+    model = nnx.merge(graphdef, _model_state(p, state)).model
+    results = tasks.evaluate(model, final=final, log=note)
+    values = downstream.flat_metrics(results)
+    meter.tracker.log(done, values)
+    note(f"step {done}: downstream/mean/bpb {values['downstream/mean/bpb']:.4f}")
+    if final and distributed.is_primary():
+        tasks.record(p.run, done, results)
+    return values

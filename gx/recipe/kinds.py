@@ -85,6 +85,10 @@ class DataPrepare(StepKind):
         from gemini_core.data.curation.config import CurationConfig
         return CurationConfig
 
+    def base_config(self, path: Path | None, arg: str | None, where: str) -> dict:
+        from gemini_core.data.curation.config import without_off_sections
+        return without_off_sections(super().base_config(path, arg, where))  # fingerprints kept
+
     def validate(self, cfg: dict) -> Any:
         from gemini_core.data.curation import config as curation_config
         return curation_config.from_config_dict(cfg, paths=False)

@@ -10,6 +10,8 @@ Modules (the per-document ones pure logic with no Ray in it), composed by `pipel
   safety       the multilingual word blocklist, word-boundary aware, per language
   pii          masks e-mail addresses, IP addresses and phone numbers
   dedup        exact (normalized-text hash) and near-duplicate (MinHash LSH) detection
+  contamination  13-word n-gram overlap of benchmark examples with a data root
+               (`gx data contamination`), and the decontamination rule's benchmark index
   pipeline     `gx data prepare`: plans the shards, runs the two passes, reuses or writes output
   filter_pass  phase 1, in Ray workers: one shard through the per-document stages above
   dedup_pass   phase 2, on the driver: dedup in the global order, then the output files

@@ -19,6 +19,11 @@ import ml_collections
 from gemini_core.config import DEFAULT_DOMAINS, path_kind, to_dataclass
 from gemini_core.data.curation import quality
 from gemini_core.data.curation.classifier import MIN_DOCS
+from gemini_core.data.curation.contamination import (
+    benchmark_file,
+    default_benchmarks,
+    known_task,
+)
 from gemini_core.data.curation.dedup import DedupParams
 from gemini_core.errors import UserError
 
@@ -122,6 +127,16 @@ class DedupConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecontaminateConfig:
+    """Drops documents that share a word n-gram with an example of a benchmark
+    (contamination.py); off while no task is named."""
+
+    tasks: tuple[str, ...] = ()  # e.g. ("gsm8k", "humaneval"); () = off
+    ngram: int = 13  # words per n-gram (the GPT-3 / lm-eval convention)
+    benchmarks: str = ""  # folder of <task>/data.jsonl.gz; "" = benchmarks/ beside data.root
+
+
+@dataclasses.dataclass(frozen=True)
 class CurationConfig:
     name: str
     data: CurationDataConfig
@@ -132,6 +147,7 @@ class CurationConfig:
     safety: SafetyConfig = SafetyConfig()
     pii: PiiConfig = PiiConfig()
     dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
     workers: int = 0  # Ray workers for the per-document stages; 0 = all cores
     strict: bool = False  # any bad record is an error (exit 2) instead of counted
     seed: int = 0
@@ -186,6 +202,16 @@ def _check(c: CurationConfig) -> None:
         raise UserError(f"config.data.max_docs={c.data.max_docs}: must be >= 0 (0 = all)")
     if c.workers < 0:
         raise UserError(f"config.workers={c.workers}: must be >= 0 (0 = all cores)")
+    _check_decontaminate(c.decontaminate)
+
+
+def _check_decontaminate(d: DecontaminateConfig) -> None:
+    for task in d.tasks:
+        known_task(task, "config.decontaminate.tasks")
+    if len(set(d.tasks)) != len(d.tasks):
+        raise UserError(f"config.decontaminate.tasks={d.tasks}: a task is listed twice")
+    if d.ngram < 1:
+        raise UserError(f"config.decontaminate.ngram={d.ngram}: must be >= 1 (words per n-gram)")
 
 
 def _check_quality(c: CurationConfig) -> None:
@@ -259,6 +285,7 @@ def check_paths(c: CurationConfig, skip: Collection[str] = ()) -> None:
                  ".npz")
     if c.output.dir and "output.dir" not in skip:
         _check_output_dir(c.output.dir)
+    _check_benchmarks(c, skip)
     if "data.root" in skip:
         return
     if not root and _needs_root(c):
@@ -269,6 +296,37 @@ def check_paths(c: CurationConfig, skip: Collection[str] = ()) -> None:
         raise UserError(f"config.safety.blocklist_dir='': its default {default} is not a "
                         "directory; name the blocklists' folder, or set "
                         "config.safety.enabled=false")
+
+
+def benchmarks_dir(c: CurationConfig) -> Path:
+    return Path(c.decontaminate.benchmarks or default_benchmarks(c.data.root))
+
+
+def _check_benchmarks(c: CurationConfig, skip: Collection[str]) -> None:
+    d = c.decontaminate
+    if not d.tasks or "decontaminate.benchmarks" in skip or (
+            not d.benchmarks and "data.root" in skip):
+        return
+    if not d.benchmarks and not c.data.root:
+        raise UserError("config.decontaminate.benchmarks='': set it to the benchmarks folder "
+                        "(<task>/data.jsonl.gz), e.g. ../shared/benchmarks")
+    where = "config.decontaminate.benchmarks" + ("" if d.benchmarks else " (default: "
+                                                  "benchmarks/ beside config.data.root)")
+    if not benchmarks_dir(c).is_dir():
+        raise UserError(f"{where}={str(benchmarks_dir(c))!r}: no such directory (the benchmarks, "
+                        "<task>/data.jsonl.gz)")
+    for task in d.tasks:
+        benchmark_file(benchmarks_dir(c), task, "config.decontaminate.tasks")
+
+
+def without_off_sections(resolved: dict) -> dict:
+    """A CurationConfig as plain data, less the sections that are off and were added after
+    outputs were first fingerprinted (decontaminate): an output or recipe step declared before
+    they existed keeps its fingerprint."""
+    out = dict(resolved)
+    if not (out.get("decontaminate") or {}).get("tasks"):
+        out.pop("decontaminate", None)
+    return out
 
 
 def dedup_params(c: CurationConfig) -> DedupParams:

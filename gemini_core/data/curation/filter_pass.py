@@ -1,8 +1,9 @@
 """Phase 1 of `gx data prepare`: the per-document filters of one input shard, in a Ray worker.
 
-Normalize, language, quality rules, safety, classifier, PII masking, in that order; a shard's
-kept documents are written as one gzip member (mtime 0) with their dedup keys and MinHash
-signatures beside it, and the shard returns its counts and removed-text examples as plain data.
+Normalize, language, quality rules, safety, decontamination (when declared), classifier, PII
+masking, in that order; a shard's kept documents are written as one gzip member (mtime 0) with
+their dedup keys and MinHash signatures beside it, and the shard returns its counts and
+removed-text examples as plain data.
 Everything here is a pure function of (shard, plan), so the output never depends on which
 worker ran which shard.
 """
@@ -21,8 +22,8 @@ import numpy as np
 
 from gemini_core.data.curation import classifier as classifier_lib
 from gemini_core.data.curation import config as config_lib
+from gemini_core.data.curation import contamination, langid, pii, quality, safety
 from gemini_core.data.curation import dedup as dedup_lib
-from gemini_core.data.curation import langid, pii, quality, safety
 from gemini_core.data.curation.config import CurationConfig
 from gemini_core.data.curation.normalize import normalize
 from gemini_core.data.curation.sources import Shard, read_shard
@@ -33,6 +34,9 @@ FORMAT = 4  # bump when the output layout or any stage's behaviour changes
 BATCH_DOCS = 256  # documents per batch inside a shard: bounds memory, amortizes the classifier
 SNIPPET_CHARS = 240
 STAGES = ("quality", "safety", "classifier")  # the per-document stages that drop, in order
+# drops documents that share an n-gram with a declared benchmark (between safety and the
+# classifier); a stage of the report only when declared, so reports without it are unchanged
+DECONTAMINATE = "decontaminate"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,6 +52,7 @@ class Plan:
     dedup: dedup_lib.DedupParams
     work_dir: str
     classifier_threshold: float
+    decontaminate: str | None = None  # the benchmarks' saved contamination.NgramIndex
 
 
 def quality_params(cfg: CurationConfig) -> dict[str, quality.QualityParams]:
@@ -71,11 +76,11 @@ def blocklist_dir(cfg: CurationConfig) -> Path:
 class ShardStats:
     """Counts and examples of one shard; plain dicts so they cross process boundaries."""
 
-    def __init__(self, shard: Shard, examples: int):
+    def __init__(self, shard: Shard, examples: int, stages: tuple[str, ...] = STAGES):
         self.d: dict[str, Any] = {
             "index": shard.index, "domain": shard.domain, "split": shard.split,
             "source": shard.label, "docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0,
-            "bad": {}, "bad_examples": [], "removed": {s: {"docs": 0, "bytes": 0} for s in STAGES},
+            "bad": {}, "bad_examples": [], "removed": {s: {"docs": 0, "bytes": 0} for s in stages},
             "rules_first": {}, "rules_any": {}, "examples": {}, "pii": {}, "languages": {},
             "normalized_changed": 0}
         self.examples = examples
@@ -108,6 +113,8 @@ class FilterWorker:
                           if plan.blocklist_dir else None)
         self.classifier = (classifier_lib.QualityClassifier.load(Path(plan.classifier_path))
                            if plan.classifier_path else None)
+        self.benchmarks = (contamination.NgramIndex.load(Path(plan.decontaminate))
+                           if plan.decontaminate else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         out = []
@@ -121,7 +128,8 @@ class FilterWorker:
 
     def filter_shard(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
-        stats = ShardStats(shard, self.cfg.output.examples)
+        stats = ShardStats(shard, self.cfg.output.examples,
+                           STAGES + (DECONTAMINATE,) if self.benchmarks else STAGES)
         work = Path(self.plan.work_dir)
         keys, sigs, ids, sizes = [], [], [], []
         with gzip_writer(work / f"{shard.index:06d}.part.gz") as out:
@@ -169,6 +177,7 @@ class FilterWorker:
                 stats.removed("safety", "safety/blocklist", text, n_bytes, where)
                 continue
             survivors.append((line, text, lang, matches, n_bytes))
+        survivors = self._decontaminate(shard, survivors, stats)
         scores = self._scores([s[1] for s in survivors])
         drops_low = domain in cfg.classifier.apply_to
         kept = []
@@ -197,6 +206,24 @@ class FilterWorker:
             stats.d["docs_out"] += 1
             stats.d["bytes_out"] += len(record["text"].encode("utf-8"))
             yield record, key, sig
+
+    def _decontaminate(self, shard: Shard, survivors: list[tuple], stats: ShardStats
+                       ) -> list[tuple]:
+        """Drops the documents that share an n-gram with a declared benchmark; the rule is
+        named by the first such task in the declared order."""
+        if self.benchmarks is None or not survivors:
+            return survivors
+        kept = []
+        for doc, tasks in zip(survivors, self.benchmarks.tasks_hit([s[1] for s in survivors])):
+            if not tasks:
+                kept.append(doc)
+                continue
+            line, text, _, _, n_bytes = doc
+            for task in tasks:
+                stats.count("rules_any", f"{DECONTAMINATE}/{task}")
+            stats.removed(DECONTAMINATE, f"{DECONTAMINATE}/{tasks[0]}", text, n_bytes,
+                          f"{shard.label}:{line}")
+        return kept
 
     def _scores(self, texts: list[str]) -> list[float | None]:
         """Every document's score is kept (it ranks any domain); only apply_to ones drop."""

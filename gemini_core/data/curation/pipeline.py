@@ -2,7 +2,7 @@
 
 Two phases, so that the result is byte-identical with any number of workers and on a rerun:
   1. filter (`filter_pass`, parallel, one Ray Data task per input shard): normalize, language,
-     quality rules, safety, classifier, PII masking;
+     quality rules, safety, decontamination (declared benchmarks), classifier, PII masking;
   2. dedup (`dedup_pass`, driver, sequential, in the global order), then the output files.
 Everything is written under a temporary directory renamed into place at the end, so an
 interrupted prepare never leaves an output that looks complete; the temporaries a killed
@@ -23,10 +23,16 @@ from typing import Callable
 
 from gemini_core.config import to_json_dict
 from gemini_core.data.curation import classifier as classifier_lib
+from gemini_core.data.curation import contamination, safety
 from gemini_core.data.curation import report as report_lib
-from gemini_core.data.curation import safety
 from gemini_core.data.curation.classifier_train import classifier_path, classifier_threshold
-from gemini_core.data.curation.config import CurationConfig, dedup_params
+from gemini_core.data.curation.config import (
+    CurationConfig,
+    benchmarks_dir,
+    dedup_params,
+    without_off_sections,
+)
+from gemini_core.data.curation.contamination import benchmark_file, file_digest
 from gemini_core.data.curation.dedup_pass import assemble, dedup_shards
 from gemini_core.data.curation.filter_pass import (
     FORMAT,
@@ -58,10 +64,18 @@ def identity(cfg: CurationConfig, shards: list[Shard], blocklist_fp: str | None,
     resolved.pop("strict")
     resolved["safety"].pop("blocklist_dir")
     resolved["classifier"].pop("model")
-    return {"format": FORMAT, "config": resolved, "blocklist": blocklist_fp,
-            "classifier": classifier_fp,
-            "inputs": sorted({(s.domain, s.split, Path(s.path).name if s.kind == "files"
-                               else s.label, s.sha256) for s in shards})}
+    resolved = without_off_sections(resolved)
+    ident = {"format": FORMAT, "config": resolved, "blocklist": blocklist_fp,
+             "classifier": classifier_fp,
+             "inputs": sorted({(s.domain, s.split, Path(s.path).name if s.kind == "files"
+                                else s.label, s.sha256) for s in shards})}
+    if cfg.decontaminate.tasks:  # the benchmarks by content, and what is read of them
+        resolved["decontaminate"].pop("benchmarks")
+        ident["benchmarks"] = {
+            task: {"sha256": file_digest(benchmark_file(benchmarks_dir(cfg), task)),
+                   "fields": contamination.TASK_FIELDS[task]}
+            for task in cfg.decontaminate.tasks}
+    return ident
 
 
 def default_output(cfg: CurationConfig, runs_root: Path, fp: str) -> Path:
@@ -144,7 +158,8 @@ def prepare(cfg: CurationConfig, runs_root: Path, *, workers: int = 0, strict: b
     work.mkdir(parents=True)
     try:
         plan = Plan(to_json_dict(cfg), q_params, str(block_dir) if block_dir else None,
-                    str(cl_path) if cl_path else None, dedup_params(cfg), str(work), threshold)
+                    str(cl_path) if cl_path else None, dedup_params(cfg), str(work), threshold,
+                    decontaminate=_benchmark_index(cfg, work, log))
         report = _run(cfg, shards, plan, tmp, workers, strict, log)
         report.update(fingerprint=fp, identity=ident, workers=workers,
                       classifier_threshold=threshold)
@@ -162,6 +177,21 @@ def prepare(cfg: CurationConfig, runs_root: Path, *, workers: int = 0, strict: b
     log(format_report(report))
     log(f"data: cleaned data root {out}")
     return out
+
+
+def _benchmark_index(cfg: CurationConfig, work: Path, log: Log) -> str | None:
+    """The n-grams of the declared benchmarks, saved for the filter workers; None when off."""
+    d = cfg.decontaminate
+    if not d.tasks:
+        return None
+    texts = contamination.load_task_texts(benchmarks_dir(cfg), d.tasks,
+                                          "config.decontaminate.tasks")
+    index = contamination.NgramIndex.build(texts, d.ngram)
+    path = work / "decontaminate.npz"
+    index.save(path)
+    log(f"decontaminate: {len(index.ids_E):,} examples of {', '.join(d.tasks)}, "
+        f"{len(index.hashes_H):,} {d.ngram}-grams")
+    return str(path)
 
 
 def _filter(shards: list[Shard], plan: Plan, workers: int, log: Log) -> list[dict]:

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 from gemini_core.data.curation.config import CurationConfig
-from gemini_core.data.curation.filter_pass import STAGES
+from gemini_core.data.curation.filter_pass import DECONTAMINATE, STAGES
 from gemini_core.errors import UserError
+
+COLUMN = {DECONTAMINATE: "decontam"}  # a stage's column header, where its name is too wide
 
 
 def load_report(out: Path) -> dict | None:
@@ -88,19 +90,22 @@ def build_report(cfg: CurationConfig, stats: list[dict], dup_removed: dict,
 
 def format_report(report: dict) -> str:
     """The human-readable report: per domain docs and MB in/out, then what each rule removed."""
-    lines = [f"{'domain':<14}{'docs in':>10}{'docs out':>10}{'kept':>7}{'MB in':>9}{'MB out':>9}"
-             + "".join(f"{s:>12}" for s in (*STAGES, "dedup"))]
-    lines.append("-" * len(lines[0]))
     # report.json is written with sorted keys; show domains in the config's order
     order = report.get("domain_order") or list(report["domains"])
     domains = {d: report["domains"][d] for d in order if d in report["domains"]}
+    # a stage that ran only when declared has a column only then
+    stages = STAGES + tuple(s for s in (DECONTAMINATE,)
+                            if any(s in d["removed"] for d in domains.values()))
+    lines = [f"{'domain':<14}{'docs in':>10}{'docs out':>10}{'kept':>7}{'MB in':>9}{'MB out':>9}"
+             + "".join(f"{COLUMN.get(s, s):>12}" for s in (*stages, "dedup"))]
+    lines.append("-" * len(lines[0]))
     for domain, d in domains.items():
         removed = d["removed"]
         dedup = sum(v["docs"] for k, v in removed.items() if k.startswith("dedup/"))
         kept = d["docs_out"] / d["docs_in"] if d["docs_in"] else 0.0
         lines.append(f"{domain:<14}{d['docs_in']:>10,}{d['docs_out']:>10,}{kept:>7.0%}"
                      f"{d['bytes_in'] / 1e6:>9.2f}{d['bytes_out'] / 1e6:>9.2f}"
-                     + "".join(f"{removed.get(s, {}).get('docs', 0):>12,}" for s in STAGES)
+                     + "".join(f"{removed.get(s, {}).get('docs', 0):>12,}" for s in stages)
                      + f"{dedup:>12,}")
     lines.append("")
     lines.append("removed by rule (first rule that dropped the document; any = every failing "
