@@ -54,13 +54,14 @@ def load_module(path: Path):
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # the user's file: report its own line, not our traceback
-        raise UserError(f"{_user_frame(e, path)}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{user_frame(e, path)}: {type(e).__name__}: {e}") from None
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"{path}: defines no get_config(arg=None) function")
     return module
 
 
-def _user_frame(e: BaseException, path: Path) -> str:
+def user_frame(e: BaseException, path: Path) -> str:
+    """`path:line` of the innermost frame of a user's file in the error (else the path)."""
     if isinstance(e, SyntaxError) and e.lineno:
         return f"{path}:{e.lineno}"
     frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
@@ -72,7 +73,7 @@ def call_get_config(module, path: Path, arg: str | None) -> ml_collections.Confi
         cfg = module.get_config(arg) if arg is not None else module.get_config()
     except Exception as e:
         call = f"get_config({arg!r})" if arg is not None else "get_config()"
-        raise UserError(f"{_user_frame(e, path)}: {call} failed: "
+        raise UserError(f"{user_frame(e, path)}: {call} failed: "
                         f"{type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise UserError(f"{path}: get_config must return an ml_collections.ConfigDict, "

@@ -4,7 +4,18 @@ scaling ladder's sizes, a recipe step's own fields)."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
+
+import ml_collections
+
+
+def plain(value: Any) -> Any:
+    """Plain dicts and lists all the way down (ConfigDicts, mapping proxies, tuples unrolled)."""
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def merge(base: Mapping, update: Mapping) -> dict:

@@ -27,7 +27,7 @@ import ml_collections
 from gemini_core import config as gc_config
 from gemini_core.config import ExperimentConfig, to_dataclass
 from gemini_core.errors import UserError
-from gemini_core.nested import merge
+from gemini_core.nested import merge, plain
 from gemini_core.runs.rundir import fingerprint, write_json_atomic
 from sweeps.config import ResourcesConfig, check_resources
 from sweeps.fanout import fit_results, new_tuner, progress_log, tune_trainable
@@ -65,14 +65,6 @@ class Rung:
         return f"{self.size}-s{self.steps}"
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _keys(d: Mapping, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
@@ -85,8 +77,8 @@ def _keys(d: Mapping, prefix: str = "") -> set[str]:
 def rung_config(ladder: LadderConfig, size: str, steps: int) -> ExperimentConfig:
     """The base with the size's fields and `steps`, validated like any user config; an error
     names the ladder's key (config.sizes.<size>.* or config.base.*) and the run."""
-    override = _plain(ladder.sizes[size])
-    cfg = merge(_plain(ladder.base), override)
+    override = plain(ladder.sizes[size])
+    cfg = merge(plain(ladder.base), override)
     cfg = merge(cfg, {"name": ladder.name, "train": {"steps": steps}, "tracking": {
         "job_type": "scaling", "tags": [ladder.name, size, f"steps={steps}"]}})
     try:

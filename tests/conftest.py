@@ -76,3 +76,42 @@ def chromium() -> str:
     if os.environ.get("GX_REQUIRE_BROWSER") == "1":
         pytest.fail(f"{reason}; GX_REQUIRE_BROWSER=1 makes a missing browser a failure")
     pytest.skip(reason)
+
+
+# the tiny trained run that the evaluation modules (test_downstream, test_lm_eval) read: a
+# 512-token window, so every PIQA continuation of lm-eval's parity check fits one window, and
+# two downstream tasks scored every 12 steps and at the end
+EVAL_RUN_ARGS = ["--config.data.seq_len=512", "--config.tracking.wandb=false",
+                 "--config.eval.downstream.tasks=('piqa','lambada')",
+                 "--config.eval.downstream.every_steps=12", "--config.eval.downstream.limit=6"]
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory, data_cache, corpus_root) -> dict:
+    """A tiny run trained once per session (under pytest-xdist by the first worker that asks;
+    the others wait on a lock and reuse it). Read it, never change it: a test that writes into
+    a run works on a copy (see test_downstream's `run_copy`). Returns the runs root, the run
+    and what its training printed."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from test_run import TINY
+
+    from gemini_core.runs.rundir import iter_runs
+
+    base = _session_dir(tmp_path_factory, "eval-run")
+    runs, printed = base / "runs", base / "printed.txt"
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not printed.is_file():
+            proc = subprocess.run(
+                [sys.executable, "-m", "gx", "--runs-root", str(runs), "run",
+                 "experiments/quickstart.py", *TINY, *EVAL_RUN_ARGS,
+                 f"--config.data.root={corpus_root}", f"--config.data.cache_dir={data_cache}"],
+                cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                env={**os.environ, "WANDB_MODE": "offline"})
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            printed.write_text(proc.stdout + proc.stderr)
+    [run] = list(iter_runs(runs))
+    return {"runs": runs, "run": run, "printed": printed.read_text(), "args": EVAL_RUN_ARGS}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,18 +29,11 @@ from gemini_core.model.generate import SamplingConfig, generate
 from gemini_core.runs.rundir import RunDir, iter_runs, read_json
 
 REPO = Path(__file__).resolve().parents[1]
-# long enough for most of the tasks' prompts (the rest are cut from the left, as reported)
-WINDOW = ["--config.data.seq_len=96"]
-IN_LOOP = ["--config.eval.downstream.tasks=('piqa','lambada')",
-           "--config.eval.downstream.every_steps=12", "--config.eval.downstream.limit=6"]
 
 
-def gx(*args: str, runs: Path, corpus: Path | None = None, cache: Path | None = None,
-       check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs), *args]
-    if args[0] == "run":
-        cmd += [f"--config.data.root={corpus}", f"--config.data.cache_dir={cache}",
-                "--config.tracking.wandb=false"]
+def gx(*args: str, runs: Path, check: bool = True, extra: tuple[str, ...] = ()
+       ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs), *args, *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "WANDB_MODE": "offline"})
     if check and proc.returncode != 0:
@@ -48,13 +42,19 @@ def gx(*args: str, runs: Path, corpus: Path | None = None, cache: Path | None = 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_cache, corpus_root) -> dict:
-    """A tiny run whose config asks for two tasks every 12 steps and at the end."""
-    runs = tmp_path_factory.mktemp("downstream") / "runs"
-    proc = gx("run", "experiments/quickstart.py", *TINY, *WINDOW, *IN_LOOP, runs=runs,
-              corpus=corpus_root, cache=data_cache)
+def trained(eval_run) -> dict:
+    """The session's tiny run (conftest.eval_run): piqa and lambada every 12 steps and at the
+    end. Read only; tests that write use `run_copy`."""
+    return eval_run
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> dict:
+    """A copy of the trained run's runs root, for a test that writes into the run."""
+    runs = tmp_path / "runs"
+    shutil.copytree(trained["runs"], runs, symlinks=True)
     [run] = list(iter_runs(runs))
-    return {"runs": runs, "run": run, "stdout": proc.stdout + proc.stderr}
+    return {"runs": runs, "run": run}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_in_training_tasks_are_logged_at_their_cadence_and_at_the_end(trained):
     assert saved["step"] == 24 and set(saved["tasks"]) == {"piqa", "lambada"}
     assert saved["tasks"]["piqa"]["examples"] == 6
     assert saved["metrics"]["downstream/lambada/bpb"] == summary["downstream/lambada/bpb"]
-    assert "downstream evaluation of 2 task(s)" in trained["stdout"]
+    assert "downstream evaluation of 2 task(s)" in trained["printed"]
 
 
 def test_every_reported_number_is_recomputed_from_the_scorers(trained, loaded):
@@ -118,8 +118,8 @@ def test_every_reported_number_is_recomputed_from_the_scorers(trained, loaded):
         math.exp(np.mean([w.nll for w in word])), rel=1e-5)
 
 
-def test_gx_eval_tasks_prints_the_table_and_merges_downstream_json(trained):
-    runs, run = trained["runs"], trained["run"]
+def test_gx_eval_tasks_prints_the_table_and_merges_downstream_json(run_copy):
+    runs, run = run_copy["runs"], run_copy["run"]
     proc = gx("eval", run.run_id, "--tasks", "arc_easy,gsm8k", "--limit", "3", "--shots", "0",
               runs=runs)
     out = proc.stdout
@@ -135,10 +135,10 @@ def test_gx_eval_tasks_prints_the_table_and_merges_downstream_json(trained):
     assert 0 <= saved["metrics"]["downstream/gsm8k/exact_match"] <= 1
 
 
-def test_a_failed_evaluation_leaves_downstream_json_as_it_was(trained, tmp_path):
+def test_a_failed_evaluation_leaves_downstream_json_as_it_was(run_copy, tmp_path):
     """The second task's data has a bad record: the first task is scored, then the error; the
     file keeps what it had (one line, exit 2, naming file:line)."""
-    run = trained["run"]
+    run = run_copy["run"]
     before = (run.path / downstream.FILE).read_bytes()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"goal": "a", "sol1": "b", "sol2": "c", "label": 0}) + "\n"
@@ -147,7 +147,7 @@ def test_a_failed_evaluation_leaves_downstream_json_as_it_was(trained, tmp_path)
     tasks.write_text("def get_tasks():\n"
                      f"    return {{'mine': dict(base='piqa', path={str(bad)!r})}}\n")
     proc = gx("eval", run.run_id, "--tasks", f"piqa,{tasks}", "--limit", "2",
-              runs=trained["runs"], check=False)
+              runs=run_copy["runs"], check=False)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and f"{bad}:2" in err[0] and "sol2" in err[0], err
@@ -166,13 +166,15 @@ def test_eval_mistakes_are_one_line_and_exit_2(trained, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
 
 
-def test_asking_a_done_run_for_another_task_evaluates_it_without_training(trained, data_cache,
+def test_asking_a_done_run_for_another_task_evaluates_it_without_training(trained, run_copy,
+                                                                          data_cache,
                                                                           corpus_root):
-    runs, run = trained["runs"], trained["run"]
+    runs, run = run_copy["runs"], run_copy["run"]
     mtime = (run.checkpoints / "24").stat().st_mtime_ns
-    more = [a.replace("('piqa','lambada')", "('piqa','lambada','arc_challenge')") for a in IN_LOOP]
-    proc = gx("run", "experiments/quickstart.py", *TINY, *WINDOW, *more, runs=runs,
-              corpus=corpus_root, cache=data_cache)
+    more = [a.replace("('piqa','lambada')", "('piqa','lambada','arc_challenge')")
+            for a in trained["args"]]
+    proc = gx("run", "experiments/quickstart.py", runs=runs, extra=(
+        *TINY, *more, f"--config.data.root={corpus_root}", f"--config.data.cache_dir={data_cache}"))
     assert "already done" in proc.stdout
     assert "evaluating 1 downstream task(s) it lacks: arc_challenge" in proc.stdout
     assert len(list(iter_runs(runs))) == 1  # the same run: evaluation is not its identity

@@ -14,7 +14,6 @@ lm_eval = pytest.importorskip(
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
-from test_run import TINY, gx, only_run  # pytest puts tests/ on sys.path (rootdir conftest)
 
 from gemini_core.errors import UserError
 from gemini_core.eval import downstream, lm_eval_adapter, task_examples
@@ -24,18 +23,15 @@ from gemini_core.runs.rundir import RunDir
 
 # piqa_local: PIQA read in place from ../shared
 TASKS_DIR = Path(__file__).parent / "data" / "lm_eval"
-# a continuation must fit one window: the longest of the 50 PIQA questions `gx eval --limit 50`
-# picks is 253 tokens of TINY's 384-piece tokenizer (and no context is cut: at most 291 tokens)
-WINDOW = ["--config.data.seq_len=512"]
+# the session's eval_run (conftest) has a 512-token window: the longest of the 50 PIQA
+# questions `gx eval --limit 50` picks is 253 tokens of TINY's 384-piece tokenizer (and no
+# context is cut: at most 291 tokens), so every continuation fits one window
 N = 50
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, data_cache, corpus_root) -> RunDir:
-    runs = tmp_path_factory.mktemp("runs")
-    gx("run", "experiments/quickstart.py", *TINY, *WINDOW, runs_root=runs, cache=data_cache,
-       corpus=corpus_root)
-    return only_run(runs)
+def run(eval_run) -> RunDir:
+    return eval_run["run"]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +51,11 @@ def test_importing_the_adapter_registers_gx_and_model_args_build_it(lm, run):
 
 
 def test_piqa_acc_and_acc_norm_equal_gx_eval_exactly(lm, run):
-    gx_eval = downstream.evaluate_run_tasks(run, "piqa", downstream.Settings(limit=N),
-                                            log=lambda _: None)[0]
+    # what `gx eval RUN --tasks piqa --limit 50` computes (without writing into the shared run)
+    m = downstream.Model(lm.loaded.model, lm.loaded.tokenizer, lm.loaded.seq_len,
+                         lm.loaded.layout)
+    gx_eval = downstream.evaluate_tasks(m, downstream.task_specs("piqa"),
+                                        downstream.Settings(limit=N), log=lambda _: None)[0]
     # gx eval's --limit takes a seeded subset: lm_eval evaluates the same records
     examples = task_examples.load_examples(downstream.task_specs("piqa")[0], N)
     out = lm_eval.simple_evaluate(

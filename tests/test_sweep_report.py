@@ -113,7 +113,9 @@ def sweep_dir(tmp_path_factory) -> Path:
         loss_D = _losses(share_D, rng)
         rows.append({"trial": i, "run_id": f"{EXPERIMENT}-{i:08x}", "failed": "",
                      **{f"loss/{d}": v for d, v in zip(DOMAINS, loss_D)},
-                     "loss/mean": float(loss_D.mean())})
+                     "loss/mean": float(loss_D.mean()),
+                     # a proxy that scores a downstream task (config.eval.downstream)
+                     "downstream/piqa/bpb": 1.5 + i / 1000})
     rows[-1] = {"trial": TRIALS - 1, "run_id": f"{EXPERIMENT}-{TRIALS - 1:08x}", "failed": REASON}
     table = runner.trials_table(setup, rows)
     table.to_csv(out / "trials.csv", index=False)
@@ -182,6 +184,19 @@ def test_every_user_string_is_escaped_in_the_html_report(sweep_dir):
     rows = re.findall(r"<tr class=\"(\w*)\">", html)
     assert len(rows) == TRIALS and rows.count("failed") == 1
     assert len(re.findall(r'<figure id="plot-(\w+)" class="plot"><svg\b', html)) == 5
+
+
+def test_downstream_columns_go_into_the_table_and_the_report(sweep_dir):
+    from sweeps import report
+    from sweeps.sweep_dir import load_sweep
+
+    data = load_sweep(sweep_dir)
+    values = data.table.sort_values("trial")["downstream/piqa/bpb"].tolist()
+    assert values[:-1] == pytest.approx([1.5 + i / 1000 for i in range(TRIALS - 1)])
+    assert np.isnan(values[-1])  # the failed trial has none
+    html = report.render_html(data)
+    assert "<th>piqa/bpb</th>" in html or ">piqa/bpb<" in html
+    assert '<td data-v="1.503">1.503</td>' in html
 
 
 def test_the_text_report_shows_a_failed_trial_with_its_reason(sweep_dir):

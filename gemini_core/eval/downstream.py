@@ -104,13 +104,19 @@ def _bpb(liks: Sequence[scoring.LogLik]) -> metrics.Estimate:
     return metrics.mean_stderr([metrics.bits_per_byte(x.nll, x.bytes) for x in liks])
 
 
-def _multiple_choice(m: Model, spec: TaskSpec, examples: list[Example], s: Settings
+def _requests(spec: TaskSpec, examples: list[Example]) -> list[tuple[str, str]]:
+    """What a task scores: every choice of a multiple-choice question, else the gold answer."""
+    if spec.kind == "multiple_choice":
+        return [(ex.context, choice) for ex in examples for choice in ex.choices]
+    return [(ex.context, ex.gold) for ex in examples]
+
+
+def _multiple_choice(examples: list[Example], liks: list[scoring.LogLik]
                      ) -> dict[str, metrics.Estimate]:
-    requests = [(ex.context, choice) for ex in examples for choice in ex.choices]
-    liks = iter(_loglik(m, requests, s))
+    liks_iter = iter(liks)
     acc, acc_norm, gold = [], [], []
     for ex in examples:
-        mine = [next(liks) for _ in ex.choices]
+        mine = [next(liks_iter) for _ in ex.choices]
         a, a_norm = metrics.mc_scores([x.nll for x in mine], ex.choice_lengths, ex.gold_index)
         acc.append(a)
         acc_norm.append(a_norm)
@@ -144,8 +150,7 @@ def _generate(m: Model, spec: TaskSpec, examples: list[Example], s: Settings, lo
               ) -> dict[str, metrics.Estimate]:
     outputs = _complete(m, [ex.context for ex in examples], _sampling(m, spec, s, log), s, log)
     em = [spec_exact_match(spec, ex, out) for ex, out in zip(examples, outputs)]
-    gold = _loglik(m, [(ex.context, ex.gold) for ex in examples], s)
-    return {"exact_match": metrics.mean_stderr(em), "bpb": _bpb(gold)}
+    return {"exact_match": metrics.mean_stderr(em)}
 
 
 def _code(m: Model, spec: TaskSpec, examples: list[Example], s: Settings, log: Log
@@ -159,36 +164,23 @@ def _code(m: Model, spec: TaskSpec, examples: list[Example], s: Settings, log: L
     results = sandbox.run_many(programs, workers=s.code_workers or None, timeout_s=spec.timeout_s)
     passed = np.array([r.passed for r in results]).reshape(len(examples), n)
     counts = [(n, int(c)) for c in passed.sum(axis=1)]
-    out = {f"pass@{k}": metrics.pass_at_k_estimate(counts, k) for k in spec.pass_k}
-    out["bpb"] = _bpb(_loglik(m, [(ex.context, ex.gold) for ex in examples], s))
-    return out
+    return {f"pass@{k}": metrics.pass_at_k_estimate(counts, k) for k in spec.pass_k}
 
 
-def _last_word(m: Model, spec: TaskSpec, examples: list[Example], s: Settings
-               ) -> dict[str, metrics.Estimate]:
-    liks = _loglik(m, [(ex.context, ex.gold) for ex in examples], s)
-    return {"acc": metrics.mean_stderr([float(x.greedy) for x in liks]),
-            "ppl": metrics.perplexity([x.nll for x in liks]), "bpb": _bpb(liks)}
-
-
-def evaluate_task(m: Model, spec: TaskSpec, s: Settings, log: Log = print) -> TaskResult:
-    t0 = time.perf_counter()
-    examples = task_examples.load_examples(spec, s.limit)
-    truncated = sum(1 for ex in examples if _too_long(m, ex))
-    if truncated:
-        log(f"{spec.name}: {truncated} of {len(examples)} contexts are longer than the model's "
-            f"window (seq_len={m.seq_len}): their starts are cut off (left truncation)")
+def _values(m: Model, spec: TaskSpec, examples: list[Example], liks: list[scoring.LogLik],
+            s: Settings, log: Log) -> dict[str, metrics.Estimate]:
+    """A task's metrics from its scored requests (and, for generative kinds, its samples)."""
     if spec.kind == "multiple_choice":
-        values = _multiple_choice(m, spec, examples, s)
+        values = _multiple_choice(examples, liks)
     elif spec.kind == "generate":
-        values = _generate(m, spec, examples, s, log)
+        values = {**_generate(m, spec, examples, s, log), "bpb": _bpb(liks)}
     elif spec.kind == "code":
-        values = _code(m, spec, examples, s, log)
-    else:
-        values = _last_word(m, spec, examples, s)
+        values = {**_code(m, spec, examples, s, log), "bpb": _bpb(liks)}
+    else:  # last_word
+        values = {"acc": metrics.mean_stderr([float(x.greedy) for x in liks]),
+                  "ppl": metrics.perplexity([x.nll for x in liks]), "bpb": _bpb(liks)}
     assert tuple(values) == metric_names(spec), (tuple(values), metric_names(spec))
-    return TaskResult(spec.name, spec.kind, values, len(examples), time.perf_counter() - t0,
-                      truncated)
+    return values
 
 
 def _too_long(m: Model, ex: Example) -> bool:
@@ -197,16 +189,43 @@ def _too_long(m: Model, ex: Example) -> bool:
     return len(m.tokenizer.encode(ex.context + answer)) + 1 > m.seq_len + 1
 
 
+def _load(m: Model, spec: TaskSpec, s: Settings, log: Log) -> tuple[list[Example], int]:
+    examples = task_examples.load_examples(spec, s.limit)
+    truncated = sum(1 for ex in examples if _too_long(m, ex))
+    if truncated:
+        log(f"{spec.name}: {truncated} of {len(examples)} contexts are longer than the model's "
+            f"window (seq_len={m.seq_len}): their starts are cut off (left truncation)")
+    return examples, truncated
+
+
 def evaluate_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log = print
                    ) -> list[TaskResult]:
-    results = []
-    for spec in specs:
-        result = evaluate_task(m, spec, s, log)
-        log(f"  {spec.name}: " + ", ".join(f"{k} {v.value:.4g}" for k, v in
-                                            result.metrics.items())
+    """Every task's requests scored in one pass (their batches shared, so a handful of compiled
+    shapes serve all tasks), then each task's generation and metrics. A task's seconds: its
+    loading, its share of the scoring pass (by requests) and its own generation."""
+    t0 = time.perf_counter()
+    loaded = [_load(m, spec, s, log) for spec in specs]
+    requests = [_requests(spec, ex) for spec, (ex, _) in zip(specs, loaded)]
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    liks = _loglik(m, [r for task in requests for r in task], s)
+    score_s = time.perf_counter() - t0
+    total = max(1, sum(len(r) for r in requests))
+    results, start = [], 0
+    for spec, (examples, truncated), mine in zip(specs, loaded, requests):
+        t0 = time.perf_counter()
+        values = _values(m, spec, examples, liks[start: start + len(mine)], s, log)
+        start += len(mine)
+        seconds = (time.perf_counter() - t0 + (load_s + score_s) * len(mine) / total)
+        result = TaskResult(spec.name, spec.kind, values, len(examples), seconds, truncated)
+        log(f"  {spec.name}: " + ", ".join(f"{k} {v.value:.4g}" for k, v in values.items())
             + f" ({result.examples} examples, {result.seconds:.1f} s)")
         results.append(result)
     return results
+
+
+def evaluate_task(m: Model, spec: TaskSpec, s: Settings, log: Log = print) -> TaskResult:
+    return evaluate_tasks(m, [spec], s, log)[0]
 
 
 def flat_metrics(results: Sequence[TaskResult]) -> dict[str, float]:

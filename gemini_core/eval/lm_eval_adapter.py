@@ -39,7 +39,7 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import normalize_gen_kwargs
 except ImportError as e:  # an optional extra
-    raise UserError(f"lm-evaluation-harness is not installed ({e}): pip install 'gx[lmeval]' "
+    raise UserError(f"lm-evaluation-harness is not installed ({e}): pip install -e '.[lmeval]' "
                     "(lm_eval==0.4.13)") from None
 
 from gemini_core.eval import scoring

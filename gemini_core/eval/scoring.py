@@ -31,11 +31,14 @@ and the one before it; a short last chunk sees as much earlier text as fits.
 Batching. Rows are sorted by length into buckets whose padded length is a power of two (at
 least MIN_BUCKET, at most seq_len), and inside a bucket by the number of targets. A bucket of
 length L takes batch_size·seq_len // L rows per batch (the same tokens per batch whatever the
-length); its last batch is padded with empty rows to a power of two, so shapes recur across
-calls. Padding goes on the right of a row, where causal attention keeps it from the real tokens.
-The vocabulary projection (a third of the quickstart model's forward FLOPs, and all of the
-(N, V) softmax traffic) runs only at target positions: C per row, the power of two (at least
-MIN_TARGETS) that holds the batch's largest chunk. Results come back in the requests' order.
+length); its last batch is padded with empty rows to a power of two, at least an eighth of a
+full batch. Padding goes on the right of a row, where causal attention keeps it from the real
+tokens. The vocabulary projection (a third of the quickstart model's forward FLOPs, and all of
+the (N, V) softmax traffic) runs only at target positions: C per row, MIN_TARGETS times the
+power of four that holds the batch's largest chunk. Coarse steps on purpose: every (length,
+targets, rows) shape is a compile of its own (~1-2 s each on 2 cores), and an evaluation inside
+training pays them at its first call; the few wasted rows and targets cost far less. Results
+come back in the requests' order.
 With a `Layout` the batch is split over the mesh's batch axes (rows padded to a multiple of
 them) and the outputs are replicated.
 """
@@ -221,8 +224,12 @@ def bucket_lengths(seq_len: int) -> list[int]:
     return out + [seq_len]
 
 
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
+def _step_at_least(x: int, start: int, factor: int) -> int:
+    """The smallest start·factor**k >= x."""
+    out = start
+    while out < x:
+        out *= factor
+    return out
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -242,8 +249,9 @@ def batches(rows: Sequence[Row], seq_len: int, batch_size: int, shards: int = 1)
         full = _round_up(max(1, batch_size * seq_len // length), shards)
         for start in range(0, len(members), full):
             index = members[start: start + full]
-            targets = min(length, max(MIN_TARGETS, _pow2_at_least(int(n_R[index].max()))))
-            padded = min(full, _round_up(_pow2_at_least(len(index)), shards))
+            targets = min(length, _step_at_least(int(n_R[index].max()), MIN_TARGETS, 4))
+            rows = max(full // 8, _step_at_least(len(index), 1, 2))
+            padded = min(full, _round_up(rows, shards))
             out.append(Batch(length, targets, padded, index))
     return out
 

@@ -35,7 +35,6 @@ import dataclasses
 import importlib.util
 import os
 import re
-import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -46,6 +45,7 @@ from gemini_core.config import to_dataclass
 from gemini_core.errors import UserError
 from gemini_core.eval import metrics, task_library
 from gemini_core.eval import task_templates as tt
+from gemini_core.experiment import user_frame
 
 KINDS = ("multiple_choice", "generate", "code", "last_word")
 ENV_ROOT = "GX_BENCHMARKS"
@@ -157,13 +157,13 @@ def load_tasks(items: Sequence[str] | str, *, root: str | os.PathLike | None = N
     if isinstance(items, str):
         items = items.split(",")
     root_dir = benchmarks_root(root)
-    overrides = _plain(overrides or {})
+    overrides = nested.plain(overrides or {})
     for key in overrides:
         if key not in FIELDS or key == "name":
             raise UserError(f"task overrides: unknown key {key!r} (known: "
                             f"{', '.join(f for f in FIELDS if f != 'name')})")
     shipped = task_library.declarations()
-    declared = {str(k): _plain(v) for k, v in (declared or {}).items()}
+    declared = {str(k): nested.plain(v) for k, v in (declared or {}).items()}
     _no_shadowing(declared, shipped, declared_where)
     specs: list[TaskSpec] = []
     for item in (i.strip() for i in items):
@@ -235,14 +235,6 @@ def _resolve(name: str, here: Mapping[str, dict], shipped: Mapping[str, dict], w
     return decl
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _read_task_file(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise UserError(f"{path}: task file not found")
@@ -257,18 +249,11 @@ def _read_task_file(path: Path) -> dict[str, dict]:
     except UserError:
         raise
     except Exception as e:  # the user's file: its own line, not our traceback
-        raise UserError(f"{_user_frame(e, path)}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{user_frame(e, path)}: {type(e).__name__}: {e}") from None
     if not isinstance(decls, (Mapping, ml_collections.ConfigDict)) or not decls:
         raise UserError(f"{path}: get_tasks() must return a non-empty mapping task name -> "
                         f"declaration, got {decls!r:.80}")
-    return {str(k): _plain(v) for k, v in decls.items()}
-
-
-def _user_frame(e: BaseException, path: Path) -> str:
-    if isinstance(e, SyntaxError) and e.lineno:
-        return f"{path}:{e.lineno}"
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
-    return f"{path}:{frames[-1].lineno}" if frames else str(path)
+    return {str(k): nested.plain(v) for k, v in decls.items()}
 
 
 def _to_spec(decl: dict, where: str, root: Path) -> TaskSpec:
