@@ -95,9 +95,10 @@ def task_specs(items: Sequence[str] | str, *, shots: int = -1, declared=None) ->
 # the kinds
 
 
-def _loglik(m: Model, requests: list[tuple[str, str]], s: Settings) -> list[scoring.LogLik]:
+def _loglik(m: Model, requests: list[tuple[str, str]], s: Settings, log: Log
+            ) -> list[scoring.LogLik]:
     return scoring.loglikelihood(m.model, m.tokenizer, requests, seq_len=m.seq_len,
-                                 batch_size=s.batch_size, layout=m.layout)
+                                 batch_size=s.batch_size, layout=m.layout, log=log)
 
 
 def _bpb(liks: Sequence[scoring.LogLik]) -> metrics.Estimate:
@@ -183,19 +184,15 @@ def _values(m: Model, spec: TaskSpec, examples: list[Example], liks: list[scorin
     return values
 
 
-def _too_long(m: Model, ex: Example) -> bool:
-    # +1: the EOS that starts a document; the longest continuation decides for multiple choice
-    answer = max((ex.gold, *ex.choices), key=len)
-    return len(m.tokenizer.encode(ex.context + answer)) + 1 > m.seq_len + 1
-
-
-def _load(m: Model, spec: TaskSpec, s: Settings, log: Log) -> tuple[list[Example], int]:
-    examples = task_examples.load_examples(spec, s.limit)
-    truncated = sum(1 for ex in examples if _too_long(m, ex))
-    if truncated:
-        log(f"{spec.name}: {truncated} of {len(examples)} contexts are longer than the model's "
-            f"window (seq_len={m.seq_len}): their starts are cut off (left truncation)")
-    return examples, truncated
+def _truncated(spec: TaskSpec, examples: list[Example], liks: list[scoring.LogLik]) -> int:
+    """Examples with a context cut from the left to fit the model's window."""
+    if spec.kind != "multiple_choice":
+        return sum(1 for x in liks if x.truncated)
+    out, start = 0, 0
+    for ex in examples:
+        out += any(x.truncated for x in liks[start: start + len(ex.choices)])
+        start += len(ex.choices)
+    return out
 
 
 def evaluate_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log = print
@@ -204,18 +201,21 @@ def evaluate_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log = 
     shapes serve all tasks), then each task's generation and metrics. A task's seconds: its
     loading, its share of the scoring pass (by requests) and its own generation."""
     t0 = time.perf_counter()
-    loaded = [_load(m, spec, s, log) for spec in specs]
-    requests = [_requests(spec, ex) for spec, (ex, _) in zip(specs, loaded)]
+    loaded = [task_examples.load_examples(spec, s.limit) for spec in specs]
+    requests = [_requests(spec, ex) for spec, ex in zip(specs, loaded)]
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    liks = _loglik(m, [r for task in requests for r in task], s)
+    log(f"scoring {sum(len(r) for r in requests):,} requests of {len(specs)} task(s)")
+    liks = _loglik(m, [r for task in requests for r in task], s, log)
     score_s = time.perf_counter() - t0
     total = max(1, sum(len(r) for r in requests))
     results, start = [], 0
-    for spec, (examples, truncated), mine in zip(specs, loaded, requests):
+    for spec, examples, mine in zip(specs, loaded, requests):
         t0 = time.perf_counter()
-        values = _values(m, spec, examples, liks[start: start + len(mine)], s, log)
+        task_liks = liks[start: start + len(mine)]
         start += len(mine)
+        truncated = _truncated(spec, examples, task_liks)
+        values = _values(m, spec, examples, task_liks, s, log)
         seconds = (time.perf_counter() - t0 + (load_s + score_s) * len(mine) / total)
         result = TaskResult(spec.name, spec.kind, values, len(examples), seconds, truncated)
         log(f"  {spec.name}: " + ", ".join(f"{k} {v.value:.4g}" for k, v in values.items())
@@ -242,6 +242,10 @@ def flat_metrics(results: Sequence[TaskResult]) -> dict[str, float]:
 # output
 
 
+def _num(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.3g}"  # a tiny model's LAMBADA ppl: 3e+06
+
+
 def format_table(results: Sequence[TaskResult], contamination: dict[str, float] | None = None
                  ) -> str:
     head = (f"{'task':<16}{'metric':<13}{'value':>9}{'stderr':>9}{'examples':>10}{'seconds':>9}"
@@ -250,8 +254,8 @@ def format_table(results: Sequence[TaskResult], contamination: dict[str, float] 
     for r in results:
         for i, (name, est) in enumerate(r.metrics.items()):
             first = i == 0
-            row = (f"{r.task if first else '':<16}{name:<13}{est.value:>9.4f}"
-                   f"{'' if math.isnan(est.stderr) else f'{est.stderr:.4f}':>9}"
+            row = (f"{r.task if first else '':<16}{name:<13}{_num(est.value):>9}"
+                   f"{'' if math.isnan(est.stderr) else _num(est.stderr):>9}"
                    f"{est.n if first else '':>10}{f'{r.seconds:.1f}' if first else '':>9}")
             if contamination and first and r.task in contamination:
                 row += f"{contamination[r.task]:>8.1%} "

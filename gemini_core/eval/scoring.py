@@ -46,6 +46,7 @@ them) and the outputs are replicated.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -117,7 +118,8 @@ def loglikelihood(model: Transformer, tokenizer: Tokenizer,
     if log is not None:
         log_windows(log, truncated, [len(rows) for rows in per_request], seq_len)
     nll_I, greedy_I, tokens_I = score_requests(model, per_request, seq_len=seq_len,
-                                               batch_size=batch_size, layout=layout)
+                                               batch_size=batch_size, layout=layout,
+                                               progress=log)
     return [LogLik(float(nll_I[i]), int(tokens_I[i]), len(cont.encode("utf-8")),
                    bool(greedy_I[i]), truncated[i]) for i, (_, cont) in enumerate(requests)]
 
@@ -152,13 +154,13 @@ def loglikelihood_rolling(model: Transformer, tokenizer: Tokenizer, texts: Seque
 
 
 def score_requests(model: Transformer, per_request: Sequence[Sequence[Row]], *, seq_len: int,
-                   batch_size: int = 32, layout: Layout | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   batch_size: int = 32, layout: Layout | None = None,
+                   progress: Log | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(nll_I, greedy_I, tokens_I) per request, summed over its rows."""
     rows = [row for rs in per_request for row in rs]
     owner_R = np.repeat(np.arange(len(per_request)), [len(rs) for rs in per_request])
     nll_R, greedy_R = score_rows(model, rows, seq_len=seq_len, batch_size=batch_size,
-                                 layout=layout)
+                                 layout=layout, progress=progress)
     count = len(per_request)
     nll_I = np.bincount(owner_R, weights=nll_R, minlength=count)
     missed_I = np.bincount(owner_R, weights=(~greedy_R).astype(np.float64), minlength=count)
@@ -183,10 +185,12 @@ class Batch:
 
 
 def score_rows(model: Transformer, rows: Sequence[Row], *, seq_len: int, batch_size: int = 32,
-               layout: Layout | None = None) -> tuple[np.ndarray, np.ndarray]:
+               layout: Layout | None = None, progress: Log | None = None,
+               every_s: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
     """(nll_R float64: nats summed over each row's last n tokens, greedy_R bool), rows' order.
 
-    Every row must fit the window: len(ids) <= seq_len + 1 and 1 <= n < len(ids).
+    Every row must fit the window: len(ids) <= seq_len + 1 and 1 <= n < len(ids). `progress`
+    gets a line about every `every_s` seconds of a long pass (rows, tokens/s, ETA).
     """
     for i, row in enumerate(rows):
         if not (len(row.ids) <= seq_len + 1 and 1 <= row.n < len(row.ids)):
@@ -207,11 +211,20 @@ def score_rows(model: Transformer, rows: Sequence[Row], *, seq_len: int, batch_s
                                                                  batch)
         pending.append((batch, score_BxC,
                         forward(state, tokens_BxL, positions_BxC, targets_BxC)))
+    t0 = last = time.perf_counter()
+    done_rows = done_tokens = 0
     for batch, score_BxC, (nll_BxC, hit_BxC) in pending:
         nll_BxC, hit_BxC = np.asarray(nll_BxC, np.float64), np.asarray(hit_BxC)
         real = len(batch.index)
         nll_R[batch.index] = np.where(score_BxC, nll_BxC, 0.0).sum(axis=1)[:real]
         greedy_R[batch.index] = (hit_BxC | ~score_BxC).all(axis=1)[:real]
+        done_rows, done_tokens = done_rows + real, done_tokens + batch.rows * batch.length
+        now = time.perf_counter()
+        if progress is not None and now - last >= every_s and done_rows < len(rows):
+            last, rate = now, done_rows / (now - t0)
+            progress(f"scoring: {done_rows:,}/{len(rows):,} rows, "
+                     f"{done_tokens / (now - t0):,.0f} tokens/s, "
+                     f"eta {(len(rows) - done_rows) / rate:.0f} s")
     return nll_R, greedy_R
 
 

@@ -432,13 +432,16 @@ def fit_prompts(ids: list[list[int]], max_len: int | None, max_new_tokens: int,
     if room < 1:
         raise UserError(f"sampling.max_new_tokens={max_new_tokens}: leaves no room for a prompt "
                         f"in the model's context of {max_len} tokens")
-    out = []
-    for i, p in enumerate(ids):
-        cut = max(0, len(p) - room)
-        if cut:
-            log(f"warning: prompt {i} has {len(p)} tokens, more than the context {max_len} - "
-                f"max_new_tokens {max_new_tokens} = {room}: its first {cut} tokens are dropped")
-        out.append((p[cut:], cut))
+    out = [(p[max(0, len(p) - room):], max(0, len(p) - room)) for p in ids]
+    cut = [i for i, (_, c) in enumerate(out) if c]
+    if len(cut) == 1:  # one line, however many prompts: the count is what a user needs
+        i = cut[0]
+        log(f"warning: prompt {i} has {len(ids[i])} tokens, more than the context {max_len} - "
+            f"max_new_tokens {max_new_tokens} = {room}: its first {out[i][1]} tokens are dropped")
+    elif cut:
+        log(f"warning: {len(cut)} of {len(ids)} prompts have more than the context {max_len} - "
+            f"max_new_tokens {max_new_tokens} = {room} tokens: their first tokens are dropped "
+            f"(up to {max(out[i][1] for i in cut)})")
     return out
 
 
