@@ -304,8 +304,12 @@ def benchmarks_dir(c: CurationConfig) -> Path:
 
 def _check_benchmarks(c: CurationConfig, skip: Collection[str]) -> None:
     d = c.decontaminate
-    if not d.tasks or "decontaminate.benchmarks" in skip or (
-            not d.benchmarks and "data.root" in skip):
+    if "decontaminate.benchmarks" in skip:
+        return
+    if d.benchmarks:  # named: it must be a folder, the rule on or off
+        _require("config.decontaminate.benchmarks", d.benchmarks, "directory",
+                 "the benchmarks, <task>/data.jsonl.gz")
+    if not d.tasks or (not d.benchmarks and "data.root" in skip):
         return
     if not d.benchmarks and not c.data.root:
         raise UserError("config.decontaminate.benchmarks='': set it to the benchmarks folder "
