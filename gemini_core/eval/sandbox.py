@@ -457,9 +457,6 @@ def check_program(prompt_and_completion: str, tests: str, *, timeout_s: float = 
     return run_program(prompt_and_completion + "\n" + tests + "\n", timeout_s=timeout_s, **limits)
 
 
-check_completion = check_program  # the name the issue's interface sketch uses
-
-
 def run_many(programs: Sequence[str], *, workers: int | None = None,
              **limits) -> list[ExecResult]:
     """Run many programs, `workers` at a time (default: the CPU count), results in input order.
