@@ -27,6 +27,7 @@ from gemini_core.eval.loaded_run import load_run
 from gemini_core.eval.task_examples import load_examples
 from gemini_core.model.generate import SamplingConfig, generate
 from gemini_core.runs.rundir import RunDir, iter_runs, read_json
+from gx import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,16 @@ def gx(*args: str, runs: Path, check: bool = True, extra: tuple[str, ...] = ()
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def gx_here(capsys, *args: str, runs: Path) -> tuple[int, str]:
+    """The CLI in this process (a mistake is found before any model loads): (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        code = cli.main(["--runs-root", str(runs), *args])
+    except SystemExit as e:  # argparse's own errors exit
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +171,9 @@ def test_a_failed_evaluation_leaves_downstream_json_as_it_was(run_copy, tmp_path
     (["--tasks", "piqa", "--limit", "-1"], "--limit=-1"),
     (["--tasks", "piqa", "--data", "x"], "not allowed with argument"),
 ])
-def test_eval_mistakes_are_one_line_and_exit_2(trained, args, message):
-    proc = gx("eval", trained["run"].run_id, *args, runs=trained["runs"], check=False)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+def test_eval_mistakes_are_one_line_and_exit_2(trained, args, message, capsys):
+    code, err = gx_here(capsys, "eval", trained["run"].run_id, *args, runs=trained["runs"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 def test_asking_a_done_run_for_another_task_evaluates_it_without_training(trained, run_copy,
@@ -205,15 +215,15 @@ def test_generate_streams_one_prompt_and_batches_a_file_with_the_same_greedy_tex
                for r in rows)
 
 
-def test_generate_mistakes_name_the_file_line_or_flag(trained, tmp_path):
+def test_generate_mistakes_name_the_file_line_or_flag(trained, tmp_path, capsys):
     runs, run = trained["runs"], trained["run"]
     file = tmp_path / "p.jsonl"
     file.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    proc = gx("generate", run.run_id, "--prompts", str(file), runs=runs, check=False)
-    assert proc.returncode == 2 and f"{file}:2: no string field 'prompt'" in proc.stderr
-    proc = gx("generate", run.run_id, "--prompt", "x", "--top-p", "0", runs=runs, check=False)
-    assert proc.returncode == 2 and "top_p=0.0: must be in (0, 1]" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, err = gx_here(capsys, "generate", run.run_id, "--prompts", str(file), runs=runs)
+    assert code == 2 and f"{file}:2: no string field 'prompt'" in err, err
+    code, err = gx_here(capsys, "generate", run.run_id, "--prompt", "x", "--top-p", "0",
+                        runs=runs)
+    assert code == 2 and "top_p=0.0: must be in (0, 1]" in err and "Traceback" not in err
 
 
 def test_code_tasks_run_their_samples_in_the_sandbox(loaded):
