@@ -76,17 +76,22 @@ def swept(tmp_path_factory, corpus_root, env, data_cache) -> Swept:
     runs = tmp_path_factory.mktemp("sweep") / "runs"
     cmd = [sys.executable, "-m", "gx", "--runs-root", str(runs),
            *sweep_args(corpus_root, data_cache)]
-    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(done_runs(runs)) < 2:
-        time.sleep(0.2)
-    finished = done_runs(runs)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and what it started in its session
-    driver.wait()
+    log = runs.parent / "driver.log"  # read back only when the kill came too early
+    with log.open("wb") as sink:
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        # generous: beside the other xdist worker's training, two trials can take minutes
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and len(done_runs(runs)) < 2:
+            time.sleep(0.2)
+        finished = done_runs(runs)
+        exited = driver.poll()
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and what it started in its session
+        driver.wait()
     # what the killed driver's Ray left: its processes name this module's own Ray folder
     subprocess.run(["pkill", "-9", "-f", env["GX_RAY_TEMP_DIR"]], check=False)
-    assert len(finished) >= 2, "no trial finished in time"
+    assert len(finished) >= 2, (f"{len(finished)} trials done before the kill (driver exit "
+                                f"code {exited}); its output ends:\n{log.read_text()[-3000:]}")
 
     proc = gx(*sweep_args(corpus_root, data_cache), runs=runs, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
