@@ -14,7 +14,7 @@ minutes. `--config.method=doremi` replaces the swarm and the fit by DoReMi's two
 
 import ml_collections
 
-from gemini_core.config import parse_arg
+from gemini_core.experiment import parse_arg
 
 PROXIES = {  # d_model, layers, heads, steps, batch, seq, vocab, trials
     "small": (64, 2, 2, 600, 16, 128, 2048, 24),

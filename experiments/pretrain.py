@@ -15,7 +15,7 @@ import math
 
 import ml_collections
 
-from gemini_core.config import parse_arg
+from gemini_core.experiment import parse_arg
 
 # full-size shapes: width, depth, head size, K/V heads (1 = multi-query), MLP ratio, vocab
 FAMILIES = {

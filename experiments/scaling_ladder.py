@@ -15,7 +15,7 @@ budgets of very small models, a few seconds each, for tests.
 
 import ml_collections
 
-from gemini_core.config import parse_arg
+from gemini_core.experiment import parse_arg
 
 LADDERS = {  # widths, steps (token budgets), seq, batch, vocab, tokenizer sample chars
     "small": ((32, 48, 64, 96, 128), (128, 256, 512, 1024), 128, 16, 2048, 2_000_000),

@@ -25,11 +25,14 @@ from typing import Any, Mapping
 import ml_collections
 
 from gemini_core.errors import UserError
+from gemini_core.model.options import ATTENTION, REMAT, RopeScaling
 from gemini_core.names import check_name
 
 MISSING = dataclasses.MISSING
 DEFAULT_DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
 NAMED_WEIGHTS = ("natural", "uniform")  # resolved from the data: token shares, or 1/D each
+# ModelConfig fields that follow from data fields, never set under config.model
+FILLED_FROM_DATA = ("vocab_size", "document_mask")
 
 # every integer field: step, token and FLOP arithmetic mixes ints and floats, exact up to 2**53
 # (a larger step count would also send the schedule's float boundary search into a long loop)
@@ -50,7 +53,13 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # activations / matmul inputs
     param_dtype: str = "float32"
+    rope: RopeScaling = RopeScaling()  # none | linear | ntk | yarn, for a longer context
+    # how it computes, not what (equal within float rounding; not part of a run's identity):
+    attention: str = "auto"  # auto | dense | blockwise | cudnn (gemini_core.model.attention)
+    remat: str = "none"  # none | full | a jax.checkpoint_policies name: what backward recomputes
+    scan_layers: bool = False  # one block scanned over stacked weights (in the identity)
     vocab_size: int = 0  # filled from data.tokenizer.vocab_size: one source of truth
+    document_mask: bool = False  # filled from data.document_mask
 
     @property
     def qk_dim(self) -> int:
@@ -87,6 +96,9 @@ class DataConfig:
     schedule: str = ""  # path to a MixtureSchedule JSON; replaces mixture.stages when set
     cache_dir: str = ""  # tokenizers and token arrays; "" = <runs root>/.cache
     num_workers: int = 0  # encoding processes; 0 = all cores
+    # packed documents attend only within themselves and their positions restart at each
+    # document's EOS (segments follow from the tokens: EOS starts a document)
+    document_mask: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,15 +312,16 @@ def to_dataclass(value: Any, cls: type, path: str) -> Any:
     given = dict(_items(value))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in given if k not in fields or k == "vocab_size" and cls is ModelConfig]
+    filled = FILLED_FROM_DATA if cls is ModelConfig else ()
+    unknown = [k for k in given if k not in fields or k in filled]
     if unknown:
-        known = ", ".join(k for k in fields if not (cls is ModelConfig and k == "vocab_size"))
+        known = ", ".join(k for k in fields if k not in filled)
         raise UserError(f"{path}.{unknown[0]}: unknown key (known keys: {known})")
     kwargs = {}
     for name, field in fields.items():
         if name not in given:
             if field.default is MISSING and field.default_factory is MISSING:
-                if cls is ModelConfig and name == "vocab_size":
+                if name in filled:
                     continue
                 raise UserError(f"{path}.{name}: missing required field ({_type_name(hints[name])})")
             continue
@@ -353,6 +366,9 @@ def _check_model(m: ModelConfig) -> None:
         raise UserError(f"{p}.head_dim={m.qk_dim}: rotary embeddings need an even head dimension")
     for name in ("dtype", "param_dtype"):
         _one_of(f"{p}.{name}", getattr(m, name), ("float32", "bfloat16"))
+    _one_of(f"{p}.attention", m.attention, ATTENTION)
+    _one_of(f"{p}.remat", m.remat, REMAT)
+    m.rope.check(f"{p}.rope")
 
 
 def require_data_root(d: DataConfig) -> None:
@@ -542,7 +558,8 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     exp = to_dataclass(cfg, ExperimentConfig, "config")
     if not exp.name:
         raise UserError("config.name='': every experiment needs a name")
-    model = dataclasses.replace(exp.model, vocab_size=exp.data.tokenizer.vocab_size)
+    model = dataclasses.replace(exp.model, vocab_size=exp.data.tokenizer.vocab_size,
+                                document_mask=exp.data.document_mask)
     exp = dataclasses.replace(exp, model=model)
     _check_model(exp.model)
     check_data(exp.data)
@@ -560,6 +577,17 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     return exp
 
 
+def declared_model(model_json: Mapping) -> dict:
+    """A resolved model section as a user declares it: without the fields filled from data."""
+    return {k: v for k, v in model_json.items() if k not in FILLED_FROM_DATA}
+
+
+def model_from_json(model_json: Mapping) -> ModelConfig:
+    """A run's resolved model section (its config.json) as the typed config; a run written
+    before a field existed gets that field's default."""
+    return ModelConfig(**{**model_json, "rope": RopeScaling(**model_json.get("rope", {}))})
+
+
 def to_json_dict(obj: Any) -> Any:
     """Plain JSON-able form of a config (dataclasses, mapping proxies and tuples unrolled)."""
     if dataclasses.is_dataclass(obj):
@@ -569,20 +597,3 @@ def to_json_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_json_dict(v) for v in obj]
     return obj
-
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-    """big_vision-style `get_config` argument: "size=nano,d=256" -> typed fields over defaults."""
-    out = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, raw = item.partition("=")
-        if not sep or key not in defaults:
-            raise UserError(f"experiment argument {item!r}: expected key=value with key one of "
-                            f"{', '.join(defaults)}")
-        kind = type(defaults[key])
-        try:
-            out[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
-        except ValueError:
-            raise UserError(f"experiment argument {key}={raw!r}: expected "
-                            f"{kind.__name__}") from None
-    return out

@@ -94,8 +94,8 @@ def with_schema_defaults(cfg: ml_collections.ConfigDict, name: str,
 def _fill(cfg: ml_collections.ConfigDict, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if cls is config_lib.ModelConfig and field.name == "vocab_size":
-            continue  # comes from data.tokenizer.vocab_size
+        if cls is config_lib.ModelConfig and field.name in config_lib.FILLED_FROM_DATA:
+            continue  # comes from data: the tokenizer's vocab_size, data.document_mask
         tp = hints[field.name]
         if field.name not in cfg:
             if _has_default(field) and not dataclasses.is_dataclass(tp):
@@ -197,3 +197,20 @@ def config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 if __name__ == "__main__":  # debugging aid: print a resolved experiment
     print(load_experiment(sys.argv[1], sys.argv[2:]).config)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """big_vision-style `get_config` argument: "size=nano,d=256" -> typed fields over defaults."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or key not in defaults:
+            raise UserError(f"experiment argument {item!r}: expected key=value with key one of "
+                            f"{', '.join(defaults)}")
+        kind = type(defaults[key])
+        try:
+            out[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+        except ValueError:
+            raise UserError(f"experiment argument {key}={raw!r}: expected "
+                            f"{kind.__name__}") from None
+    return out

@@ -136,7 +136,7 @@ def check_proxy_data(sweep: SweepConfig, *, skip: Collection[str] = (),
 def target_config(sweep: SweepConfig) -> ExperimentConfig:
     """The validation's target scale: the proxy with `validate.target` (or x4 params, x4 tokens)."""
     proxy = gc_config.to_json_dict(proxy_config(sweep))
-    proxy["model"].pop("vocab_size")
+    proxy["model"] = gc_config.declared_model(proxy["model"])
     if sweep.validate.target:
         update = gc_config.to_json_dict(sweep.validate.target)
     else:

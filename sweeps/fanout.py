@@ -55,7 +55,7 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
                                *schedule_tags(MixtureSchedule.load(path))]
     exp["tracking"]["job_type"] = job.get("job_type") or (
         "proxy" if job["name"].startswith("trial-") else "validate")
-    exp["model"] = {k: v for k, v in exp["model"].items() if k != "vocab_size"}
+    exp["model"] = gc_config.declared_model(exp["model"])
     return gc_config.from_config_dict(exp)
 
 

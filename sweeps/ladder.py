@@ -212,7 +212,7 @@ def setup_ladder(ladder: LadderConfig, runs_root: Path, log: Log = print) -> Lad
 
 def _job_config(cfg: ExperimentConfig) -> dict:
     plain = gc_config.to_json_dict(cfg)
-    plain["model"].pop("vocab_size")  # comes from data.tokenizer.vocab_size
+    plain["model"] = gc_config.declared_model(plain["model"])
     for key in ("root", "cache_dir", "schedule"):  # Tune runs each trial in a dir of its own
         if plain["data"][key]:
             plain["data"][key] = str(Path(plain["data"][key]).absolute())

@@ -67,6 +67,10 @@ def test_schema_defaults_can_be_overridden_even_if_the_file_omits_them():
     (["--config.mixture.stages.anneal.start=1.0"], "config.mixture.stages.anneal.start=1.0: must be in [0, 1)"),
     (["--config.mixture.stages.base.start=0.1"], "config.mixture.stages.base.start=0.1: the first stage must start at 0.0"),
     (["--config.data.domains=('web','code')"], "config.mixture.stages.anneal.weights.books: unknown domain"),
+    (["--config.model.attention=flash"], "config.model.attention='flash': must be one of auto, dense, blockwise, cudnn"),
+    (["--config.model.remat=some"], "config.model.remat='some': must be one of none, full,"),
+    (["--config.model.rope.method=yarn", "--config.model.rope.factor=4.0"], "config.model.rope.original_length=0: yarn needs"),
+    (["--config.model.document_mask=True"], "config.model.document_mask: unknown key"),
     (["--config.optimizer.warmup_steps=600"], "config.optimizer.warmup_steps=600: must be below config.train.steps=600"),
 ])
 def test_user_errors_name_key_path_and_value(overrides, message):

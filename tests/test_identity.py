@@ -32,8 +32,18 @@ def test_where_and_how_a_run_runs_is_not_its_identity():
     placement = _quickstart_identity("--config.data.root=/elsewhere", "--config.mesh.preset=fsdp",
                                      "--config.faults.snapshot_every=7")
     assert fingerprint(placement) == QUICKSTART
+    # the kernel and remat policy compute the same losses from the same checkpoints
+    execution = _quickstart_identity("--config.model.attention=blockwise",
+                                     "--config.model.remat=full")
+    assert fingerprint(execution) == QUICKSTART
 
 
 def test_what_a_run_computes_is_its_identity():
     assert fingerprint(_quickstart_identity("--config.seed=1")) != QUICKSTART
     assert fingerprint(_quickstart_identity("--config.optimizer.lr=0.001")) != QUICKSTART
+    # fields added later count once they leave the default that reproduces the older runs
+    assert fingerprint(_quickstart_identity("--config.data.document_mask=True")) != QUICKSTART
+    # the same losses, but stacked weights in its checkpoints
+    assert fingerprint(_quickstart_identity("--config.model.scan_layers=True")) != QUICKSTART
+    assert fingerprint(_quickstart_identity("--config.model.rope.method=linear",
+                                            "--config.model.rope.factor=2.0")) != QUICKSTART

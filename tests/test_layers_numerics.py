@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from gemini_core.config import ModelConfig
-from gemini_core.model.transformer import RMSNorm, Transformer, apply_rope, rope_tables
+from gemini_core.model.rope import apply_rope, rope_tables
+from gemini_core.model.transformer import RMSNorm, Transformer
 
 K, L, BASE = 16, 40, 10_000.0
 MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,

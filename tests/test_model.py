@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from gemini_core.config import ModelConfig
-from gemini_core.model.transformer import LOGICAL_AXES, Transformer, causal_attention, cross_entropy
+from gemini_core.model.attention import masked_attention
+from gemini_core.model.transformer import LOGICAL_AXES, Transformer, cross_entropy
 
 TINY = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
                    vocab_size=61)
@@ -87,7 +88,7 @@ def test_attention_matches_reference(kv_heads):
     B, L, H, K = 2, 9, 4, 8
     q, k, v = (jax.random.normal(jax.random.key(i), (B, L, h, K))
                for i, h in ((0, H), (1, kv_heads), (2, kv_heads)))
-    got = causal_attention(q, k, v, jnp.tril(jnp.ones((L, L), bool)))
+    got = masked_attention(q, k, v, jnp.tril(jnp.ones((L, L), bool)))
     np.testing.assert_allclose(got, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 

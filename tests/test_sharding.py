@@ -36,6 +36,8 @@ TINY = [
     "--config.mixture.stages.anneal.weights={'wiki':0.3,'web':0.7}",
 ]
 PRESETS = ("dp", "fsdp", "fsdp_tp")
+SCANNED = ["--config.model.scan_layers=True", "--config.model.remat=full",
+           "--config.model.attention=blockwise"]
 RTOL = 1e-4
 PARAMS_RTOL, PARAMS_ATOL = 1e-5, 2e-6  # parameters after 20 steps: measured |diff| <= 1.2e-7
 
@@ -117,13 +119,13 @@ def _final_params(run_dir: Path) -> dict[str, np.ndarray]:
     onto any mesh), as {parameter path: array}."""
     import jax
 
-    from gemini_core.config import ModelConfig, OptimizerConfig
+    from gemini_core.config import OptimizerConfig, model_from_json
     from gemini_core.runs.checkpoint import Checkpointer
     from gemini_core.runs.rundir import read_json
     from gemini_core.train import step_fns
 
     cfg = read_json(run_dir / "config.json")
-    _, like = step_fns.init_state(ModelConfig(**cfg["model"]), OptimizerConfig(**cfg["optimizer"]),
+    _, like = step_fns.init_state(model_from_json(cfg["model"]), OptimizerConfig(**cfg["optimizer"]),
                                   cfg["train"]["steps"], cfg["seed"])
     ckpt = Checkpointer(run_dir / "checkpoints", keep=3, async_save=False)
     try:
@@ -154,6 +156,10 @@ def runs(tmp_path_factory, corpus_root, data_cache):
               "overrides": [*distill, "--config.mesh.preset=fsdp_tp", *extra]}
              for name, extra in (("distill_fsdp_tp", []),
                                  ("distill_topk_fsdp_tp", ["--config.distill.top_k=384"]))]
+    # the long-context stack under a mesh: stacked weights (their layer axis replicated),
+    # remat and the blockwise kernel compute the 1-device run's curve
+    jobs.append({"name": "scanned_fsdp_tp", "runs": str(root / "scanned_fsdp_tp"),
+                 "overrides": [*TINY, *data, "--config.mesh.preset=fsdp_tp", *SCANNED]})
     spec = root / "worker.json"
     spec.write_text(json.dumps({"jobs": jobs, "out": str(root / "worker-out.json")}))
     worker = subprocess.run([sys.executable, __file__, str(spec)], cwd=REPO, env=_env(8),
@@ -176,6 +182,15 @@ def test_presets_give_the_one_device_loss_curve(runs):
     # the layout is not part of what a run is: every preset has the 1-device run's id
     ids = {runs["worker"][p]["run_id"] for p in PRESETS}
     assert ids == {_only_run(runs["root"] / "one").run_id}, ids
+
+
+def test_a_scanned_rematerialised_blockwise_stack_under_fsdp_tp_gives_the_one_device_curve(runs):
+    result = runs["worker"]["scanned_fsdp_tp"]
+    assert result["mesh"] == MESH_SIZES["fsdp_tp"]
+    _assert_close({int(k): v for k, v in result["losses"].items()}, runs["one"], "scanned")
+    params = _final_params(_only_run(runs["root"] / "scanned_fsdp_tp").path)
+    (wq,) = [w for key, w in params.items() if "wq_DxHxK" in key]
+    assert wq.shape == (1, 32, 2, 16)  # (layers, D, H, K): the weights stacked
 
 
 def test_presets_end_with_the_one_device_parameters(runs):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from gemini_core.config import MeshConfig, ModelConfig, OptimizerConfig
+from gemini_core.config import MeshConfig, OptimizerConfig, model_from_json
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.errors import DamagedCheckpoint, DamagedFile, UserError
 from gemini_core.runs.checkpoint import Checkpointer
@@ -96,7 +96,7 @@ def run_layout(cfg: dict, log: Log) -> sharding.Layout:
 
 def _restore(run: RunDir, cfg: dict, layout: sharding.Layout):
     try:
-        model_cfg = ModelConfig(**cfg["model"])
+        model_cfg = model_from_json(cfg["model"])
         opt_cfg = OptimizerConfig(**cfg["optimizer"])
     except TypeError as e:  # a field added or removed by hand
         raise DamagedFile(run.path / "config.json", str(e),

@@ -22,6 +22,16 @@ gemini_core.model.generate) reuses the same projections and attention: `prefill`
 training forward that also returns each layer's keys and values, and `extend` writes new keys
 and values into a preallocated (B, S, G, K) cache per layer and attends to it, with every row at
 its own positions (RoPE tables per row).
+
+Long context: attention is one of gemini_core.model.attention's kernels (`model.attention`;
+the blockwise one never holds an (L, L) array); with `document_mask` every packed document
+attends only to itself and its positions restart at its EOS; `model.rope` scales the rotary
+frequencies for a longer context. The block stack runs unrolled or as one block scanned over the
+layers (`scan_layers`: the block compiles once), each block optionally rematerialised
+(`remat`). Scanned, the parameters are stored stacked, one array per weight with a leading
+layer axis (replicated), so the optimizer's update is also one op per weight whatever the depth;
+they are initialised as the unrolled blocks and stacked, so both start from the same weights,
+but their checkpoints differ in layout, and `scan_layers` is part of a run's identity.
 """
 
 from __future__ import annotations
@@ -33,10 +43,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemini_core.config import ModelConfig
+from gemini_core.data.tokenizer import EOS_ID
+from gemini_core.model import attention as attention_lib
+from gemini_core.model.rope import apply_rope, rope_at
 from gemini_core.scale.sharding import constrain
 
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
-_NEG_INF = -1e30  # finite: a fully masked row would give NaN with -inf; causal rows never are
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
@@ -62,29 +74,6 @@ class RMSNorm(nnx.Module):
         return (x32_NxD * inv_N * self.scale[...].astype(jnp.float32)).astype(x_NxD.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape (L, K) for the rotate-half convention (the halves share frequencies)."""
-    return rope_at(jnp.arange(seq_len, dtype=jnp.float32), head_dim, base)
-
-
-def rope_at(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape positions.shape + (K,): the tables at any positions, e.g. (B, L) of a
-    decode step whose rows are at different positions (the same f32 arithmetic as the tables)."""
-    inv_freq_K2 = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angle_K2 = positions.astype(jnp.float32)[..., None] * inv_freq_K2
-    angle_K = jnp.concatenate([angle_K2, angle_K2], axis=-1)
-    return jnp.cos(angle_K), jnp.sin(angle_K)
-
-
-def apply_rope(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
-    """Rotates by tables of shape (L, K), shared by the batch, or (B, L, K), a row's own."""
-    half = x_BxLxHxK.shape[-1] // 2
-    x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
-    rotated_BxLxHxK = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_LxK[..., None, :], sin_LxK[..., None, :]
-    return (x_BxLxHxK * cos + rotated_BxLxHxK * sin).astype(x_BxLxHxK.dtype)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.qk_dim
@@ -96,11 +85,14 @@ class Attention(nnx.Module):
         self.wo_HxKxD = _param(rngs, (H, K, D), ("q_heads", "head_dim", "embed"), std, pdt)
         self.num_heads, self.num_kv_heads, self.head_dim = H, G, K
         self.dtype = jnp.dtype(cfg.dtype)
+        self.kernel = cfg.attention
 
     def __call__(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array,
-                 mask_LxL: jax.Array) -> jax.Array:
+                 segment_BxL: jax.Array | None) -> jax.Array:
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self.qkv(x_NxD, batch, cos_LxK, sin_LxK)
-        return self.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_LxL)
+        out_BxLxHxK = attention_lib.attention(self.kernel, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
+                                              segment_BxL, segment_BxL)
+        return self.project(out_BxLxHxK)
 
     def qkv(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array,
             sin_LxK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -121,13 +113,11 @@ class Attention(nnx.Module):
         k_BxLxGxK = apply_rope(k_BxLxGxK, cos_LxK, sin_LxK)
         return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
 
-    def attend(self, q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-               mask_LxS: jax.Array) -> jax.Array:
-        """Attention of the queries to the keys, through the output projection: (B·L, D)."""
+    def project(self, out_BxLxHxK: jax.Array) -> jax.Array:
+        """The heads' outputs through the output projection: (B·L, D)."""
         H, K, dt = self.num_heads, self.head_dim, self.dtype
-        B, L = q_BxLxHxK.shape[:2]
-        out_BxLxHxK = constrain(causal_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_LxS),
-                                ("batch", "length", "q_heads", None))
+        B, L = out_BxLxHxK.shape[:2]
+        out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "length", "q_heads", None))
         wo_CxD = self.wo_HxKxD[...].reshape(H * K, -1).astype(dt)
         return out_BxLxHxK.reshape(B * L, H * K) @ wo_CxD
 
@@ -141,11 +131,12 @@ class Attention(nnx.Module):
         k_BxSxGxK, v_BxSxGxK = (write_cache(c, new, pos_BxL[:, 0])
                                 for c, new in zip(kv, (k_BxLxGxK, v_BxLxGxK)))
         S = k_BxSxGxK.shape[1]
-        # (B, 1, 1, L, S): causal_attention's mask broadcasts over kv heads and their queries
+        # (B, 1, 1, L, S): masked_attention's mask broadcasts over kv heads and their queries
         mask_Bx1x1xLxS = (jnp.arange(S)[None, None, None, None, :]
                           <= pos_BxL[:, None, None, :, None])
-        return (self.attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1x1xLxS),
-                (k_BxSxGxK, v_BxSxGxK))
+        out_BxLxHxK = attention_lib.masked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK,
+                                                     mask_Bx1x1xLxS)
+        return self.project(out_BxLxHxK), (k_BxSxGxK, v_BxSxGxK)
 
 
 KV_CACHE_AXES = ("batch", None, "kv_heads", None)  # a layer's k or v cache (B, S, G, K)
@@ -158,37 +149,6 @@ def write_cache(cache_BxSxGxK: jax.Array, new_BxLxGxK: jax.Array, start_B: jax.A
         return jax.lax.dynamic_update_slice(c_SxGxK, new_LxGxK.astype(c_SxGxK.dtype),
                                             (start, 0, 0))
     return constrain(jax.vmap(row)(cache_BxSxGxK, new_BxLxGxK, start_B), KV_CACHE_AXES)
-
-
-def causal_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-                     mask_LxS: jax.Array) -> jax.Array:
-    """Softmax attention as two batched matmuls; each kv head serves R = H/G query heads.
-
-    The R query heads of a group are stacked with the positions into one (R·L)-row operand, so
-    multi-query attention is one (R·L, K) x (K, S) matmul per sequence rather than H thin ones.
-    The softmax is normalised after the second matmul (divide the (L, K) output, not the (L, S)
-    probabilities): one pass fewer over the scores, and a backward pass with no (L, S) reduction.
-    The mask is (L, S), shared by the batch, or (B, 1, 1, L, S), a row's own (the KV cache's).
-    """
-    B, L, H, K = q_BxLxHxK.shape
-    G = k_BxSxGxK.shape[2]
-    R = H // G
-    q_BxLxHxK = q_BxLxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxLxHxK.dtype)
-    q_BxGxRLxK = q_BxLxHxK.reshape(B, L, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * L, K)
-    k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
-    v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
-    s_BxGxRLxS = jnp.einsum("bgqk,bgsk->bgqs", q_BxGxRLxK, k_BxGxSxK,
-                            preferred_element_type=jnp.float32)
-    s_BxGxRxLxS = jnp.where(mask_LxS, s_BxGxRLxS.reshape(B, G, R, L, -1), _NEG_INF)
-    # the shift cancels exactly in e@v / sum(e), so it needs no gradient
-    m_BxGxRxLx1 = jax.lax.stop_gradient(jnp.max(s_BxGxRxLxS, axis=-1, keepdims=True))
-    e_BxGxRxLxS = jnp.exp(s_BxGxRxLxS - m_BxGxRxLx1)
-    sum_BxGxRxLx1 = jnp.sum(e_BxGxRxLxS, axis=-1, keepdims=True)
-    o_BxGxRLxK = jnp.einsum("bgqs,bgsk->bgqk",
-                            e_BxGxRxLxS.reshape(B, G, R * L, -1).astype(v_BxSxGxK.dtype),
-                            v_BxGxSxK, preferred_element_type=jnp.float32)
-    o_BxGxRxLxK = o_BxGxRLxK.reshape(B, G, R, L, K) / sum_BxGxRxLx1
-    return o_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K).astype(q_BxLxHxK.dtype)
 
 
 class Mlp(nnx.Module):
@@ -220,22 +180,23 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def __call__(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array,
-                 mask_LxL: jax.Array) -> jax.Array:
+                 segment_BxL: jax.Array | None) -> jax.Array:
         return self.residual(x_NxD, self.attn(self.attn_norm(x_NxD), batch, cos_LxK, sin_LxK,
-                                              mask_LxL))
+                                              segment_BxL))
 
     def residual(self, x_NxD: jax.Array, attn_NxD: jax.Array) -> jax.Array:
         """The attention output added to the stream, then the MLP's."""
         x_NxD = constrain(x_NxD + attn_NxD, ("batch", None))
         return constrain(x_NxD + self.mlp(self.mlp_norm(x_NxD)), ("batch", None))
 
-    def prefill(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array,
-                mask_LxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The block as __call__, also returning its keys and values (B, L, G, K)."""
+    def prefill(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block as __call__ on whole prompts, also returning its keys and values
+        (B, L, G, K)."""
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self.attn.qkv(self.attn_norm(x_NxD), batch, cos_LxK,
                                                         sin_LxK)
-        attn_NxD = self.attn.attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_LxL)
-        return self.residual(x_NxD, attn_NxD), k_BxLxGxK, v_BxLxGxK
+        out_BxLxHxK = attention_lib.attention("dense", q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+        return self.residual(x_NxD, self.attn.project(out_BxLxHxK)), k_BxLxGxK, v_BxLxGxK
 
     def extend(self, x_NxD: jax.Array, batch: int, cos_BxLxK: jax.Array, sin_BxLxK: jax.Array,
                pos_BxL: jax.Array, kv: tuple[jax.Array, jax.Array]
@@ -253,7 +214,8 @@ class Transformer(nnx.Module):
         V, D = cfg.vocab_size, cfg.d_model
         self.cfg = cfg
         self.embed_VxD = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, pdt)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.blocks = stacked_block(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
         self.head_DxV = (None if cfg.tie_embeddings else
                          _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, pdt))
@@ -266,29 +228,63 @@ class Transformer(nnx.Module):
         x_NxD = self.embed_VxD[...][tokens_BxL.reshape(-1)] * math.sqrt(self.cfg.d_model)
         return constrain(x_NxD.astype(self.cfg.dtype), ("batch", None))
 
-    def decode(self, x_NxD: jax.Array, batch: int) -> jax.Array:
-        """The blocks and the final norm over an embedded (B·L, D) stream."""
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin of shape positions.shape + (K,), scaled as `model.rope` says."""
         cfg = self.cfg
+        return rope_at(positions, cfg.qk_dim, cfg.rope_base, cfg.rope)
+
+    def decode(self, x_NxD: jax.Array, batch: int,
+               segment_BxL: jax.Array | None = None, pos_BxL: jax.Array | None = None
+               ) -> jax.Array:
+        """The blocks and the final norm over an embedded (B·L, D) stream; with segments (and
+        their positions, from `documents`), each document attends only to itself."""
         L = x_NxD.shape[0] // batch
-        cos_LxK, sin_LxK = rope_tables(L, cfg.qk_dim, cfg.rope_base)
-        mask_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
+        cos, sin = self.rope(jnp.arange(L) if pos_BxL is None else pos_BxL)
+        return self.final_norm(self.stack(x_NxD, batch, cos, sin, segment_BxL))
+
+    def stack(self, x_NxD: jax.Array, batch: int, cos: jax.Array, sin: jax.Array,
+              segment_BxL: jax.Array | None) -> jax.Array:
+        """The blocks, unrolled or scanned, each rematerialised as `model.remat` says."""
+        cfg = self.cfg
+        if cfg.scan_layers:
+            block_def, stacked = nnx.split(self.blocks)
+        else:
+            block_def = nnx.graphdef(self.blocks[0])
+
+        def apply(x_NxD: jax.Array, block_state: nnx.State) -> jax.Array:
+            return nnx.merge(block_def, block_state)(x_NxD, batch, cos, sin, segment_BxL)
+
+        if cfg.remat != "none":
+            policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
+            # inside a scan the loop already keeps XLA from merging the recomputation away
+            apply = jax.checkpoint(apply, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x_NxD, _ = jax.lax.scan(lambda x, s: (apply(x, s), None), x_NxD, stacked)
+            return x_NxD
         for block in self.blocks:
-            x_NxD = block(x_NxD, batch, cos_LxK, sin_LxK, mask_LxL)
-        return self.final_norm(x_NxD)
+            x_NxD = apply(x_NxD, nnx.state(block))
+        return x_NxD
+
+    def layers(self) -> list[Block]:
+        """One Block per layer (slices of the stacked weights when scanned): the KV-cache
+        paths run the layers one by one."""
+        if not self.cfg.scan_layers:
+            return list(self.blocks)
+        block_def, stacked = nnx.split(self.blocks)
+        return [nnx.merge(block_def, jax.tree.map(lambda w, i=i: w[i], stacked))
+                for i in range(self.cfg.num_layers)]
 
     def prefill(self, tokens_BxL: jax.Array, cache_len: int) -> tuple[jax.Array, KVCache]:
         """The forward over prompts (right-padded: every row's positions are its own from 0):
         the final-normed hidden state (B·L, D) and a KV cache of `cache_len` slots per row
         holding the L positions' keys and values (padding's too: the decode steps overwrite
         them before any query can see them)."""
-        cfg = self.cfg
         B, L = tokens_BxL.shape
-        cos_LxK, sin_LxK = rope_tables(L, cfg.qk_dim, cfg.rope_base)
-        mask_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
+        cos_LxK, sin_LxK = self.rope(jnp.arange(L))
         x_NxD = self.embed(tokens_BxL)
         cache = []
-        for block in self.blocks:
-            x_NxD, k_BxLxGxK, v_BxLxGxK = block.prefill(x_NxD, B, cos_LxK, sin_LxK, mask_LxL)
+        for block in self.layers():
+            x_NxD, k_BxLxGxK, v_BxLxGxK = block.prefill(x_NxD, B, cos_LxK, sin_LxK)
             pad = ((0, 0), (0, cache_len - L), (0, 0), (0, 0))
             cache.append(tuple(constrain(jnp.pad(a, pad), KV_CACHE_AXES)
                                for a in (k_BxLxGxK, v_BxLxGxK)))
@@ -298,20 +294,21 @@ class Transformer(nnx.Module):
                cache: KVCache) -> tuple[jax.Array, KVCache]:
         """L new tokens per row at positions start_B + [0, L), attending to the cache: the
         final-normed hidden state (B·L, D) and the cache with their keys and values added."""
-        cfg = self.cfg
         B, L = tokens_BxL.shape
         pos_BxL = start_B[:, None] + jnp.arange(L, dtype=start_B.dtype)[None, :]
-        cos_BxLxK, sin_BxLxK = rope_at(pos_BxL, cfg.qk_dim, cfg.rope_base)
+        cos_BxLxK, sin_BxLxK = self.rope(pos_BxL)
         x_NxD = self.embed(tokens_BxL)
         new_cache = []
-        for block, kv in zip(self.blocks, cache):
+        for block, kv in zip(self.layers(), cache):
             x_NxD, kv = block.extend(x_NxD, B, cos_BxLxK, sin_BxLxK, pos_BxL, kv)
             new_cache.append(kv)
         return self.final_norm(x_NxD), tuple(new_cache)
 
     def hidden(self, tokens_BxL: jax.Array) -> jax.Array:
-        """The final-normed residual stream, flattened: (B·L, D)."""
-        return self.decode(self.embed(tokens_BxL), tokens_BxL.shape[0])
+        """The final-normed residual stream, flattened: (B·L, D); packed documents masked from
+        each other when the model is configured so."""
+        segments = documents(tokens_BxL) if self.cfg.document_mask else (None, None)
+        return self.decode(self.embed(tokens_BxL), tokens_BxL.shape[0], *segments)
 
     def logits(self, h_NxD: jax.Array) -> jax.Array:
         """f32 logits from the (N, D) hidden state; accumulation in f32 whatever the dtype."""
@@ -333,6 +330,31 @@ class Transformer(nnx.Module):
         B, L = tokens_BxL.shape
         logits_NxV = self.logits(self.hidden(tokens_BxL))
         return cross_entropy(logits_NxV, targets_BxL.reshape(-1)).reshape(B, L)
+
+
+def stacked_block(blocks: list[Block]) -> Block:
+    """One Block holding every layer's weights stacked along a leading, replicated layer axis
+    (the first block, its parameters replaced by the stacks)."""
+    holder = blocks[0]
+    nnx.update(holder, jax.tree.map(lambda *layers: jnp.stack(layers),
+                                    *(nnx.state(b, nnx.Param) for b in blocks)))
+    for _, var in nnx.iter_graph(holder):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("out_sharding", (None, *var.get_metadata()["out_sharding"]))
+    return holder
+
+
+def documents(tokens_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Segment ids and in-document positions of packed windows, both (B, L) int32: EOS starts a
+    document (training packs each document after an EOS, and prompts begin with one), so the
+    tokens alone say where documents begin; a window's leading partial document is segment 0,
+    its positions counted from the window's start."""
+    L = tokens_BxL.shape[1]
+    starts_BxL = tokens_BxL == EOS_ID
+    segment_BxL = jnp.cumsum(starts_BxL, axis=1, dtype=jnp.int32)
+    index_L = jnp.arange(L, dtype=jnp.int32)
+    first_BxL = jax.lax.cummax(jnp.where(starts_BxL, index_L, 0), axis=1)
+    return segment_BxL, index_L - first_BxL
 
 
 @jax.custom_vjp

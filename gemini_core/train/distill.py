@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gemini_core.config import DistillConfig, ModelConfig, OptimizerConfig
+from gemini_core.config import DistillConfig, ModelConfig, OptimizerConfig, model_from_json
 from gemini_core.data.tokenizer import Tokenizer, build_once
 from gemini_core.errors import UserError
 from gemini_core.runs.checkpoint import Checkpointer
@@ -76,7 +76,7 @@ def resolve_teacher(dc: DistillConfig, runs_root: Path, tokenizer: Tokenizer) ->
             "compares distributions over the same token ids: give the student the teacher's "
             "data.tokenizer settings and data")
     # the teacher's resolved config.json, written by the trainer: trusted as it is
-    return Teacher(run, cfg["fingerprint"], ModelConfig(**cfg["model"]))
+    return Teacher(run, cfg["fingerprint"], model_from_json(cfg["model"]))
 
 
 def load_teacher_state(t: Teacher, layout: Layout | None = None) -> Teacher:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -115,7 +115,23 @@ def identity(cfg: ExperimentConfig, schedule: MixtureSchedule, manifest_hash: st
     # losses agree to float rounding, tests/test_sharding.py) resumes the same checkpoints
     for placement_field in ("mesh", "distributed"):
         resolved.pop(placement_field, None)
+    # how the model computes, not what: every attention kernel and remat policy agree to float
+    # rounding (tests/test_attention.py, test_layer_stack.py) from the same checkpoints
+    for execution_field in ("attention", "remat"):
+        resolved["model"].pop(execution_field)
+    # fields added after runs existed, left out at the default that reproduces those runs: a run
+    # that was cached keeps its id, one that sets them gets a new one (scan_layers among them:
+    # a scanned stack computes the same, but its checkpoints hold stacked weights)
+    _pop_at_default(resolved["model"], "rope", config_lib.to_json_dict(config_lib.RopeScaling()))
+    _pop_at_default(resolved["model"], "scan_layers", False)
+    for section in ("model", "data"):
+        _pop_at_default(resolved[section], "document_mask", False)
     return resolved
+
+
+def _pop_at_default(section: dict, key: str, default: Any) -> None:
+    if section.get(key) == default:
+        section.pop(key)
 
 
 @dataclasses.dataclass
