@@ -18,7 +18,7 @@ the model N wide instead of the size's (give both the same to compare them).
 
 import ml_collections
 
-from gemini_core.config import parse_arg
+from gemini_core.experiment import parse_arg
 
 SIZES = {  # role -> (d_model, layers, heads, steps); then batch, seq, vocab
     "small": {"teacher": (192, 4, 4, 1200), "student": (64, 2, 2, 400), "data": (32, 128, 4096)},

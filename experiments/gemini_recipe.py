@@ -18,7 +18,7 @@ scale everything (a few minutes on 2 cores). gx/recipe/ runs it.
 
 import ml_collections
 
-from gemini_core.config import parse_arg
+from gemini_core.experiment import parse_arg
 
 SIZES = {
     "small": dict(max_docs=0, vocab=4096, sample_chars=2_000_000,
