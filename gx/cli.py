@@ -74,10 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--data", help="folder with the same <domain>/ layout as the training data")
     what.add_argument("--tasks", help="comma-separated downstream tasks: shipped names "
                       "(arc_easy, arc_challenge, piqa, lambada, xcopa, gsm8k, humaneval, mbpp) "
-                      "and task files (my_tasks.py defining get_tasks()), mixed as you like")
-    ev.add_argument("--limit", type=int, default=None, help="--tasks: examples per task, a fixed seeded subset (default: each task's own; 0 = all)")
+                      "and task files (my_tasks.py defining get_tasks()), mixed as you like; "
+                      "`needle`: the passkey grid over lengths x depths and NLL by position "
+                      "(needle.json and two plots in the run directory)")
+    ev.add_argument("--limit", type=int, default=None, help="--tasks: examples per task, a fixed seeded subset (default: each task's own; 0 = all); for needle: prompts per cell (default 10)")
     ev.add_argument("--shots", type=int, default=-1, help="--tasks: few-shot examples (default: each task's own)")
-    ev.add_argument("--batch-size", type=int, default=32, help="--tasks: scoring and generation batch (default 32)")
+    ev.add_argument("--batch-size", type=int, default=None, help="--tasks: scoring and generation batch (default 32; needle: 8)")
+    ev.add_argument("--needle-lengths", default=None, metavar="N,N,...", help="needle: context lengths in tokens (default: 0.5, 1, 2 and 4 x the run's training length)")
+    ev.add_argument("--needle-depths", default=None, metavar="D,D,...", help="needle: where the needle sits, fractions in [0, 1] (default: 0,0.25,0.5,0.75,1)")
     ev.add_argument("--split", default=None, help="file name inside each domain folder (default: the run's valid file)")
     ev.add_argument("--batches", type=int, default=None, help="batches per domain (default: the run's eval_batches)")
 
@@ -285,14 +289,32 @@ def cmd_eval(args) -> int:
 
     if args.batches is not None and args.batches <= 0:
         raise UserError(f"--batches={args.batches}: must be a positive number of batches per domain")
+    items = [] if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
+    if "needle" not in items and (args.needle_lengths is not None or
+                                  args.needle_depths is not None):
+        raise UserError("--needle-lengths and --needle-depths need `--tasks needle`")
     if args.tasks is not None:
-        from gemini_core.eval import downstream
-        if args.batch_size <= 0:
+        from gemini_core.eval import downstream, needle
+        if args.batch_size is not None and args.batch_size <= 0:
             raise UserError(f"--batch-size={args.batch_size}: must be positive")
-        settings = downstream.Settings(limit=args.limit, shots=args.shots,
-                                       batch_size=args.batch_size)
-        downstream.evaluate_run_tasks(find_run(runs_root(args.runs_root), args.run), args.tasks,
-                                      settings)
+        others = [t for t in items if t != "needle"]
+        lengths = depths = None
+        if "needle" in items:  # every mistake in the flags before any checkpoint loads
+            if args.needle_lengths is not None:
+                lengths = needle.parse_lengths(args.needle_lengths)
+            if args.needle_depths is not None:
+                depths = needle.parse_depths(args.needle_depths)
+            if others:
+                downstream.task_specs(others, shots=args.shots)
+        run = find_run(runs_root(args.runs_root), args.run)
+        if "needle" in items:
+            needle.evaluate_needle(run, lengths=lengths, depths=depths,
+                                   per_cell=10 if args.limit is None else args.limit,
+                                   batch_size=args.batch_size or 8)
+        if others:
+            settings = downstream.Settings(limit=args.limit, shots=args.shots,
+                                           batch_size=args.batch_size or 32)
+            downstream.evaluate_run_tasks(run, others, settings)
         return 0
     from gemini_core.eval import run_eval
     run = find_run(runs_root(args.runs_root), args.run)

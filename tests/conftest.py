@@ -48,7 +48,8 @@ def data_cache(tmp_path_factory) -> Path:
 SLOWEST_FIRST = ("test_recipe", "test_scaling", "test_sweep", "test_curation", "test_sharding",
                  "test_hardening", "test_downstream", "test_steps", "test_faults", "test_distill",
                  "test_multihost", "test_lm_eval", "test_sandbox", "test_run", "test_model",
-                 "test_contamination", "test_generate", "test_doremi", "test_sweep_failures")
+                 "test_contamination", "test_generate", "test_needle", "test_layer_stack",
+                 "test_attention", "test_doremi", "test_sweep_failures")
 
 
 # modules of half a minute or more on 2 cores (real Ray, training in subprocesses, whole

@@ -12,6 +12,7 @@ Modules, in import order:
   scoring          batched log-likelihood of (context, continuation) pairs; rolling windows
   sandbox          model-written programs run in isolation (namespaces, uid, limits)
   downstream       tasks scored on a model: `gx eval --tasks`, inside training, downstream.json
+  needle           `gx eval --tasks needle`: passkey grid over lengths × depths, NLL by position
   completions      `gx generate RUN`: one prompt streamed, or a prompts file
   lm_eval_adapter  lm-evaluation-harness model "gx" (`gx lm-eval`; optional extra)
 """
