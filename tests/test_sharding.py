@@ -394,6 +394,18 @@ def test_dry_run_prints_per_device_memory_and_flags_what_does_not_fit():
     assert "WARNING: does not fit" in tight
     odd = render("--config.mesh.data=64")
     assert "batch_size=32 is not divisible by the 64 batch shards" in odd
+    # long context: the dense kernel's scores grow with T per token, blockwise keeps one number
+    # per query and head; remat full keeps a layer's input only (the quickstart: D=128, H=4,
+    # F=512, V=4096, 4 layers, batch 32, f32)
+    long = ("--config.data.seq_len=8192",)
+    dense = per_device(render(*long, "--config.model.attention=dense"), "activations")
+    blockwise = per_device(render(*long, "--config.model.attention=blockwise"), "activations")
+    B_T = 32 * 8192
+    assert dense - blockwise == pytest.approx(4 * B_T * (2 * 4 * 8192 - 4) * 4, rel=0.01)
+    assert per_device(render(*long), "activations") == pytest.approx(blockwise)  # auto at 8k
+    full = per_device(render(*long, "--config.model.remat=full"), "activations")
+    per_layer = (4 * 128 + 3 * 4 * 32 + 3 * 32 + 4 + 4 * 512) * 4  # bytes per token
+    assert blockwise - full == pytest.approx(B_T * (3 * per_layer - 4 * 128 * 4), rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------

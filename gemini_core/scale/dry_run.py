@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, domain_counts
+from gemini_core.model.attention import BLOCKWISE_FROM
 from gemini_core.scale import flops, sharding
 from gemini_core.scale.compute_plan import si
 
@@ -101,16 +102,21 @@ def _size(n_bytes: float) -> str:
 
 def activation_bytes(cfg: ExperimentConfig, sizes: dict[str, int],
                      rules: dict[str, tuple[str, ...]]) -> float:
-    """Activations one device keeps for the backward pass (no rematerialisation), estimated.
+    """Activations one device keeps for the backward pass, estimated.
 
     Per token and per layer, in the activation dtype (a bytes) unless marked f32:
       residual input and its RMSNorm output, for attention and for the MLP   4·D
       fused q|k|v projection and the rotated q, k                            (2H + 3G)·K
       attention output before the out-projection                             H·K
-      attention scores and their exponentials (f32; T keys per query)        2·H·T
+      dense attention: the scores and their exponentials (f32; T keys)       2·H·T
+      blockwise / cuDNN attention: one logsumexp per query and head (f32)    H
       MLP gate|up pre-activation, GeLU output and the gated product          4·F
     once per token: embedding D and final norm input/output 2·D; logits and the cross
-    entropy's kept exponentials (f32) 2·V.
+    entropy's kept exponentials (f32) 2·V. `model.attention=auto` counts as dense below
+    attention.BLOCKWISE_FROM tokens, as on CPU and TPU (on a GPU, cuDNN's: less).
+    With `model.remat` full (or nothing_saveable) a layer keeps only its input (D) and one layer
+    at a time holds its whole set while it is recomputed; other policies keep at most what no
+    remat keeps, which is what is counted for them (an upper bound).
     Whole batch B·T tokens; on one device each term is divided by how many ways the mesh
     splits its (batch, heads | kv heads | mlp | vocab) dimensions under the rules.
     """
@@ -124,10 +130,15 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict[str, int],
         split = sharding.shard_factor(sharding.spec_for(names, dims, rules, sizes), sizes)
         return B * T * elems_per_token * itemsize / split
 
+    dense = m.attention == "dense" or (m.attention == "auto" and T < BLOCKWISE_FROM)
     per_layer = (term(4 * D, a) + term(2 * H * K + H * K, a, "q_heads", H)
-                 + term(3 * G * K, a, "kv_heads", G) + term(2 * H * T, 4, "q_heads", H)
-                 + term(4 * F, a, "mlp", F))
-    return L * per_layer + term(3 * D, a) + term(2 * V, 4, "vocab", V)
+                 + term(3 * G * K, a, "kv_heads", G)
+                 + term(2 * H * T if dense else H, 4, "q_heads", H) + term(4 * F, a, "mlp", F))
+    if m.remat in ("full", "nothing_saveable"):
+        layers = L * term(D, a) + per_layer
+    else:
+        layers = L * per_layer
+    return layers + term(3 * D, a) + term(2 * V, 4, "vocab", V)
 
 
 def render_mesh(cfg: ExperimentConfig) -> list[str]:
