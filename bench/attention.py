@@ -1,4 +1,4 @@
-"""Dense (today's, (L x L) scores) vs blockwise (flash, online softmax) causal attention.
+"""Dense ((L x L) scores) vs blockwise (flash, online softmax) causal attention.
 
 Quickstart-like attention dims: batch 1, 4 query heads sharing 1 kv head (multi-query), head
 dim 64, f32. Each implementation runs as `jax.jit(jax.grad(loss))` of the attention alone,

@@ -1,5 +1,5 @@
 """Attention implementations (gemini_core.model.attention): blockwise flash attention against
-today's dense attention (forward and gradients, multi-query / grouped-query / multi-head, with
+the dense attention (forward and gradients, multi-query / grouped-query / multi-head, with
 and without packed documents, lengths the block does and does not divide), causal blocks
 really skipped, memory linear in the length, document masking exact, bf16, and the choice of
 `model.attention`."""

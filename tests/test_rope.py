@@ -38,7 +38,7 @@ def unscaled_rope_at(positions, head_dim, base):
     RopeScaling("ntk", 1.0),
     RopeScaling("yarn", 1.0, original_length=1024),
 ], ids=lambda s: s.method)
-def test_factor_one_equals_todays_rope_exactly(scaling):
+def test_factor_one_equals_the_unscaled_rope_exactly(scaling):
     scaling.check("model.rope")
     want_cos, want_sin = unscaled_rope_at(POS_L, K, BASE)
     cos, sin = rope_at(POS_L, K, BASE, scaling)
@@ -49,7 +49,7 @@ def test_factor_one_equals_todays_rope_exactly(scaling):
     assert np.array_equal(t_cos, want_t[0]) and np.array_equal(t_sin, want_t[1])
 
 
-def test_method_none_equals_todays_rope_under_jit_too():
+def test_method_none_equals_the_unscaled_rope_under_jit_too():
     ours = jax.jit(rope_at, static_argnums=(1, 2, 3))(POS_L, K, BASE, RopeScaling())
     today = jax.jit(unscaled_rope_at, static_argnums=(1, 2))(POS_L, K, BASE)
     assert np.array_equal(ours[0], today[0]) and np.array_equal(ours[1], today[1])
@@ -185,7 +185,7 @@ def test_per_row_positions_and_jit():
         np.testing.assert_allclose(sin_BxLxK[b], row_sin, atol=atol)
     # the third row restarts at token 6: its second document's tables are the first row's
     np.testing.assert_array_equal(cos_BxLxK[2, 6:], cos_BxLxK[0, :10])
-    # the scaled tables still drive today's rotation
+    # the scaled tables still drive the same rotation
     x_BxLxHxK = np.random.default_rng(0).standard_normal((3, 16, 2, K)).astype(np.float32)
     y_BxLxHxK = np.asarray(apply_rope(jnp.asarray(x_BxLxHxK), cos_BxLxK, sin_BxLxK))
     np.testing.assert_allclose(np.linalg.norm(y_BxLxHxK, axis=-1),
