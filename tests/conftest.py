@@ -92,7 +92,7 @@ EVAL_RUN_ARGS = ["--config.data.seq_len=512", "--config.tracking.wandb=false",
 def eval_run(tmp_path_factory, data_cache, corpus_root) -> dict:
     """A tiny run trained once per session (under pytest-xdist by the first worker that asks;
     the others wait on a lock and reuse it). Read it, never change it: a test that writes into
-    a run works on a copy (see test_downstream's `run_copy`). Returns the runs root, the run
+    a run works on a copy (`run_copy`). Returns the runs root, the run
     and what its training printed."""
     import fcntl
     import subprocess
@@ -117,3 +117,15 @@ def eval_run(tmp_path_factory, data_cache, corpus_root) -> dict:
             printed.write_text(proc.stdout + proc.stderr)
     [run] = list(iter_runs(runs))
     return {"runs": runs, "run": run, "printed": printed.read_text(), "args": EVAL_RUN_ARGS}
+
+
+@pytest.fixture
+def run_copy(eval_run, tmp_path) -> dict:
+    """A copy of `eval_run`'s runs root, for a test that writes into the run."""
+    import shutil
+
+    from gemini_core.runs.rundir import iter_runs
+    runs = tmp_path / "runs"
+    shutil.copytree(eval_run["runs"], runs, symlinks=True)
+    [run] = list(iter_runs(runs))
+    return {"runs": runs, "run": run}

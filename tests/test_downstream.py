@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,15 +56,6 @@ def trained(eval_run) -> dict:
     """The session's tiny run (conftest.eval_run): piqa and lambada every 12 steps and at the
     end. Read only; tests that write use `run_copy`."""
     return eval_run
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path) -> dict:
-    """A copy of the trained run's runs root, for a test that writes into the run."""
-    runs = tmp_path / "runs"
-    shutil.copytree(trained["runs"], runs, symlinks=True)
-    [run] = list(iter_runs(runs))
-    return {"runs": runs, "run": run}
 
 
 @pytest.fixture(scope="module")

@@ -33,15 +33,6 @@ def loaded(eval_run):
     return load_run(eval_run["run"], log=lambda _: None)
 
 
-@pytest.fixture
-def run_copy(eval_run, tmp_path) -> dict:
-    """A copy of the session's runs root, for a test that writes into the run."""
-    runs = tmp_path / "runs"
-    shutil.copytree(eval_run["runs"], runs, symlinks=True)
-    [run] = list(iter_runs(runs))
-    return {"runs": runs, "run": run}
-
-
 def gx_here(capsys, *args: str, runs: Path) -> tuple[int, str, str]:
     """The CLI in this process: (exit code, stdout, stderr)."""
     capsys.readouterr()
