@@ -140,3 +140,19 @@ def test_a_scanned_stack_compiles_one_block_whatever_the_depth():
     scanned = compile_ops(8, True) / compile_ops(2, True)
     unrolled = compile_ops(8, False) / compile_ops(2, False)
     assert scanned < 1.5 < unrolled, (scanned, unrolled)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs there")
+def test_a_kernel_this_machine_cannot_run_is_refused_before_any_data(tmp_path):
+    from pathlib import Path
+
+    from gemini_core.errors import UserError
+    from gemini_core.experiment import load_experiment
+    from gemini_core.train import trainer
+
+    quickstart = Path(__file__).resolve().parents[1] / "experiments/quickstart.py"
+    cfg = load_experiment(str(quickstart), [f"--config.data.root={tmp_path / 'corpus'}",
+                                            "--config.model.attention=cudnn"]).config
+    with pytest.raises(UserError, match="model.attention: 'cudnn' runs only on a GPU"):
+        trainer.prepare(cfg, tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()

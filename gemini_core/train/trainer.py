@@ -28,6 +28,7 @@ from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
 from gemini_core.eval import downstream
 from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
+from gemini_core.model import attention
 from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.runs.rundir import RunDir, fingerprint, run_id
 from gemini_core.runs.tracking import Tracker
@@ -153,6 +154,9 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print,
     """Data, tokenizer and schedule, then the run's identity; no training."""
     config_lib.require_data_root(cfg.data)
     tasks = downstream.configured_specs(cfg.eval.downstream)  # its mistakes before any data
+    # a kernel this machine cannot run (cuDNN off a GPU): said before any data is read
+    attention.resolve(cfg.model.attention, jax.default_backend(), cfg.data.seq_len,
+                      dtype=cfg.model.dtype)
     if objective is not None and cfg.distill.teacher:
         raise UserError(f"config.distill.teacher={cfg.distill.teacher!r}: a {objective.suffix} "
                         f"run trains its own objective and cannot also be distilled")
