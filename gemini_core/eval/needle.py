@@ -243,25 +243,24 @@ def quarters(mean_L: np.ndarray) -> list[float]:
 
 
 def parse_lengths(text: str, flag: str = "--needle-lengths") -> tuple[int, ...]:
-    values = []
-    for item in text.split(","):
-        try:
-            values.append(int(item.strip()))
-        except ValueError:
-            raise UserError(f"{flag}={text}: {item.strip()!r} is not a whole number of "
-                            "tokens") from None
+    values = _parse_list(text, flag, int, "a whole number of tokens")
     check_lengths(values, flag)
-    return tuple(values)
+    return values
 
 
 def parse_depths(text: str, flag: str = "--needle-depths") -> tuple[float, ...]:
+    values = _parse_list(text, flag, float, "a number")
+    check_depths(values, flag)
+    return values
+
+
+def _parse_list(text: str, flag: str, kind: type, what: str) -> tuple:
     values = []
     for item in text.split(","):
         try:
-            values.append(float(item.strip()))
+            values.append(kind(item.strip()))
         except ValueError:
-            raise UserError(f"{flag}={text}: {item.strip()!r} is not a number") from None
-    check_depths(values, flag)
+            raise UserError(f"{flag}={text}: {item.strip()!r} is not {what}") from None
     return tuple(values)
 
 
