@@ -105,6 +105,7 @@ class DataConfig:
 class StageConfig:
     start: float
     weights: Any  # Mapping[str, float], or one of NAMED_WEIGHTS
+    seq_len: int = 0  # 0 = data.seq_len; longer: a long-context stage (same tokens per step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +153,9 @@ def _default_mesh_rules() -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh (axes data, fsdp, model) and the logical-axis rules; gemini_core.scale.sharding.
+    """The device mesh (axes data, fsdp, context, model) and the logical-axis rules;
+    gemini_core.scale.sharding. `context` > 1 splits every sequence over that many devices
+    (context parallelism; data.seq_len must be divisible by it).
 
     Sizes: 0 = the preset's, -1 = the devices the other axes leave (at most one axis). Rules:
     logical axis -> comma-separated mesh axes ("data,fsdp"), "" = replicated, "preset" = the
@@ -163,6 +166,7 @@ class MeshConfig:
     preset: str = "dp"  # dp | fsdp | fsdp_tp
     data: int = 0
     fsdp: int = 0
+    context: int = 0
     model: int = 0
     rules: Mapping[str, str] = dataclasses.field(default_factory=_default_mesh_rules)
     device_memory_gib: float = 16.0  # per device, for `gx run --dry-run` (a TPU v5e chip: 16)
@@ -478,7 +482,7 @@ def check_weights(path: str, weights: Any, domains: tuple[str, ...]) -> None:
         raise UserError(f"{path}: weights sum to {total:.8g}, not 1 (within 1e-6)")
 
 
-def _check_mixture(m: MixtureConfig, domains: tuple[str, ...]) -> None:
+def _check_mixture(m: MixtureConfig, domains: tuple[str, ...], step_tokens: int) -> None:
     p = "config.mixture.stages"
     if not m.stages:
         raise UserError(f"{p}: declare at least one stage")
@@ -495,6 +499,10 @@ def _check_mixture(m: MixtureConfig, domains: tuple[str, ...]) -> None:
                             f"increasing (stage {name_a} also starts at {a.start})")
     for name, stage in m.stages.items():
         check_weights(f"{p}.{name}.weights", stage.weights, domains)
+        if stage.seq_len and step_tokens % stage.seq_len or stage.seq_len < 0:
+            raise UserError(f"{p}.{name}.seq_len={stage.seq_len}: must divide the "
+                            f"{step_tokens:,} tokens of a step (train.batch_size x "
+                            "data.seq_len), which every stage keeps; 0 = data.seq_len")
 
 
 def _check_tracking(t: TrackingConfig) -> None:
@@ -565,7 +573,7 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     check_data(exp.data)
     _check_train(exp.train)
     _check_optimizer(exp.optimizer, exp.train)
-    _check_mixture(exp.mixture, exp.data.domains)
+    _check_mixture(exp.mixture, exp.data.domains, exp.train.batch_size * exp.data.seq_len)
     _check_tracking(exp.tracking)
     _check_distributed(exp.distributed)
     _check_faults(exp.faults)

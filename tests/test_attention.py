@@ -165,7 +165,7 @@ def test_bf16_is_finite_and_close_to_f32():
 
 def test_argument_mistakes_are_refused():
     q, k, v, _ = qkvw(1, 16, 4, 1)
-    with pytest.raises(ValueError, match="L=16 but S=8"):
+    with pytest.raises(ValueError, match=r"q_offset=0 \+ L=16 must be at most S=8"):
         attn.blockwise_attention(q, k[:, :8], v[:, :8])
     with pytest.raises(ValueError, match="segment ids for both"):
         attn.blockwise_attention(q, k, v, jnp.zeros((1, 16), jnp.int32))

@@ -133,7 +133,7 @@ def test_cached_decode_on_8_devices_under_a_data_model_mesh(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())
     for name, case in result.items():
-        assert case["devices"] == 8 and case["mesh"] == {"data": 4, "fsdp": 1, "model": 2}, case
+        assert case["devices"] == 8 and case["mesh"] == {"data": 4, "fsdp": 1, "context": 1, "model": 2}, case
         assert case["equal"] == "ok", (name, case["equal"])
         # the cache is split along the batch (data); kv heads over model only where they divide
         assert case["cache_spec"] == case["want_cache_spec"], (name, case)

@@ -59,8 +59,9 @@ EXPECTED_SPECS = {
                 "up_DxF": ("fsdp", "model"), "down_FxD": ("model", "fsdp"),
                 "scale": ("fsdp",)},
 }
-MESH_SIZES = {"dp": {"data": 8, "fsdp": 1, "model": 1}, "fsdp": {"data": 1, "fsdp": 8, "model": 1},
-              "fsdp_tp": {"data": 1, "fsdp": 4, "model": 2}}
+MESH_SIZES = {"dp": {"data": 8, "fsdp": 1, "context": 1, "model": 1},
+              "fsdp": {"data": 1, "fsdp": 8, "context": 1, "model": 1},
+              "fsdp_tp": {"data": 1, "fsdp": 4, "context": 1, "model": 2}}
 
 
 def _env(devices: int | None = None, **extra: str) -> dict:
@@ -160,6 +161,10 @@ def runs(tmp_path_factory, corpus_root, data_cache):
     # remat and the blockwise kernel compute the 1-device run's curve
     jobs.append({"name": "scanned_fsdp_tp", "runs": str(root / "scanned_fsdp_tp"),
                  "overrides": [*TINY, *data, "--config.mesh.preset=fsdp_tp", *SCANNED]})
+    # context parallelism: the sequence split in four (fsdp=2 x context=4), blockwise kernels
+    jobs.append({"name": "context_fsdp", "runs": str(root / "context_fsdp"),
+                 "overrides": [*TINY, *data, "--config.mesh.preset=fsdp",
+                               "--config.mesh.context=4", "--config.model.attention=blockwise"]})
     spec = root / "worker.json"
     spec.write_text(json.dumps({"jobs": jobs, "out": str(root / "worker-out.json")}))
     worker = subprocess.run([sys.executable, __file__, str(spec)], cwd=REPO, env=_env(8),
@@ -191,6 +196,20 @@ def test_a_scanned_rematerialised_blockwise_stack_under_fsdp_tp_gives_the_one_de
     params = _final_params(_only_run(runs["root"] / "scanned_fsdp_tp").path)
     (wq,) = [w for key, w in params.items() if "wq_DxHxK" in key]
     assert wq.shape == (1, 32, 2, 16)  # (layers, D, H, K): the weights stacked
+
+
+def test_a_sequence_split_over_devices_gives_the_one_device_curve(runs):
+    result = runs["worker"]["context_fsdp"]
+    assert result["mesh"] == {"data": 1, "fsdp": 2, "context": 4, "model": 1}
+    _assert_close({int(k): v for k, v in result["losses"].items()}, runs["one"], "context")
+    assert result["run_id"] == _only_run(runs["root"] / "one").run_id  # placement, not identity
+    one = _final_params(_only_run(runs["root"] / "one").path)
+    split = _final_params(_only_run(runs["root"] / "context_fsdp").path)
+    for key, want in one.items():
+        np.testing.assert_allclose(split[key], want, rtol=PARAMS_RTOL, atol=PARAMS_ATOL,
+                                   err_msg=key)
+    assert runs["worker"]["seq_error"]["message"].startswith(
+        "config.data.seq_len=36: must be divisible by the 8 context shards of the mesh")
 
 
 def test_presets_end_with_the_one_device_parameters(runs):
@@ -243,7 +262,8 @@ def test_a_sharded_run_killed_mid_run_resumes_to_the_uninterrupted_result(runs):
 
 def test_gx_eval_restores_onto_the_runs_mesh_and_gives_its_numbers(runs):
     ev = runs["worker"]["fsdp_tp"]["gx_eval"]
-    assert "eval: fsdp_tp mesh over 8 devices (data=1, fsdp=4, model=2)" in ev["log"], ev["log"]
+    said = "eval: fsdp_tp mesh over 8 devices (data=1, fsdp=4, context=1, model=2)"
+    assert said in ev["log"], ev["log"]
     for key, value in ev["metrics"].items():
         assert value == pytest.approx(ev["summary"][key], rel=1e-5), key
 
@@ -315,19 +335,20 @@ def test_mesh_errors_that_need_the_device_count(capsys):
     with pytest.raises(UserError, match=r"config.mesh.fsdp=-1: only one mesh axis may be -1"):
         _load("--config.mesh.data=-1", "--config.mesh.fsdp=-1")
     with pytest.raises(UserError, match=r"config.mesh.data=3, config.mesh.fsdp=1, "
-                                        r"config.mesh.model=1: the mesh has 3 devices, but "
+                                        r"config.mesh.context=1, config.mesh.model=1: the "
+                                        r"mesh has 3 devices, but "
                                         r"there are 8"):
         sharding.mesh_shape(_load("--config.mesh.data=3", "--config.mesh.fsdp=1",
                                   "--config.mesh.model=1").mesh, 8)
     with pytest.raises(UserError, match=r"config.mesh.fsdp=-1: the other axes \(data=1 x "
-                                        r"model=2 = 2\) do not divide the 7 devices"):
+                                        r"context=1 x model=2 = 2\) do not divide the 7 devices"):
         sharding.mesh_shape(_load("--config.mesh.preset=fsdp_tp").mesh, 7)
     assert sharding.mesh_shape(_load("--config.mesh.preset=fsdp_tp").mesh, 8) == \
-        {"data": 1, "fsdp": 4, "model": 2}
+        {"data": 1, "fsdp": 4, "context": 1, "model": 2}
     # a user's own -1 axis replaces the preset's
     assert sharding.mesh_shape(_load("--config.mesh.preset=fsdp", "--config.mesh.data=-1",
                                      "--config.mesh.fsdp=2").mesh, 8) == \
-        {"data": 4, "fsdp": 2, "model": 1}
+        {"data": 4, "fsdp": 2, "context": 1, "model": 1}
     # distributed settings: config first, then the environment; incomplete ones name the key
     cfg = _load("--config.distributed.coordinator_address=10.0.0.1:1234").distributed
     with pytest.raises(UserError, match="config.distributed.num_processes: not set"):
@@ -377,7 +398,8 @@ def test_dry_run_prints_per_device_memory_and_flags_what_does_not_fit():
         return dry_run.render(cfg, trainer.declared_schedule(cfg))
 
     fits = render("--config.mesh.preset=fsdp_tp", "--config.mesh.fsdp=4")
-    assert "mesh         fsdp_tp: data=1 x fsdp=4 x model=2 = 8 devices (as configured)" in fits
+    assert ("mesh         fsdp_tp: data=1 x fsdp=4 x context=1 x model=2 = 8 devices "
+            "(as configured)") in fits
     assert "per device   params" in fits and "WARNING" not in fits
     # the multi-query kv head cannot be split over model: said, not hidden
     assert "blocks.*.attn.wk_DxGxK: (fsdp, model, -) -> (fsdp, -, -)" in fits
@@ -498,6 +520,15 @@ def _worker(spec_path: str) -> None:
         message = str(e)
     results["batch_error"] = {"message": message,
                               "written": sorted(p.name for p in bad.glob("*/*"))}
+    cfg = load_experiment("experiments/quickstart.py",
+                          [*spec["jobs"][0]["overrides"], "--config.mesh.context=8",
+                           "--config.data.seq_len=36"]).config
+    try:
+        trainer.run_experiment(cfg, bad, log=lambda _: None)
+        message = "no error"
+    except UserError as e:
+        message = str(e)
+    results["seq_error"] = {"message": message}
     Path(spec["out"]).write_text(json.dumps(results))
 
 

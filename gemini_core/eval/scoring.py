@@ -295,7 +295,7 @@ def target_nll(model: Transformer, tokens_BxL: jax.Array, positions_BxC: jax.Arr
     h_BxLxD = model.hidden(tokens_BxL).reshape(B, L, -1)
     # a gather within each row: under a mesh every row's positions stay on its batch shard
     h_NxD = jnp.take_along_axis(h_BxLxD, positions_BxC[:, :, None], axis=1).reshape(B * C, -1)
-    logits_NxV = model.logits(constrain(h_NxD, ("batch", None)))
+    logits_NxV = model.logits(constrain(h_NxD, ("tokens", None)))
     targets_N = targets_BxC.reshape(-1)
     nll_N = cross_entropy(logits_NxV, targets_N)
     hit_N = jnp.argmax(logits_NxV, axis=-1) == targets_N

@@ -2,14 +2,20 @@
 
 Every implementation takes queries (B, L, H, K), keys and values (B, S, G, K), optional segment
 ids (B, L) and (B, S) (document masking: a query sees only keys of its own segment, so packed
-documents never attend to each other) and `causal` (query i sees keys j <= i; L == S):
+documents never attend to each other), `causal` (query i sees keys j <= q_offset + i) and
+`q_offset` (the queries' first position among the keys: 0, or a later chunk of the sequence
+under context parallelism):
 
 - dense: `masked_attention`, which holds the (L, S) scores (also the KV cache's attention);
 - blockwise: flash attention in pure JAX (an online softmax over blocks of keys, a custom VJP
   that recomputes the scores block by block), memory linear in L, causal blocks skipped;
 - cudnn: cuDNN's fused flash attention through `jax.nn.dot_product_attention`; GPU only.
 
-`resolve` maps a configured name to the one to run and `attention` runs it.
+`resolve` maps a configured name to the one to run and `attention` runs it. Under a mesh whose
+`context` axis splits the sequence (context parallelism), `attention` runs the kernel per device
+on its chunk of queries against the keys and values of the whole sequence, gathered from every
+chunk (`context_parallel`): the (B, L, D) activations of every other layer stay split, and
+K/V are small beside them (G kv heads, often 1).
 
 Shape letters as in gemini_core.model.transformer, plus S kv length, Q a query block's length,
 C a kv block's length, P the (query block, kv block) pairs computed.
@@ -24,9 +30,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from gemini_core.errors import UserError
 from gemini_core.model.options import ATTENTION
+from gemini_core.scale import sharding
 
 IMPLEMENTATIONS = ATTENTION
 # `auto` off GPU: dense below this length, blockwise from it (bench/attention.py on the 2-core
@@ -50,16 +58,17 @@ class _Plan:
     causal: bool
     kv_len: int  # keys at or past it are padding (masked when not causal)
     segments: bool
+    q_offset: int = 0  # query i sits at key position q_offset + i
 
 
-def block_schedule(num_q: int, num_k: int, block_q: int, block_k: int,
-                   causal: bool) -> tuple[np.ndarray, np.ndarray]:
+def block_schedule(num_q: int, num_k: int, block_q: int, block_k: int, causal: bool,
+                   q_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The (query block, kv block) pairs blockwise attention computes, as two (P,) arrays.
 
     Causal drops every pair whose first key comes after the block's last query: those blocks
     are not computed at all (about half of them for many blocks)."""
     pairs = [(i, j) for i in range(num_q) for j in range(num_k)
-             if not causal or j * block_k <= (i + 1) * block_q - 1]
+             if not causal or j * block_k <= q_offset + (i + 1) * block_q - 1]
     qi_P, kj_P = np.asarray(pairs, np.int32).reshape(-1, 2).T
     return qi_P, kj_P
 
@@ -68,9 +77,11 @@ def _loops(plan: _Plan, num_q: int, num_k: int) -> list[tuple[tuple[np.ndarray, 
     """The schedule as up to two loops: the pairs that need a positional mask (straddling the
     causal diagonal, or holding padded keys), then the rest, which skip that pass over the
     scores (most of them: below the diagonal every key is visible)."""
-    qi_P, kj_P = block_schedule(num_q, num_k, plan.block_q, plan.block_k, plan.causal)
+    qi_P, kj_P = block_schedule(num_q, num_k, plan.block_q, plan.block_k, plan.causal,
+                                plan.q_offset)
     last_key_P = (kj_P + 1) * plan.block_k - 1
-    cut_P = last_key_P > qi_P * plan.block_q if plan.causal else last_key_P >= plan.kv_len
+    cut_P = (last_key_P > plan.q_offset + qi_P * plan.block_q if plan.causal
+             else last_key_P >= plan.kv_len)
     return [((qi_P[m], kj_P[m]), positional) for m, positional in ((cut_P, True), (~cut_P, False))
             if m.any()]
 
@@ -78,7 +89,7 @@ def _loops(plan: _Plan, num_q: int, num_k: int) -> list[tuple[tuple[np.ndarray, 
 def _block_mask(plan: _Plan, i: jax.Array, j: jax.Array, seg_q_BxL: jax.Array,
                 seg_kv_BxS: jax.Array, positional: bool) -> jax.Array | None:
     """(B or 1, 1, Q, 1, C): which scores of the pair count; None when all of them do."""
-    q_pos_Q = i * plan.block_q + jnp.arange(plan.block_q)
+    q_pos_Q = plan.q_offset + i * plan.block_q + jnp.arange(plan.block_q)
     k_pos_C = j * plan.block_k + jnp.arange(plan.block_k)
     mask_1xQxC = None
     if positional and plan.causal:  # also keeps real queries off the padded keys past them
@@ -196,6 +207,12 @@ def _flash_bwd(plan: _Plan, residuals, do_BxGxLxRxK):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _check_alignment(L: int, S: int, causal: bool, q_offset: int) -> None:
+    if causal and not (0 <= q_offset and q_offset + L <= S):
+        raise ValueError(f"causal attention places queries among the keys: q_offset={q_offset} "
+                         f"+ L={L} must be at most S={S}")
+
+
 def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     extra = -x.shape[axis] % multiple
     if not extra:
@@ -208,7 +225,8 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
 def blockwise_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                         segment_q_BxL: jax.Array | None = None,
                         segment_kv_BxS: jax.Array | None = None, *, block_q: int = BLOCK_Q,
-                        block_k: int = BLOCK_K, causal: bool = True) -> jax.Array:
+                        block_k: int = BLOCK_K, causal: bool = True,
+                        q_offset: int = 0) -> jax.Array:
     """Flash attention: queries in blocks of block_q against keys in blocks of block_k.
 
     Neither pass holds more than one (Q, C) block of scores per kv head. A length the block
@@ -217,12 +235,11 @@ def blockwise_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: j
     rows are dropped. A block longer than the sequence shrinks to it."""
     B, L, H, K = q_BxLxHxK.shape
     S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
-    if causal and L != S:
-        raise ValueError(f"causal attention aligns queries with keys: L={L} but S={S}")
+    _check_alignment(L, S, causal, q_offset)
     if (segment_q_BxL is None) != (segment_kv_BxS is None):
         raise ValueError("give segment ids for both queries and keys, or for neither")
     bq, bk = min(block_q, L), min(block_k, S)
-    plan = _Plan(bq, bk, causal, S, segment_q_BxL is not None)
+    plan = _Plan(bq, bk, causal, S, segment_q_BxL is not None, q_offset)
     if segment_q_BxL is None:  # unused (plan.segments is False); the custom_vjp wants arrays
         segment_q_BxL, segment_kv_BxS = jnp.zeros((B, L), jnp.int32), jnp.zeros((B, S), jnp.int32)
     # (B, L, G, R, K) -> (B, G, L, R, K): the R query heads of a kv head meet its keys in one
@@ -269,9 +286,11 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.
 
 
 def _segment_mask(segment_q_BxL: jax.Array | None, segment_kv_BxS: jax.Array | None,
-                  L: int, S: int, causal: bool) -> jax.Array:
+                  L: int, S: int, causal: bool, q_offset: int = 0) -> jax.Array:
     """(L, S) or, with segments, (B, 1, 1, L, S): True where a query may see a key."""
-    mask_LxS = jnp.tril(jnp.ones((L, S), jnp.bool_)) if causal else jnp.ones((L, S), jnp.bool_)
+    _check_alignment(L, S, causal, q_offset)
+    mask_LxS = ((q_offset + jnp.arange(L))[:, None] >= jnp.arange(S)[None, :] if causal
+                else jnp.ones((L, S), jnp.bool_))
     if segment_q_BxL is None:
         return mask_LxS
     same_BxLxS = segment_q_BxL[:, :, None] == segment_kv_BxS[:, None, :]
@@ -280,26 +299,33 @@ def _segment_mask(segment_q_BxL: jax.Array | None, segment_kv_BxS: jax.Array | N
 
 def dense_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                     segment_q_BxL: jax.Array | None = None,
-                    segment_kv_BxS: jax.Array | None = None, *, causal: bool = True) -> jax.Array:
+                    segment_kv_BxS: jax.Array | None = None, *, causal: bool = True,
+                    q_offset: int = 0) -> jax.Array:
     """The full (L, S) scores with the causal and same-segment mask."""
     mask = _segment_mask(segment_q_BxL, segment_kv_BxS, q_BxLxHxK.shape[1],
-                         k_BxSxGxK.shape[1], causal)
+                         k_BxSxGxK.shape[1], causal, q_offset)
     return masked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)
 
 
 def cudnn_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                     segment_q_BxL: jax.Array | None = None,
-                    segment_kv_BxS: jax.Array | None = None, *, causal: bool = True) -> jax.Array:
+                    segment_kv_BxS: jax.Array | None = None, *, causal: bool = True,
+                    q_offset: int = 0) -> jax.Array:
     """cuDNN flash attention (GPU; bf16 or fp16 inputs, as cuDNN requires).
 
     `jax.nn.dot_product_attention` (jax 0.10) takes no segment ids: same-segment masking goes
     in as its boolean `mask` (B, 1, L, S), which cuDNN applies as a bias, so that memory is
-    quadratic; without segments the causal mask is cuDNN's own and nothing (L, S) is held."""
-    mask_Bx1xLxS = None
-    if segment_q_BxL is not None:
-        mask_Bx1xLxS = (segment_q_BxL[:, :, None] == segment_kv_BxS[:, None, :])[:, None]
+    quadratic; without segments the causal mask is cuDNN's own and nothing (L, S) is held.
+    Queries that are a later chunk of the keys (context parallelism) have their causal mask
+    given explicitly too."""
+    L, S = q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
+    if segment_q_BxL is None and L == S:
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=causal,
+                                            implementation="cudnn")
+    mask = _segment_mask(segment_q_BxL, segment_kv_BxS, L, S, causal, q_offset)
+    mask_Bx1xLxS = mask[:, :, 0] if mask.ndim == 5 else mask[None, None]
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xLxS,
-                                        is_causal=causal, implementation="cudnn")
+                                        implementation="cudnn")
 
 
 _RUN = {"dense": dense_attention, "blockwise": blockwise_attention, "cudnn": cudnn_attention}
@@ -331,6 +357,54 @@ def resolve(name: str, platform: str, seq_len: int, *, dtype: str | None = None)
 def attention(impl: str, q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
               segment_q_BxL: jax.Array | None = None,
               segment_kv_BxS: jax.Array | None = None) -> jax.Array:
-    """Causal attention by the implementation `impl` resolves to on the default backend."""
+    """Causal attention by the implementation `impl` resolves to on the default backend; split
+    over the devices along the sequence where the active mesh says so (module docstring)."""
     name = resolve(impl, jax.default_backend(), q_BxLxHxK.shape[1], dtype=q_BxLxHxK.dtype.name)
+    split = sharding.context_axes()
+    if split is not None:
+        mesh, axes = split
+        shards = math.prod(mesh.shape[a] for a in axes)
+        if q_BxLxHxK.shape[1] % shards == 0 and q_BxLxHxK.shape[1] == k_BxSxGxK.shape[1]:
+            return context_parallel(name, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_q_BxL,
+                                    segment_kv_BxS, mesh, axes)
     return _RUN[name](q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_q_BxL, segment_kv_BxS)
+
+
+def context_parallel(name: str, q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+                     segment_q_BxL: jax.Array | None, segment_kv_BxL: jax.Array | None,
+                     mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> jax.Array:
+    """Causal attention with the sequence split over the mesh `axes` (all-gather context
+    parallelism): each device gathers every chunk's keys and values (and segment ids) and
+    attends with its own queries, whose positions start at its chunk's offset.
+
+    Manual over `axes` only (`jax.shard_map`'s axis_names); batch, heads and the rest stay
+    under the compiler's sharding. The offset picks one of `shards` kernels (`lax.switch` on
+    the device's index): each is compiled with its offset static, so the blockwise kernel still
+    skips the blocks above the causal diagonal. The backward of the gather is a reduce-scatter
+    of the keys' and values' gradients (JAX transposes it). Causal work grows with the chunk's
+    index (the last device attends to the whole sequence, the first to its own chunk); a zig-zag
+    assignment of chunks would even it out."""
+    L = q_BxLxHxK.shape[1]
+    shards = math.prod(mesh.shape[a] for a in axes)
+    chunk = L // shards
+    run = _RUN[name]
+    segments = segment_q_BxL is not None
+
+    def local(q_BxCxHxK, k_BxCxGxK, v_BxCxGxK, *segment_BxC):
+        k_BxLxGxK, v_BxLxGxK = (jax.lax.all_gather(x, axes, axis=1, tiled=True)
+                                for x in (k_BxCxGxK, v_BxCxGxK))
+        seg = ((segment_BxC[0], jax.lax.all_gather(segment_BxC[1], axes, axis=1, tiled=True))
+               if segments else (None, None))
+        branches = [functools.partial(_offset_kernel, run, c * chunk) for c in range(shards)]
+        return jax.lax.switch(jax.lax.axis_index(axes), branches, q_BxCxHxK, k_BxLxGxK,
+                              v_BxLxGxK, *seg)
+
+    split = P(None, axes)
+    operands = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK) + (
+        (segment_q_BxL, segment_kv_BxL) if segments else ())
+    return jax.shard_map(local, mesh=mesh, in_specs=(split,) * len(operands), out_specs=split,
+                         axis_names=set(axes), check_vma=False)(*operands)
+
+
+def _offset_kernel(run, q_offset: int, q, k, v, seg_q, seg_kv):
+    return run(q, k, v, seg_q, seg_kv, q_offset=q_offset)

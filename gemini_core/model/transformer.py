@@ -12,8 +12,9 @@ matmuls 1.6-1.8x faster on a 2-D (N, D) operand than on (B, L, D). Only attentio
 
 Parameters carry logical axis names (`out_sharding` metadata) from LOGICAL_AXES; the mapping
 of logical axes to a device mesh lives in config/sharding code, never here. Activations are
-pinned by logical name too (`constrain`, a no-op without a mesh): the residual stream split by
-batch, the MLP hidden and attention heads by their parameter axes, logits by vocab. Left to the
+pinned by logical name too (`constrain`, a no-op without a mesh): the residual stream's B·L rows
+split by batch and then by position (`tokens`: context parallelism splits the sequence), the MLP
+hidden and attention heads by their parameter axes, logits by vocab. Left to the
 compiler's propagation alone, FSDP would split the residual stream along D like the weights and
 keep the whole batch on every device.
 
@@ -167,7 +168,7 @@ class Mlp(nnx.Module):
         w_Dx2F = jnp.concatenate([self.gate_DxF[...], self.up_DxF[...]], axis=1).astype(dt)
         h_Nx2F = x_NxD @ w_Dx2F
         h_NxF = constrain(jax.nn.gelu(h_Nx2F[:, :F], approximate=True) * h_Nx2F[:, F:],
-                          ("batch", "mlp"))
+                          ("tokens", "mlp"))
         return h_NxF @ self.down_FxD[...].astype(dt)
 
 
@@ -186,8 +187,8 @@ class Block(nnx.Module):
 
     def residual(self, x_NxD: jax.Array, attn_NxD: jax.Array) -> jax.Array:
         """The attention output added to the stream, then the MLP's."""
-        x_NxD = constrain(x_NxD + attn_NxD, ("batch", None))
-        return constrain(x_NxD + self.mlp(self.mlp_norm(x_NxD)), ("batch", None))
+        x_NxD = constrain(x_NxD + attn_NxD, ("tokens", None))
+        return constrain(x_NxD + self.mlp(self.mlp_norm(x_NxD)), ("tokens", None))
 
     def prefill(self, x_NxD: jax.Array, batch: int, cos_LxK: jax.Array, sin_LxK: jax.Array
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -226,7 +227,7 @@ class Transformer(nnx.Module):
         # for ~uniform initial logits) the unscaled input would be drowned by the first block's
         # residual updates. A constant, fused into the gather.
         x_NxD = self.embed_VxD[...][tokens_BxL.reshape(-1)] * math.sqrt(self.cfg.d_model)
-        return constrain(x_NxD.astype(self.cfg.dtype), ("batch", None))
+        return constrain(x_NxD.astype(self.cfg.dtype), ("tokens", None))
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin of shape positions.shape + (K,), scaled as `model.rope` says."""
@@ -319,7 +320,7 @@ class Transformer(nnx.Module):
         else:
             logits_NxV = jnp.einsum("nd,dv->nv", h_NxD, self.head_DxV[...].astype(dt),
                                     preferred_element_type=jnp.float32)
-        return constrain(logits_NxV, ("batch", "vocab"))
+        return constrain(logits_NxV, ("tokens", "vocab"))
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         B, L = tokens_BxL.shape

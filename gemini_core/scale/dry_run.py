@@ -13,6 +13,7 @@ so it informs, and the run itself is the arbiter; scripts can look for the line.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -36,8 +37,11 @@ def tokens_per_domain(schedule: MixtureSchedule, domains, total_steps: int, batc
     """Exactly what the sampler will draw: its own per-step counts, summed."""
     if any(isinstance(s.weights, str) for s in schedule.stages):
         return None  # "natural" weights are only known once the data is tokenized
-    sequences = domain_counts(schedule, domains, total_steps, batch_size).sum(axis=0)
-    return {d: int(n) * seq_len for d, n in zip(domains, sequences)}
+    counts_TxD = domain_counts(schedule, domains, total_steps, batch_size, seq_len)
+    bounds = schedule.first_steps(total_steps) + [total_steps]
+    tokens_D = sum(counts_TxD[a:b].sum(axis=0) * length  # a stage of its own length
+                   for a, b, length in zip(bounds, bounds[1:], schedule.seq_lens(seq_len)))
+    return {d: int(n) for d, n in zip(domains, tokens_D)}
 
 
 def _gib(n_bytes: float) -> str:
@@ -118,15 +122,19 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict[str, int],
     at a time holds its whole set while it is recomputed; other policies keep at most what no
     remat keeps, which is what is counted for them (an upper bound).
     Whole batch B·T tokens; on one device each term is divided by how many ways the mesh
-    splits its (batch, heads | kv heads | mlp | vocab) dimensions under the rules.
+    splits its (batch, length, heads | kv heads | mlp | vocab) dimensions under the rules.
+    With the sequence split (context parallelism) a layer also holds the gathered keys and
+    values of the whole sequence, 2·G·K per token of its batch rows, split by batch only.
     """
     m = cfg.model
     B, T, L = cfg.train.batch_size, cfg.data.seq_len, m.num_layers
     D, H, G, K, F, V = m.d_model, m.num_heads, m.num_kv_heads, m.qk_dim, m.ffw_dim, m.vocab_size
     a = jnp.dtype(m.dtype).itemsize
 
-    def term(elems_per_token: float, itemsize: int, name: str | None = None, dim: int = 1):
-        names, dims = ("batch",) + ((name,) if name else ()), (B,) + ((dim,) if name else ())
+    def term(elems_per_token: float, itemsize: int, name: str | None = None, dim: int = 1,
+             length: str | None = "length"):
+        names = ("batch", length) + ((name,) if name else ())
+        dims = (B, T) + ((dim,) if name else ())
         split = sharding.shard_factor(sharding.spec_for(names, dims, rules, sizes), sizes)
         return B * T * elems_per_token * itemsize / split
 
@@ -134,6 +142,9 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict[str, int],
     per_layer = (term(4 * D, a) + term(2 * H * K + H * K, a, "q_heads", H)
                  + term(3 * G * K, a, "kv_heads", G)
                  + term(2 * H * T if dense else H, 4, "q_heads", H) + term(4 * F, a, "mlp", F))
+    context = sharding.shard_factor(sharding.spec_for(("length",), (T,), rules, sizes), sizes)
+    if context > 1:
+        per_layer += term(2 * G * K, a, "kv_heads", G, length=None)
     if m.remat in ("full", "nothing_saveable"):
         layers = L * term(D, a) + per_layer
     else:
@@ -141,7 +152,19 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict[str, int],
     return layers + term(3 * D, a) + term(2 * V, 4, "vocab", V)
 
 
-def render_mesh(cfg: ExperimentConfig) -> list[str]:
+def stage_configs(cfg: ExperimentConfig, schedule: MixtureSchedule | None
+                  ) -> list[ExperimentConfig]:
+    """The config as each stage of its own length trains it (rows and seq_len), for the
+    activation estimate: the largest one counts."""
+    if schedule is None:
+        return [cfg]
+    seq, rows = cfg.data.seq_len, schedule.batch_sizes(cfg.train.batch_size, cfg.data.seq_len)
+    return [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=n),
+                                data=dataclasses.replace(cfg.data, seq_len=length))
+            for n, length in zip(rows, schedule.seq_lens(seq))]
+
+
+def render_mesh(cfg: ExperimentConfig, schedule: MixtureSchedule | None = None) -> list[str]:
     """The mesh lines of the plan: layout, per-device memory, and whether it fits."""
     m = cfg.mesh
     sizes, origin = plan_mesh(cfg)
@@ -164,7 +187,7 @@ def render_mesh(cfg: ExperimentConfig) -> list[str]:
         lines.append(f"  not split as the rule says (dimension not divisible): {item}")
     params, opt = state["params"], state["optimizer"]
     grads = params  # gradients take their parameter's sharding
-    acts = activation_bytes(cfg, sizes, rules)
+    acts = max(activation_bytes(c, sizes, rules) for c in stage_configs(cfg, schedule))
     total = params + grads + opt + acts
     budget = m.device_memory_gib * 2**30
     lines.append(f"per device   params {_size(params)} + grads {_size(grads)} + AdamW "
@@ -202,14 +225,15 @@ def render(cfg: ExperimentConfig, schedule: MixtureSchedule) -> str:
         f"(20/param); this run is {total_tokens / chinchilla:.3g}x that",
         f"memory       params {_gib(mem['params'])} + AdamW state {_gib(mem['optimizer'])} = "
         f"{_gib(mem['params'] + mem['optimizer'])} (f32, before activations)",
-        *render_mesh(cfg),
+        *render_mesh(cfg, schedule),
         "schedule",
     ]
     stage_steps = steps_per_stage(schedule, t.steps)
     for stage, n in zip(schedule.stages, stage_steps):
         weights = stage.weights if isinstance(stage.weights, str) else ", ".join(
             f"{d}={w:.3g}" for d, w in stage.weights.items() if w)
-        lines.append(f"  from {stage.start:.3g} ({n:,} steps): {weights}")
+        length = f", seq_len {stage.seq_len}" if stage.seq_len else ""
+        lines.append(f"  from {stage.start:.3g} ({n:,} steps{length}): {weights}")
     per_domain = tokens_per_domain(schedule, cfg.data.domains, t.steps, t.batch_size, seq)
     lines.append("tokens per domain")
     if per_domain is None:

@@ -1,7 +1,7 @@
 """Device mesh and sharding rules: logical axis names -> mesh axes, as MaxText does.
 
 Model code names logical axes only (parameters carry them as `out_sharding` metadata; activations
-through `constrain`). The mesh (axes data, fsdp, model) and the rules that map each logical axis
+through `constrain`). The mesh (axes data, fsdp, context, model) and the rules that map each logical axis
 to zero or more mesh axes come from `config.mesh` (a preset, per-axis overrides). From these this
 module derives the PartitionSpec of every leaf of the train state (AdamW moments carry their
 parameter's names, so they follow it), the sharding of a batch (batch -> data and fsdp), and the
@@ -35,9 +35,14 @@ from jax.sharding import PartitionSpec as P
 
 from gemini_core.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "model")
+# context: the sequence split over devices (context parallelism): `length` -> context, and
+# attention gathers the keys and values of the whole sequence (context_axes, attention.py)
+MESH_AXES = ("data", "fsdp", "context", "model")
 # logical axes of activations; the parameters' own come from gemini_core.model.transformer.LOGICAL_AXES
 ACTIVATION_AXES = ("batch", "length")
+# the residual stream flattened to (B·L, D): its rows are split like batch, then length (row
+# b·L + l: batch-major, so the mesh axes of batch come first)
+TOKENS = "tokens"
 PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
 LOGICAL_AXES = ACTIVATION_AXES + PARAM_AXES
 PRESET_RULE = "preset"  # a rules value meaning "what the preset says"
@@ -52,15 +57,18 @@ class Preset:
 
 # The batch is split over every axis that does not split the model's math (data and fsdp), so
 # FSDP is data parallelism whose parameters, gradients and moments are also split over `fsdp`.
+# Every preset splits the sequence over `context` (size 1 unless config.mesh.context says).
 PRESETS = {
-    "dp": Preset({"data": -1, "fsdp": 1, "model": 1}, {"batch": "data,fsdp"},
+    "dp": Preset({"data": -1, "fsdp": 1, "context": 1, "model": 1},
+                 {"batch": "data,fsdp", "length": "context"},
                  "pure data parallel: batch split, state replicated"),
-    "fsdp": Preset({"data": 1, "fsdp": -1, "model": 1},
-                   {"batch": "data,fsdp", "embed": "fsdp"},
+    "fsdp": Preset({"data": 1, "fsdp": -1, "context": 1, "model": 1},
+                   {"batch": "data,fsdp", "length": "context", "embed": "fsdp"},
                    "FSDP (ZeRO-3): batch split; params, grads, moments split on embed"),
-    "fsdp_tp": Preset({"data": 1, "fsdp": -1, "model": 2},
-                      {"batch": "data,fsdp", "embed": "fsdp", "vocab": "model",
-                       "q_heads": "model", "kv_heads": "model", "mlp": "model"},
+    "fsdp_tp": Preset({"data": 1, "fsdp": -1, "context": 1, "model": 2},
+                      {"batch": "data,fsdp", "length": "context", "embed": "fsdp",
+                       "vocab": "model", "q_heads": "model", "kv_heads": "model",
+                       "mlp": "model"},
                       "FSDP + tensor parallel (Megatron): heads, mlp and vocab split on model"),
 }
 
@@ -157,7 +165,9 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int] | None,
     used: set[str] = set()
     out = []
     for i, name in enumerate(logical):
-        axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
+        wanted = (tuple(rules.get("batch", ())) + tuple(rules.get("length", ()))
+                  if name == TOKENS else rules.get(name, ()))
+        axes = tuple(a for a in wanted if a not in used) if name else ()
         if shape is not None:
             while axes and shape[i] % math.prod(sizes[a] for a in axes):
                 axes = axes[:-1]
@@ -205,6 +215,11 @@ class Layout:
         """Into how many parts the batch dimension is split."""
         return math.prod(self.sizes[a] for a in self.rules.get("batch", ()))
 
+    @property
+    def context_shards(self) -> int:
+        """Into how many parts the sequence is split (context parallelism)."""
+        return math.prod(self.sizes[a] for a in self.rules.get("length", ()))
+
     # -- the train state
 
     def state_specs(self, abstract_state: Any) -> Any:
@@ -251,6 +266,15 @@ class Layout:
 
 
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
+
+
+def context_axes() -> tuple[Mesh, tuple[str, ...]] | None:
+    """The active mesh and the axes the sequence is split over, when it is split (context
+    parallelism); None otherwise."""
+    layout = _ACTIVE.get()
+    if layout is None or layout.context_shards == 1:
+        return None
+    return layout.mesh, tuple(a for a in layout.rules["length"] if layout.sizes[a] > 1)
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
