@@ -109,6 +109,11 @@ def _fill(cfg: ml_collections.ConfigDict, cls: type) -> None:
         value = cfg[field.name]
         if dataclasses.is_dataclass(tp) and isinstance(value, ml_collections.ConfigDict):
             _fill(value, tp)
+        elif tp == Mapping[str, config_lib.StageConfig] and isinstance(
+                value, ml_collections.ConfigDict):  # each mixture stage: its seq_len too
+            for stage in value.values():
+                if isinstance(stage, ml_collections.ConfigDict):
+                    _fill(stage, config_lib.StageConfig)
 
 
 def _has_default(field: dataclasses.Field) -> bool:

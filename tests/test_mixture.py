@@ -86,9 +86,14 @@ BAD_SCHEDULES = [
     ([_stage(0.0, web=1.0), _stage(1.0, code=1.0)], "stages[1].start=1.0: must be in [0, 1)"),
     ([_stage(0.0, web=1.0), _stage(-0.5, code=1.0)], "stages[1].start=-0.5: must be in [0, 1)"),
     ([_stage(0.0, web="lots", code=0.0)], "stages[0].weights.web='lots': expected a number"),
-    ([{"start": 0.0}], "stages[0]: expected exactly the keys start, weights"),
+    ([{"start": 0.0}], "stages[0]: expected the keys start, weights and optionally seq_len "
+                       "(got start)"),
     ([_stage(0.0, web=1.0), {"weights": {"web": 1.0}}],
-     "stages[1]: expected exactly the keys start, weights"),
+     "stages[1]: expected the keys start, weights and optionally seq_len (got weights)"),
+    ([{"start": 0.0, "weights": {"web": 1.0}, "seq_len": 0}],
+     "stages[0].seq_len=0: expected a whole number of tokens >= 1"),
+    ([{"start": 0.0, "weights": {"web": 1.0}, "seq_len": 64.0}],
+     "stages[0].seq_len=64.0: expected a whole number of tokens >= 1"),
     ([_stage(True, web=1.0)], "stages[0].start=True: expected a number"),
     ([{"start": 0.0, "weights": [1.0]}], "stages[0].weights: expected a mapping"),
 ]

@@ -4,7 +4,9 @@ domain gets in each batch (`domain_counts`); which sequences they are is gemini_
 A schedule is a list of stages; stage `start` is a fraction of total training steps (first at
 0.0, strictly increasing, each in [0, 1)); weights are non-negative over known domains and sum
 to 1. The last stage is the end-of-training upweighting phase when there is one. Step s runs
-the last stage with start <= s / total_steps.
+the last stage with start <= s / total_steps. A stage may set its own `seq_len` (a long-context
+stage); its batch then holds batch_size * data.seq_len / seq_len sequences, so every step trains
+on as many tokens (`batch_sizes`), and the counts below are of those sequences.
 
 How many sequences each domain gets per batch (`domain_counts`)
 -----------------------------------------------------------------
@@ -66,6 +68,7 @@ _CHUNK = 1 << 15  # steps per vectorised chunk: bounds the temporaries of domain
 class Stage:
     start: float
     weights: Mapping[str, float]  # or a named rule ("natural") before it is resolved
+    seq_len: int | None = None  # None: the run's data.seq_len
 
     def __post_init__(self) -> None:
         # frozen means frozen: a caller's dict must not change the schedule behind our back
@@ -87,14 +90,19 @@ class MixtureSchedule:
                             "{...}}, ...]}")
         stages = []
         for i, st in enumerate(obj["stages"]):
-            if not isinstance(st, Mapping) or set(st) != {"start", "weights"}:
-                raise UserError(f"{where}.stages[{i}]: expected exactly the keys start, weights")
+            if not isinstance(st, Mapping) or not {"start", "weights"} <= set(st) \
+                    or not set(st) <= {"start", "weights", "seq_len"}:
+                raise UserError(f"{where}.stages[{i}]: expected the keys start, weights and "
+                                f"optionally seq_len (got {', '.join(map(str, st))})"
+                                if isinstance(st, Mapping) else
+                                f"{where}.stages[{i}]: expected the keys start, weights")
             if not isinstance(st["weights"], Mapping):
                 raise UserError(f"{where}.stages[{i}].weights: expected a mapping domain -> weight")
             start = st["start"]
             if isinstance(start, bool) or not isinstance(start, (int, float)):
                 raise UserError(f"{where}.stages[{i}].start={start!r}: expected a number")
-            stages.append(Stage(float(start), types.MappingProxyType(dict(st["weights"]))))
+            stages.append(Stage(float(start), types.MappingProxyType(dict(st["weights"])),
+                                st.get("seq_len")))
         return cls(tuple(stages))
 
     @classmethod
@@ -119,8 +127,11 @@ class MixtureSchedule:
         return cls.from_dict(obj, where=str(path))
 
     def to_dict(self) -> dict:
+        """The JSON form; `seq_len` only where a stage sets it (a schedule without one has the
+        dict, hence the run identity, it always had)."""
         return {"stages": [{"start": s.start, "weights": dict(s.weights)
-                            if isinstance(s.weights, Mapping) else s.weights}
+                            if isinstance(s.weights, Mapping) else s.weights,
+                            **({"seq_len": s.seq_len} if s.seq_len is not None else {})}
                            for s in self.stages]}
 
     def dump(self, path: str | Path) -> None:
@@ -153,7 +164,28 @@ class MixtureSchedule:
             total = sum(st.weights.values())
             if abs(total - 1.0) > WEIGHT_TOLERANCE:
                 raise UserError(f"{where}.stages[{i}].weights: sum to {total:.8g}, not 1")
+            if st.seq_len is not None and (isinstance(st.seq_len, bool)
+                                           or not isinstance(st.seq_len, int) or st.seq_len < 1):
+                raise UserError(f"{where}.stages[{i}].seq_len={st.seq_len!r}: expected a "
+                                "whole number of tokens >= 1")
         return self
+
+    def seq_lens(self, seq_len: int) -> list[int]:
+        """Each stage's sequence length, `seq_len` (data.seq_len) where it sets none."""
+        return [seq_len if st.seq_len is None else st.seq_len for st in self.stages]
+
+    def batch_sizes(self, batch_size: int, seq_len: int, where: str = "schedule") -> list[int]:
+        """Each stage's sequences per step: as many tokens per step as batch_size x seq_len.
+        UserError naming the stage when its length does not divide those tokens."""
+        tokens = batch_size * seq_len
+        out = []
+        for i, length in enumerate(self.seq_lens(seq_len)):
+            if tokens % length:
+                raise UserError(f"{where}.stages[{i}].seq_len={length}: must divide the "
+                                f"{tokens:,} tokens of a step (train.batch_size={batch_size} x "
+                                f"data.seq_len={seq_len}), which every stage keeps")
+            out.append(tokens // length)
+        return out
 
     def stage_index(self, fraction: float) -> int:
         """Index of the stage active at `fraction` of training."""
@@ -318,13 +350,17 @@ def _repair(up_KxD: np.ndarray, up_prev_D: np.ndarray, crossed_KxD: np.ndarray,
 
 
 def domain_counts(schedule: MixtureSchedule, domains: Sequence[str], total_steps: int,
-                  batch_size: int) -> np.ndarray:
-    """(total_steps, D) int64: sequences of each domain in the batch at each step."""
+                  batch_size: int, seq_len: int | None = None) -> np.ndarray:
+    """(total_steps, D) int64: sequences of each domain in the batch at each step. With
+    `seq_len` (data.seq_len), a stage of its own length has its own batch size
+    (`MixtureSchedule.batch_sizes`)."""
     if not 1 <= total_steps <= MAX_TOTAL_STEPS:
         raise ValueError(f"total_steps={total_steps}: must be in [1, {MAX_TOTAL_STEPS}]")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     schedule.validate(domains)
+    batches = (schedule.batch_sizes(batch_size, seq_len) if seq_len is not None
+               else [batch_size] * len(schedule.stages))
     scale = weight_scale(total_steps)
     bounds = schedule.first_steps(total_steps) + [total_steps]
     counts_TxD = np.empty((total_steps, len(domains)), np.int64)
@@ -332,7 +368,7 @@ def domain_counts(schedule: MixtureSchedule, domains: Sequence[str], total_steps
         first, end = bounds[i], bounds[i + 1]  # first steps are non-decreasing
         if end <= first:
             continue  # this stage owns no step
-        cum_KxD = stage_cumulative(quantize_weights(weights_D, scale), scale, batch_size,
+        cum_KxD = stage_cumulative(quantize_weights(weights_D, scale), scale, batches[i],
                                     end - first)
         counts_TxD[first:end] = cum_KxD
         counts_TxD[first + 1:end] -= cum_KxD[:-1]

@@ -68,6 +68,13 @@ def init_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: in
     return graphdef, jax.jit(init, **shardings)(jax.random.key(seed))
 
 
+def graphdef_of(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int
+                ) -> nnx.GraphDef:
+    """The static half of the train state for `model_cfg`, no arrays made: a stage's own model
+    setting over the same state (gemini_core.train.context_stages)."""
+    return nnx.graphdef(nnx.eval_shape(lambda: build(model_cfg, opt_cfg, total_steps, 0)))
+
+
 def count_params(state_or_cfg: State | ModelConfig) -> int:
     """Number of model parameters (not optimizer state), from a state or by formula."""
     if isinstance(state_or_cfg, ModelConfig):

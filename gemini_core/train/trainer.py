@@ -33,7 +33,7 @@ from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.runs.rundir import RunDir, fingerprint, run_id
 from gemini_core.runs.tracking import Tracker
 from gemini_core.scale import distributed, faults, flops, sharding
-from gemini_core.train import distill, step_fns
+from gemini_core.train import context_stages, distill, step_fns
 from gemini_core.train.objective import Objective
 from gemini_core.train.progress import Progress
 
@@ -71,7 +71,7 @@ def declared_schedule(cfg: ExperimentConfig) -> MixtureSchedule:
         weights = stage.weights
         if weights == "uniform":
             weights = {d: 1.0 / len(domains) for d in domains}
-        stages.append(Stage(stage.start, weights))
+        stages.append(Stage(stage.start, weights, stage.seq_len or None))
     return MixtureSchedule(tuple(stages))
 
 
@@ -91,7 +91,7 @@ def resolve_schedule(declared: MixtureSchedule, data: PreparedData,
     total = sum(counts.values())
     natural = {d: counts[d] / total for d in domains}
     stages = tuple(Stage(s.start, natural if s.weights == "natural" else
-                         {d: float(s.weights.get(d, 0.0)) for d in domains})
+                         {d: float(s.weights.get(d, 0.0)) for d in domains}, s.seq_len)
                    for s in declared.stages)
     return MixtureSchedule(stages).validate(domains)
 
@@ -164,6 +164,12 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print,
     data = prepare_data(cfg.data, tokenizer_sample_weights(cfg, declared),
                         cache_root(cfg, runs_root), log=log)
     schedule = resolve_schedule(declared, data, cfg.data.domains)
+    if context_stages.is_staged(schedule, cfg.data.seq_len) and (objective or cfg.distill.teacher):
+        what = (f"config.distill.teacher={cfg.distill.teacher!r}" if cfg.distill.teacher
+                else f"a {objective.suffix} run")
+        raise UserError(f"{what}: stages of their own seq_len are not supported here (its "
+                        "per-step teacher or objective state assumes one batch shape); drop the "
+                        "stages' seq_len")
     ident = identity(cfg, schedule, data.manifest_hash)
     teacher = None
     if cfg.distill.teacher:
@@ -249,6 +255,11 @@ def _check_batch(cfg: ExperimentConfig, layout: sharding.Layout) -> None:
                         f"the {layout.batch_shards} batch shards of the mesh ("
                         f"{', '.join(f'{a}={n}' for a, n in layout.sizes.items())}; batch -> "
                         f"{','.join(layout.rules['batch'])})")
+    context_stages.check_layout(cfg, declared_schedule(cfg), layout)
+    if cfg.data.seq_len % layout.context_shards:
+        raise UserError(f"config.data.seq_len={cfg.data.seq_len}: must be divisible by the "
+                        f"{layout.context_shards} context shards of the mesh (config.mesh.context;"
+                        f" length -> {','.join(layout.rules['length'])})")
 
 
 def _quiet(_: str) -> None:
@@ -443,9 +454,20 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
           tasks: downstream.InTraining | None) -> tuple[dict[str, float], object]:
     """Steps from `start` to the end; returns the final eval (downstream tasks' included) and
     the final state."""
-    tc, total = p.cfg.train, p.cfg.train.steps
-    train_step = _train_step(p, graphdef, state, sampler, meter.progress.note)
-    eval_step = step_fns.make_eval_step(graphdef, p.layout)
+    cfg, tc, total = p.cfg, p.cfg.train, p.cfg.train.steps
+    programs = context_stages.StagePrograms(
+        graphdef, lambda m: step_fns.graphdef_of(m, cfg.optimizer, total),
+        context_stages.stage_models(cfg.model, sampler.schedule, cfg.data.seq_len), sampler.stage)
+
+    def train_step(step: int):  # the step's stage's program (one unless stages differ)
+        return programs.get(0, step, lambda g: _train_step(p, g, state, sampler,
+                                                           meter.progress.note))
+
+    def eval_step(step: int):
+        return programs.get(1, step, lambda g: step_fns.make_eval_step(g, p.layout))
+
+    shape = None  # a stage of its own length says so when it begins (and on resume)
+
     guard.begin(start, state)
 
     def settle(item, force: bool = False) -> None:  # check (raises faults.Rollback), then log
@@ -456,9 +478,14 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
     pending = None  # (step, metrics on device, domain_B): fetched one step late, no host stall
     step = reached = start  # reached: steps done so far; below it a rollback's replay runs
     while step < total:
+        if context_stages.is_staged(sampler.schedule, cfg.data.seq_len) \
+                and sampler.shape(step) != shape:
+            shape = sampler.shape(step)
+            meter.progress.note(f"step {step + 1}: stage {sampler.stage(step) + 1}, "
+                                f"{programs.describe(step, shape)}")
         tokens_BxT1, domain_B = sampler.batch(step)
-        state, metrics = guard.step(lambda s: train_step(s, tokens_BxT1, domain_B, step), state,
-                                    step)
+        state, metrics = guard.step(
+            lambda s: train_step(step)(s, tokens_BxT1, domain_B, step), state, step)
         done = step + 1
         fresh = done > reached  # a replayed step's checkpoint and eval exist already
         save = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < total and fresh
@@ -480,12 +507,13 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
         if save:
             ckpt.save(done, state)
         if ev:
-            metrics_eval = evaluate(eval_step, _model_state(p, state), evalset, tc.batch_size)
+            metrics_eval = evaluate(eval_step(step), _model_state(p, state), evalset,
+                                    tc.batch_size)
             meter.tracker.log(done, metrics_eval)
             meter.progress.note(f"step {done}: eval/mean/loss {metrics_eval['eval/mean/loss']:.4f}"
                                 f"  eval/mean/bpb {metrics_eval['eval/mean/bpb']:.4f}")
         if ev_tasks:
-            _evaluate_tasks(p, tasks, graphdef, state, done, meter, final=False)
+            _evaluate_tasks(p, tasks, programs.graphdef(step), state, done, meter, final=False)
         if stop and done < total:  # SIGTERM: this step settled and logged, a checkpoint, exit
             if ckpt.latest_step() != done:
                 ckpt.save(done, state)
@@ -494,7 +522,7 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
         step += 1
     if ckpt.latest_step() != total:
         ckpt.save(total, state)
-    final_eval = evaluate(eval_step, _model_state(p, state), evalset, tc.batch_size)
+    final_eval = evaluate(eval_step(total - 1), _model_state(p, state), evalset, tc.batch_size)
     meter.tracker.log(total, final_eval)
     if tasks is not None:
         final_eval.update(_evaluate_tasks(p, tasks, graphdef, state, total, meter, final=True))
