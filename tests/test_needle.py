@@ -156,10 +156,11 @@ def _is_png(path: Path) -> bool:
     return data[:8] == PNG_MAGIC and len(data) > 5_000
 
 
-def test_evaluate_needle_writes_the_json_and_two_pngs(run_copy, loaded):
+def test_evaluate_needle_writes_the_json_and_two_pngs(run_copy, loaded, monkeypatch):
     run, lines = run_copy["run"], []
+    monkeypatch.setenv("WANDB_MODE", "offline")
     content = needle.evaluate_needle(run, lengths=LENGTHS, depths=DEPTHS, per_cell=PER_CELL,
-                                     batch_size=4, log=lines.append)
+                                     batch_size=4, wandb=True, log=lines.append)
     saved = read_json(run.path / needle.FILE)
     assert saved == json.loads(json.dumps(content))
     assert saved["step"] == loaded.step and saved["seq_len"] == 512
@@ -176,6 +177,26 @@ def test_evaluate_needle_writes_the_json_and_two_pngs(run_copy, loaded):
     printed = "\n".join(lines)
     assert "depth \\ length" in printed and str(run.path / needle.FILE) in printed
     assert sum("needle: " in x and " cells, " in x for x in lines) == len(LENGTHS)  # progress
+    # the run's W&B summary, read back from the offline run on disk: the accuracies and both
+    # plots, whose files are the PNGs written beside needle.json
+    from gemini_core.runs import wandb_offline
+    [session] = wandb_offline.session_logs(run.path)
+    summary, files = {}, []
+    for record in wandb_offline.inspect_records(session):
+        if record.get("type") == "summary":
+            summary.update(record["summary"].get("update", {}))
+    accuracy = [c["accuracy"] for c in saved["cells"]]
+    assert summary["needle/acc"] == pytest.approx(np.mean(accuracy))
+    for n in LENGTHS:
+        assert summary[f"needle/acc/{n}"] == pytest.approx(
+            np.mean([c["accuracy"] for c in saved["cells"] if c["length"] == n]))
+    for name, png in (("needle/heatmap", needle.HEATMAP),
+                      ("needle/position_nll", needle.POSITION_PLOT)):
+        image = summary[name]
+        assert image["_type"] == "image-file", image
+        files = list(session.parent.glob(f"files/{image['path']}"))
+        assert len(files) == 1 and files[0].read_bytes() == (run.path / png).read_bytes()
+    assert any(x.startswith("W&B: needle/acc") for x in lines)
 
 
 def test_gx_eval_tasks_needle_prints_the_table(run_copy, capsys):

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gemini_core.config import TrackingConfig
 from gemini_core.data.sources import BadRecords, domain_file, iter_documents
 from gemini_core.data.tokenizer import Tokenizer, document_ids
 from gemini_core.errors import UserError
@@ -38,6 +39,7 @@ from gemini_core.eval import metrics, scoring
 from gemini_core.eval.loaded_run import load_run, run_config, run_tokenizer
 from gemini_core.model.transformer import Transformer
 from gemini_core.runs.rundir import RunDir, write_json_atomic
+from gemini_core.runs.wandb_run import add_to_summary
 from gemini_core.scale.sharding import Layout
 from gemini_core.train.step_fns import jit_sharded
 
@@ -331,9 +333,10 @@ def checked_grid(tokenizer: Tokenizer, seq_len: int, lengths: Sequence[int] | No
 def evaluate_needle(run: RunDir, *, lengths: Sequence[int] | None = None,
                     depths: Sequence[float] | None = None, per_cell: int = 10, seed: int = 0,
                     batch_size: int = 8, domain: str = "books", documents: int = 8,
-                    log: Log = print) -> dict:
+                    wandb: bool | None = None, log: Log = print) -> dict:
     """The grid and the position curve of a run's newest checkpoint, into needle.json and two
-    PNGs in its directory (every value checked before the checkpoint loads); returns the JSON."""
+    PNGs in its directory (every value checked before the checkpoint loads), and into its W&B
+    summary (`wandb`: None = as the run tracks, tracking.wandb); returns the JSON."""
     cfg = run_config(run)
     tokenizer = run_tokenizer(run, cfg)
     seq_len = int(cfg["data"]["seq_len"])
@@ -376,7 +379,26 @@ def evaluate_needle(run: RunDir, *, lengths: Sequence[int] | None = None,
     saved.append(run.path / FILE)
     log(format_table(content))
     log("saved " + ", ".join(os.fspath(p) for p in saved))
+    said = publish(run, cfg, content, [p for p in saved if p.suffix == ".png"], wandb)
+    if said:
+        log(said)
     return content
+
+
+def publish(run: RunDir, cfg: dict, content: dict, images: Sequence[Path],
+            wandb: bool | None) -> str | None:
+    """needle/acc (all cells), needle/acc/<length> (over depths) and the plots into the run's
+    W&B summary, beside its training curves."""
+    tracking = TrackingConfig(**{**cfg.get("tracking", {}),
+                                 **({} if wandb is None else {"wandb": wandb})})
+    values = {"needle/acc": float(np.mean([c["accuracy"] for c in content["cells"]]))}
+    for length in content["settings"]["lengths"]:
+        values[f"needle/acc/{length}"] = float(np.mean(
+            [c["accuracy"] for c in content["cells"] if c["length"] == length]))
+    names = {HEATMAP: "needle/heatmap", POSITION_PLOT: "needle/position_nll"}
+    return add_to_summary(run.path, run_id=run.run_id, group=cfg.get("name", ""),
+                          config=run.config(), tracking=tracking, values=values,
+                          images={names[p.name]: p for p in images})
 
 
 def format_table(content: dict) -> str:

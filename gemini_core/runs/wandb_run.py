@@ -135,3 +135,34 @@ def teardown_if_idle() -> None:
 
     if wandb.run is None:
         wandb.teardown()
+
+
+def add_to_summary(run_dir: Path, *, run_id: str, group: str, config: dict,
+                   tracking: TrackingConfig, values: Mapping[str, float],
+                   images: Mapping[str, Path]) -> str | None:
+    """Puts an evaluation made after training (`gx eval`) into the run's W&B summary: values,
+    and images (name -> PNG) that W&B shows on the run's page. A new session of the same W&B run
+    (resumed by id, offline unless WANDB_MODE=online); the summary, not the history, so the
+    training curves are left as they are. Returns a line saying where, None when the run does
+    not track W&B (tracking.wandb false, or WANDB_MODE=disabled)."""
+    mode = wandb_mode()
+    if not tracking.wandb or mode == "disabled":
+        return None
+    import wandb
+
+    env = EnvPatch()
+    try:
+        env.set(sdk_env(run_dir, mode))
+        run = start_wandb(run_dir, run_id=run_id, group=group, config=config, tracking=tracking,
+                          mode=mode)
+        for name, value in values.items():
+            run.summary[name] = value
+        for name, path in images.items():
+            run.summary[name] = wandb.Image(str(path))
+        where = run.url if mode == "online" else str(Path(run_dir) / WANDB_SUBDIR)
+        run.finish()
+    finally:
+        teardown_if_idle()
+        env.restore()
+    return f"W&B: {', '.join([*values, *images])} in the summary of run {run_id} ({where})"
+
