@@ -8,8 +8,7 @@ Names are checked here too, once, for every config converted through `to_datacla
 sweeps, ladders, recipes, curation pipelines): a field called `name`, and every key of a section
 of sections (recipe steps, mixture stages), must pass `names.check_name`.
 
-Over 500 lines on purpose: the whole schema and every check of it in one place, the boundary
-that DESIGN.md's "Config boundary" describes.
+Over 500 lines on purpose: the whole schema and every check of it in one place.
 """
 
 from __future__ import annotations
@@ -153,9 +152,7 @@ def _default_mesh_rules() -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh (axes data, fsdp, context, model) and the logical-axis rules;
-    gemini_core.scale.sharding. `context` > 1 splits every sequence over that many devices
-    (context parallelism; data.seq_len must be divisible by it).
+    """The device mesh (axes data, fsdp, context: the sequence split, model) and the rules.
 
     Sizes: 0 = the preset's, -1 = the devices the other axes leave (at most one axis). Rules:
     logical axis -> comma-separated mesh axes ("data,fsdp"), "" = replicated, "preset" = the
@@ -500,9 +497,8 @@ def _check_mixture(m: MixtureConfig, domains: tuple[str, ...], step_tokens: int)
     for name, stage in m.stages.items():
         check_weights(f"{p}.{name}.weights", stage.weights, domains)
         if stage.seq_len and step_tokens % stage.seq_len or stage.seq_len < 0:
-            raise UserError(f"{p}.{name}.seq_len={stage.seq_len}: must divide the "
-                            f"{step_tokens:,} tokens of a step (train.batch_size x "
-                            "data.seq_len), which every stage keeps; 0 = data.seq_len")
+            raise UserError(f"{p}.{name}.seq_len={stage.seq_len}: must divide the {step_tokens:,}"
+                            " tokens of a step (train.batch_size x data.seq_len); 0 = data.seq_len")
 
 
 def _check_tracking(t: TrackingConfig) -> None:
@@ -579,10 +575,8 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     _check_faults(exp.faults)
     _check_distill(exp.distill)
     _check_downstream(exp.eval.downstream)
-    _positive("config.mesh.device_memory_gib", exp.mesh.device_memory_gib)
-    from gemini_core.scale import sharding
-    exp = dataclasses.replace(exp, mesh=sharding.resolve_config(exp.mesh))
-    return exp
+    from gemini_core.scale import sharding  # checks the mesh: sizes, rules, device memory
+    return dataclasses.replace(exp, mesh=sharding.resolve_config(exp.mesh))
 
 
 def declared_model(model_json: Mapping) -> dict:
@@ -591,8 +585,7 @@ def declared_model(model_json: Mapping) -> dict:
 
 
 def model_from_json(model_json: Mapping) -> ModelConfig:
-    """A run's resolved model section (its config.json) as the typed config; a run written
-    before a field existed gets that field's default."""
+    """A run's config.json model section as the typed config (fields it predates: defaults)."""
     return ModelConfig(**{**model_json, "rope": RopeScaling(**model_json.get("rope", {}))})
 
 
