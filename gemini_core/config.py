@@ -6,9 +6,8 @@ before any data is read or anything compiles.
 
 Names are checked here too, once, for every config converted through `to_dataclass` (runs,
 sweeps, ladders, recipes, curation pipelines): a field called `name`, and every key of a section
-of sections (recipe steps, mixture stages), must pass `names.check_name`.
-
-Over 500 lines on purpose: the whole schema and every check of it in one place.
+of sections (recipe steps, mixture stages), must pass `names.check_name`. Over 500 lines on
+purpose: the whole schema and every check of it in one place.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from gemini_core.data.synthetic import SyntheticDomain, check_declared
 from gemini_core.errors import UserError
 from gemini_core.model.options import ATTENTION, REMAT, RopeScaling
 from gemini_core.names import check_name
@@ -98,6 +98,7 @@ class DataConfig:
     # packed documents attend only within themselves and their positions restart at each
     # document's EOS (segments follow from the tokens: EOS starts a document)
     document_mask: bool = False
+    synthetic: Mapping[str, SyntheticDomain] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +154,9 @@ def _default_mesh_rules() -> dict[str, str]:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """The device mesh (axes data, fsdp, context: the sequence split, model) and the rules.
-
     Sizes: 0 = the preset's, -1 = the devices the other axes leave (at most one axis). Rules:
     logical axis -> comma-separated mesh axes ("data,fsdp"), "" = replicated, "preset" = the
-    preset's rule. After validation sizes and rules are the resolved ones (-1 stays -1 until
-    the devices are known).
+    preset's rule. Validated, sizes and rules are the resolved ones (-1 until devices are known).
     """
 
     preset: str = "dp"  # dp | fsdp | fsdp_tp
@@ -417,6 +416,7 @@ def check_data(d: DataConfig) -> None:
     p = "config.data"
     _positive(f"{p}.seq_len", d.seq_len)
     _positive(f"{p}.max_epochs", d.max_epochs)
+    check_declared(d.synthetic, d.domains)
     _non_negative(f"{p}.num_workers", d.num_workers)
     _one_of(f"{p}.on_bad_record", d.on_bad_record, ("error", "skip"))
     if not d.domains:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemini_core.data import synthetic
 from gemini_core.data.tokenizer import document_ids
 from gemini_core.errors import UserError
 from gemini_core.eval import needle, scoring
@@ -63,22 +64,22 @@ def direct(model, tokenizer, prompt: str, cont: str) -> tuple[float, bool]:
 
 def test_passkey_prompt_fills_its_length_and_places_the_needle(loaded):
     tok = loaded.tokenizer
-    sentence = max(len(tok.encode(" " + s)) for s in needle.FILLER)  # one more sentence's cost
+    sentence = max(len(tok.encode(" " + s)) for s in synthetic.FILLER)  # one more sentence's cost
     for n_tokens in (200, 300, 512, 1500):
         for depth in (0.0, 0.3, 1.0):
             prompt = needle.passkey_prompt(tok, n_tokens, depth, 48213)
             used = needle.row_tokens(tok, prompt, 48213)
             assert n_tokens - sentence < used <= n_tokens, (n_tokens, depth, used)
-            assert prompt.startswith(needle.INTRO) and prompt.endswith(needle.QUESTION)
-    key, needle_text = 31337, needle.NEEDLE.format(key=31337)
+            assert prompt.startswith(synthetic.INTRO) and prompt.endswith(synthetic.QUESTION)
+    key, needle_text = 31337, synthetic.NEEDLE.format(key=31337)
     first = needle.passkey_prompt(tok, 512, 0.0, key)
     last = needle.passkey_prompt(tok, 512, 1.0, key)
     middle = needle.passkey_prompt(tok, 512, 0.5, key)
     before, after = first.split(needle_text)
-    assert before == f"{needle.INTRO} " and after.startswith(f" {needle.FILLER[0]}")
+    assert before == f"{synthetic.INTRO} " and after.startswith(f" {synthetic.FILLER[0]}")
     before, after = last.split(needle_text)
-    assert after == f" {needle.QUESTION}" and before.endswith(tuple(f"{s} " for s in needle.FILLER))
-    assert len(before) > len(needle.INTRO) + 500  # all the filler is before it
+    assert after == f" {synthetic.QUESTION}" and before.endswith(tuple(f"{s} " for s in synthetic.FILLER))
+    assert len(before) > len(synthetic.INTRO) + 500  # all the filler is before it
     at = middle.index(needle_text) / len(middle)
     assert 0.4 < at < 0.6, at
     assert all(p.count(needle_text) == 1 and p.count(str(key)) == 2
@@ -252,7 +253,7 @@ def test_without_a_checkpoint_good_flags_reach_the_loading(no_checkpoint, capsys
 
 def test_position_curve_takes_long_documents_only_and_none_without_one(loaded):
     tok, model = loaded.tokenizer, loaded.model
-    long_text = " ".join(needle.FILLER) * 40
+    long_text = " ".join(synthetic.FILLER) * 40
     assert needle.position_nll(model, tok, ["too short", "also short"], 256) is None
     rows = needle.long_rows(tok, ["too short", long_text, long_text], 256, documents=1)
     assert rows.shape == (1, 257) and rows[0, 0] == tok.eos_id  # a document start, one kept

@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from gemini_core.config import DataConfig
+from gemini_core.data import synthetic
 from gemini_core.data.sources import (
     BadRecords,
     domain_file,
@@ -232,7 +233,9 @@ def report(manifest: dict, log: Log, skipped: bool = True) -> None:
 
 def prepare_data(data: DataConfig, sample_weights: Mapping[str, float] | str,
                  cache_root: Path, log: Log = print) -> PreparedData:
-    """Tokenizer (trained or cached) and token arrays (encoded or cached) for `data`."""
+    """Tokenizer (trained or cached) and token arrays (encoded or cached) for `data` (its
+    synthetic domains generated into the cache first: gemini_core.data.synthetic)."""
+    data = synthetic.materialize(data, cache_root)
     root, cache_root = Path(data.root), Path(cache_root)
     files = {split: getattr(data, f"{split}_file") for split in SPLITS}
     sources = {d: {s: domain_file(root, d, f) for s, f in files.items()} for d in data.domains}

@@ -33,6 +33,7 @@ from flax import nnx
 
 from gemini_core.config import TrackingConfig
 from gemini_core.data.sources import BadRecords, domain_file, iter_documents
+from gemini_core.data.synthetic import FILLER, answer, assemble
 from gemini_core.data.tokenizer import Tokenizer, document_ids
 from gemini_core.errors import UserError
 from gemini_core.eval import metrics, scoring
@@ -50,25 +51,6 @@ HEATMAP = "needle_heatmap.png"
 POSITION_PLOT = "needle_position_nll.png"
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LENGTH_FACTORS = (0.5, 1, 2, 4)  # of the run's training length
-
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-         "memorize it. I will quiz you about the important information there.")
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-          "There and back again.")
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
-
-
-def answer(key: int) -> str:
-    return f" {key}"
-
-
-def assemble(fillers: int, depth: float, key: int) -> str:
-    """The prompt with `fillers` filler sentences, the needle after round(depth·fillers)."""
-    sentences = [FILLER[i % len(FILLER)] for i in range(fillers)]
-    at = round(depth * fillers)
-    return " ".join([INTRO, *sentences[:at], NEEDLE.format(key=key), *sentences[at:], QUESTION])
-
 
 def row_tokens(tokenizer: Tokenizer, prompt: str, key: int) -> int:
     """Tokens of the row the scorer builds: EOS, the prompt and the answer."""

@@ -24,6 +24,7 @@ from gemini_core import config as config_lib
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.data.sampler import Sampler
+from gemini_core.data.synthetic import materialize
 from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
 from gemini_core.eval import downstream
@@ -127,6 +128,7 @@ def identity(cfg: ExperimentConfig, schedule: MixtureSchedule, manifest_hash: st
     _pop_at_default(resolved["model"], "scan_layers", False)
     for section in ("model", "data"):
         _pop_at_default(resolved[section], "document_mask", False)
+    _pop_at_default(resolved["data"], "synthetic", {})
     return resolved
 
 
@@ -224,7 +226,10 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
         shutil.rmtree(run.path)
     run.write_config({**p.identity, "fingerprint": p.fingerprint, "run_id": run.run_id,
                       "overrides": dict(overrides or {}),
-                      "paths": {"data_root": str(Path(cfg.data.root).absolute()),
+                      # with synthetic domains: the cache's root that holds them beside links
+                      # to the real domains (`gx eval --data` takes it)
+                      "paths": {"data_root": str(Path(materialize(
+                          cfg.data, cache_root(cfg, runs_root)).root).absolute()),
                                 "schedule": cfg.data.schedule, "data_cache": str(p.data.dir),
                                 "tokenizer": str(p.data.tokenizer.path)},
                       "placement": placement(cfg, layout)})
