@@ -3,10 +3,13 @@
     gx run experiments/pretrain.py:size=nano --dry-run                  # the full Nano-size plan
     gx run experiments/pretrain.py:size=nano,d=256 --config.data.root=../shared/corpus
     gx run experiments/pretrain.py:size=nano,d=256 --config.data.schedule=PATH/winner.json
+    gx run experiments/pretrain.py:size=nano,d=256,long=4 --config.data.root=../shared/corpus
 
 Argument keys: size (nano|pro|ultra), d (0 = the family's full width; else a smaller width with
 the family's depth/width ratio, head size cap, MLP ratio and K/V sharing kept), steps (0 = the
-Chinchilla-optimal ~20 tokens per parameter), seq, batch, vocab (0 = family default).
+Chinchilla-optimal ~20 tokens per parameter), seq, batch, vocab (0 = family default), long
+(0 = none; N: the last 10% is a long-context stage at N x seq, books and a synthetic passkey
+domain upweighted, RoPE scaled by YaRN, documents masked: docs/long-context.md).
 Nano follows the published Nano-1 scale (1.8B, multi-query attention); Pro and Ultra shapes are
 not published, so they are our dense stand-ins of the same family at larger scale.
 """
@@ -50,7 +53,7 @@ def _param_estimate(m: dict, vocab: int) -> int:
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="nano", d=0, steps=0, seq=0, batch=0, vocab=0, lr=0.0)
+    a = parse_arg(arg, size="nano", d=0, steps=0, seq=0, batch=0, vocab=0, lr=0.0, long=0)
     if a.size not in FAMILIES:
         raise ValueError(f"size={a.size!r}: expected one of {', '.join(FAMILIES)}")
     family = FAMILIES[a.size]
@@ -80,4 +83,22 @@ def get_config(arg=None):
     c.train = dict(steps=steps, batch_size=batch, log_every=10, eval_every=max(steps // 10, 1),
                    eval_batches=8, checkpoint_every=max(steps // 10, 1))
     c.tracking = dict(project="gemini-core", job_type="pretrain")
+    if a.long > 1:
+        _long_context_stage(c, a.long, seq)
     return c
+
+
+def _long_context_stage(c: ml_collections.ConfigDict, factor: int, seq: int) -> None:
+    """The anneal stage at `factor` x the context: long books and passkey retrieval documents
+    upweighted (a twentieth of the base stage too), YaRN, packed documents masked."""
+    stages = c.mixture.stages
+    stages.base.weights = {**{d: 0.95 * w for d, w in stages.base.weights.items()},
+                           "passkey": 0.05}
+    stages.anneal.weights = dict(books=0.3, wiki=0.1, math=0.15, code=0.15, web=0.05,
+                                 multilingual=0.05, passkey=0.2)
+    stages.anneal.seq_len = factor * seq
+    c.data.domains = ("books", "wiki", "math", "code", "web", "multilingual", "passkey")
+    c.data.synthetic = dict(passkey=dict(kind="passkey", min_fillers=4,
+                                         max_fillers=int(factor * seq / 5)))
+    c.data.document_mask = True
+    c.model.rope = dict(method="yarn", factor=float(factor), original_length=seq)

@@ -170,3 +170,18 @@ def test_a_run_trains_across_the_change_of_length_and_resumes_across_it(
     for got, want in zip(_params(interrupted.path, 24), _params(run.path, 24)):
         np.testing.assert_array_equal(got, want)
     assert resumed["summary"]["eval/mean/loss"] == straight["summary"]["eval/mean/loss"]
+
+
+def test_pretrain_declares_a_long_context_stage():
+    from gemini_core.experiment import load_experiment
+    from gemini_core.train.trainer import declared_schedule
+
+    cfg = load_experiment("experiments/pretrain.py:size=nano,d=256,long=4", []).config
+    schedule = declared_schedule(cfg)
+    assert schedule.seq_lens(cfg.data.seq_len) == [256, 1024]
+    assert schedule.batch_sizes(cfg.train.batch_size, cfg.data.seq_len) == [16, 4]
+    assert "passkey" in cfg.data.domains and cfg.data.synthetic["passkey"].kind == "passkey"
+    assert cfg.model.rope.method == "yarn" and cfg.model.rope.factor == 4
+    assert cfg.model.rope.original_length == 256 and cfg.data.document_mask
+    plain = load_experiment("experiments/pretrain.py:size=nano,d=256", []).config
+    assert "passkey" not in plain.data.domains and plain.model.rope.method == "none"
