@@ -4,7 +4,9 @@ The CLI, each sweep trial in a Ray worker, and the recipe pipeline all call it. 
 data (cached), resolves the mixture schedule, derives the run id, then trains — or reuses a
 `done` run, or resumes an interrupted one from its last checkpoint — and returns the summary.
 A method with a loss of its own (DoReMi's Group-DRO proxy) passes an `objective.Objective` and
-trains in this same loop.
+trains in this same loop. Over 500 lines on purpose: the one training loop, with the run's
+identity and records beside it; what varies around it lives in its own modules (step_fns,
+distill, objective, context_stages, progress, faults).
 """
 
 from __future__ import annotations
