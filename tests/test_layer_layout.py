@@ -14,7 +14,7 @@ from gemini_core.config import ModelConfig, OptimizerConfig
 from gemini_core.train import layer_layout, step_fns
 
 MODEL = ModelConfig(vocab_size=128, d_model=32, num_layers=3, num_heads=2, mlp_dim=64)
-OPT = OptimizerConfig(lr=1e-2, warmup_steps=1)
+OPT = OptimizerConfig(lr=1e-2, warmup_steps=1)  # AdamW, weight decay 0.1 (norm scales: none)
 STEPS = 6
 
 
@@ -62,8 +62,8 @@ def test_a_run_continued_in_the_other_layout_trains_on_as_before():
         unrolled, m_u = step_u(unrolled, tokens)
         scanned, m_s = step_s(scanned, tokens)
         assert float(m_s["loss"]) == pytest.approx(float(m_u["loss"]), rel=1e-5)
-    # the two layouts sum in another order: Adam turns those last-bit differences of the
-    # gradients into parameter differences of up to ~3e-6 after 3 steps at lr 1e-2 (measured)
+    # the two layouts sum in another order: float rounding only. (This caught scanned runs
+    # decaying their stacked RMSNorm scales, (layers, D) looked like a matrix: optim.decay_mask)
     back = layer_layout.convert(scanned, _state(False)[1])
     for got, want in zip(_leaves(back), _leaves(unrolled)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -7,9 +7,9 @@ Schedules (step counted from 0; warmup reaches the peak lr at step `warmup_steps
             plateau and decay anywhere, which is what mixture sweeps over run lengths need)
   constant: linear warmup, then lr
 
-Weight decay applies to matrices only (ndim >= 2), never to RMSNorm scales. The embedding is
-decayed like every other matrix (nanoGPT/Chinchilla practice): with tied embeddings it is also
-the output head, and an undecayed head drifts to large logits.
+Weight decay applies to matrices only (ndim >= 2), never to RMSNorm scales (stacked or not). The
+embedding is decayed like every other matrix (nanoGPT/Chinchilla practice): with tied embeddings
+it is also the output head, and an undecayed head drifts to large logits.
 """
 
 from __future__ import annotations
@@ -52,8 +52,11 @@ def lr_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for matrices (decayed), False for vectors (RMSNorm scales)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for matrices (decayed), False for RMSNorm scales, by name as well as by shape: with
+    `model.scan_layers` a block's scales are stacked into (layers, D), a matrix by shape alone."""
+    def decayed(path, p) -> bool:
+        return jnp.ndim(p) >= 2 and not any(getattr(k, "key", None) == "scale" for k in path)
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
