@@ -473,7 +473,8 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
     def eval_step(step: int):
         return programs.get(1, step, lambda g: step_fns.make_eval_step(g, p.layout))
 
-    shape = None  # a stage of its own length says so when it begins (and on resume)
+    # a stage of its own length says so when it begins (and on resume)
+    staged, shape = context_stages.is_staged(sampler.schedule, cfg.data.seq_len), None
 
     guard.begin(start, state)
 
@@ -485,8 +486,7 @@ def _loop(p: Prepared, state, graphdef, start: int, sampler: Sampler, evalset: E
     pending = None  # (step, metrics on device, domain_B): fetched one step late, no host stall
     step = reached = start  # reached: steps done so far; below it a rollback's replay runs
     while step < total:
-        if context_stages.is_staged(sampler.schedule, cfg.data.seq_len) \
-                and sampler.shape(step) != shape:
+        if staged and sampler.shape(step) != shape:
             shape = sampler.shape(step)
             meter.progress.note(f"step {step + 1}: stage {sampler.stage(step) + 1}, "
                                 f"{programs.describe(step, shape)}")
