@@ -46,10 +46,11 @@ def data_cache(tmp_path_factory) -> Path:
 # minutes each, the rest 2 or less): the workers then end together instead of leaving one long
 # module running alone at the end
 SLOWEST_FIRST = ("test_recipe", "test_scaling", "test_sweep", "test_curation", "test_sharding",
-                 "test_hardening", "test_context_parallel", "test_downstream", "test_steps", "test_faults", "test_distill",
-                 "test_multihost", "test_lm_eval", "test_sandbox", "test_run", "test_model",
-                 "test_contamination", "test_generate", "test_needle", "test_layer_stack",
-                 "test_attention", "test_doremi", "test_sweep_failures")
+                 "test_hardening", "test_context_parallel", "test_downstream", "test_steps",
+                 "test_faults", "test_distill", "test_multihost", "test_lm_eval", "test_sandbox",
+                 "test_run", "test_model", "test_contamination", "test_generate", "test_needle",
+                 "test_layer_stack", "test_layer_layout", "test_attention", "test_long_stage",
+                 "test_doremi", "test_sweep_failures")
 
 
 # modules of half a minute or more on 2 cores (real Ray, training in subprocesses, whole
