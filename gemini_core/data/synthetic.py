@@ -120,7 +120,7 @@ def generated_folder(name: str, spec: SyntheticDomain, cache_root: Path,
 def materialize(data, cache_root: Path):
     """`data` (a DataConfig) reading a root that holds its synthetic domains, generated, beside
     links to its real domains' folders; `data` itself when it declares none."""
-    synthetic = getattr(data, "synthetic", None) or {}
+    synthetic = data.synthetic
     if not synthetic:
         return data
     files = {"train": data.train_file, "valid": data.valid_file}

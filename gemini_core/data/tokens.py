@@ -64,6 +64,7 @@ class PreparedData:
     valid: dict[str, np.memmap]
     token_bytes: np.ndarray  # (vocab_size,) UTF-8 bytes per token id
     sample_weights: dict[str, float]  # what the tokenizer's sample was drawn with
+    root: Path  # the data root read: data.root, or the cache's with synthetic domains
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +281,7 @@ def prepare_data(data: DataConfig, sample_weights: Mapping[str, float] | str,
     arrays = {s: {d: open_tokens(final / manifest["domains"][d][s]["array"], manifest["dtype"],
                                  manifest["domains"][d][s]["tokens"]) for d in data.domains}
               for s in SPLITS}
-    return PreparedData(dir=final, manifest=manifest, manifest_hash=manifest_hash(manifest),
+    return PreparedData(dir=final, root=root, manifest=manifest,
+                        manifest_hash=manifest_hash(manifest),
                         tokenizer=tokenizer, train=arrays["train"], valid=arrays["valid"],
                         token_bytes=tokenizer.token_bytes(), sample_weights=weights)

@@ -26,7 +26,6 @@ from gemini_core import config as config_lib
 from gemini_core.config import ExperimentConfig
 from gemini_core.data.mixture import MixtureSchedule, Stage
 from gemini_core.data.sampler import Sampler
-from gemini_core.data.synthetic import materialize
 from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
 from gemini_core.eval import downstream
@@ -230,8 +229,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
                       "overrides": dict(overrides or {}),
                       # with synthetic domains: the cache's root that holds them beside links
                       # to the real domains (`gx eval --data` takes it)
-                      "paths": {"data_root": str(Path(materialize(
-                          cfg.data, cache_root(cfg, runs_root)).root).absolute()),
+                      "paths": {"data_root": str(p.data.root.absolute()),
                                 "schedule": cfg.data.schedule, "data_cache": str(p.data.dir),
                                 "tokenizer": str(p.data.tokenizer.path)},
                       "placement": placement(cfg, layout)})
