@@ -7,6 +7,11 @@ needle evaluation (gemini_core.eval.needle) builds, with its answer. Each docume
 length (a number of filler sentences), the key and the needle's depth from the domain's seed,
 so a long-context stage can teach retrieval over the lengths it trains at.
 
+`word_problems`: procedural arithmetic word problems with worked solutions
+(gemini_core.data.word_problems), so a small model learns the format and some arithmetic that
+self-training (gemini_core.selftrain) then amplifies. Its problems are drawn from the stream
+`seed` (train) and `seed + 1` (valid); a self-training task's problems from other seeds.
+
 The generated files are written once per setting into the data cache
 (`<cache>/synthetic/<hash>/<domain>/{train,valid}.jsonl.gz`), and the run reads a data root in
 the cache that holds them beside links to the real domains' folders (`materialize`): every
@@ -26,10 +31,11 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from gemini_core.data import word_problems
 from gemini_core.errors import UserError
 from gemini_core.runs.rundir import fingerprint
 
-KINDS = ("passkey",)
+KINDS = ("passkey", "word_problems")
 FORMAT = 1
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
@@ -62,6 +68,11 @@ class SyntheticDomain:
     min_fillers: int = 4
     max_fillers: int = 100
     seed: int = 0
+    # word_problems: steps per problem, the largest operand, the operations (+, -, x)
+    min_steps: int = 1
+    max_steps: int = 3
+    max_operand: int = 20
+    ops: str = "+-x"
 
     def check(self, path: str) -> None:
         if self.kind not in KINDS:
@@ -72,6 +83,12 @@ class SyntheticDomain:
         if not 0 <= self.min_fillers <= self.max_fillers:
             raise UserError(f"{path}.min_fillers={self.min_fillers}, max_fillers="
                             f"{self.max_fillers}: need 0 <= min_fillers <= max_fillers")
+        if self.kind == "word_problems":
+            word_problems.check_ranges(path, **self.problem_ranges())
+
+    def problem_ranges(self) -> dict:
+        return dict(min_steps=self.min_steps, max_steps=self.max_steps,
+                    max_operand=self.max_operand, ops=self.ops)
 
 
 def check_declared(synthetic: Mapping[str, SyntheticDomain], domains: tuple[str, ...]) -> None:
@@ -87,6 +104,11 @@ def check_declared(synthetic: Mapping[str, SyntheticDomain], domains: tuple[str,
 def documents(spec: SyntheticDomain, split: str) -> Iterator[str]:
     """The split's documents, a pure function of (spec, split)."""
     n = spec.train_documents if split == "train" else spec.valid_documents
+    if spec.kind == "word_problems":
+        seed = spec.seed + (0 if split == "train" else 1)
+        yield from map(word_problems.document,
+                       word_problems.problems(seed, n, **spec.problem_ranges()))
+        return
     rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1])
     fillers_N = rng.integers(spec.min_fillers, spec.max_fillers + 1, n)
     depth_N = rng.random(n)
