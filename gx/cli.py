@@ -182,6 +182,13 @@ def cmd_run(args, overrides: list[str]) -> int:
             step_fns.tune_host_malloc()
         return recipe.main(args.experiment, overrides, runs_root(args.runs_root),
                            force=args.force, dry_run_only=args.dry_run)
+    from gemini_core.selftrain import config as selftrain_config
+    if selftrain_config.is_rest_em_file(args.experiment):  # self-training (gemini_core.selftrain)
+        from gemini_core.selftrain import loop
+        if not args.dry_run:
+            step_fns.tune_host_malloc()
+        return loop.main(args.experiment, overrides, root, force=bool(args.force),
+                         dry_run=args.dry_run)
     if isinstance(args.force, str):
         raise UserError(f"--force {args.force}: only a recipe has steps to name; "
                         f"{args.experiment} is one run (--force alone reruns it)")

@@ -43,7 +43,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     ft.add_argument("--out", default=None, help="write the chosen mixture here as winner.json")
     cmp_ = sub.add_parser("compare", help="a sweep's trials, fit, winner and validation; or runs side by side",
                           description="gx compare SWEEP: the sweep's report, printed and written as "
-                          "<sweep dir>/report.html (self-contained, with plots). gx compare RUN RUN ...: "
+                          "<sweep dir>/report.html (self-contained, with plots). gx compare JOB: a ReST^EM job's "
+                          "report (each iteration and the baselines). gx compare RUN RUN ...: "
                           "the config fields where the runs differ, and their final metrics.")
     cmp_.add_argument("targets", nargs="+", metavar="SWEEP_OR_RUN",
                       help="a sweep dir or name (prefix), or two or more run ids (prefixes) or run dirs")
@@ -117,6 +118,8 @@ def cmd_compare(args, overrides: list[str]) -> int:
 
     _no_overrides(overrides, "compare")
     root = runs_root(args.runs_root)
+    if len(args.targets) == 1 and _rest_em_report(root, args.targets[0]):
+        return 0
     if len(args.targets) == 1:
         sweep_dir = find_sweep(root, args.targets[0])
         print(format_sweep(sweep_dir))
@@ -124,6 +127,25 @@ def cmd_compare(args, overrides: list[str]) -> int:
     else:
         print(format_runs([find_run(root, t) for t in args.targets]))
     return 0
+
+
+def _rest_em_report(root, target: str) -> bool:
+    """`gx compare JOB` of a ReST^EM job: its report (every policy on the held-out problems)."""
+    from gemini_core.errors import UserError
+    from gemini_core.runs.rundir import find_run
+    try:
+        run = find_run(root, target)
+    except UserError:
+        return False
+    if (run.config() or {}).get("method") != "rest_em":
+        return False
+    report = run.path / "report.md"
+    if not report.is_file():
+        raise UserError(f"{run.run_id}: the ReST^EM job has no report yet (it is written when the "
+                        "last iteration is evaluated): run its `gx run` command")
+    print(report.read_text().rstrip())
+    print(f"plot: {run.path / 'pass_at_k.png'}")
+    return True
 
 
 def cmd_scaling(args, overrides: list[str]) -> int:
