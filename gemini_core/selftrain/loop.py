@@ -206,10 +206,6 @@ def gold_bpb(policy: RunDir, test: Sequence[Example]) -> metrics.Estimate:
 
 
 def _request(job: Job, label: str, pairs: Sequence[finetune.Pair]) -> finetune.Request:
-    if not pairs:
-        raise UserError(f"{label}: no sample of any train problem was correct, nothing to "
-                        "fine-tune on (a stronger base, more samples or easier problems: "
-                        "config.sample.samples, config.problems)")
     return finetune.Request(job.cfg.name, label, job.base, tuple(pairs), job.splits.valid,
                             job.verify, job.cfg.finetune, job.cfg.seed, job.max_new_tokens,
                             job.stop, job.cfg.sample.batch_size, job.cfg.tracking)
@@ -236,6 +232,11 @@ def run(job: Job, log: Log = print) -> dict:
     policy = job.base
     for i in range(1, c.iterations + 1):
         pairs, e_counts = estep(job, policy, i, log)
+        if not pairs:
+            log(f"iteration {i}: no sample of any train problem was correct, nothing to "
+                "fine-tune on; the report ends here (a stronger base, more samples or easier "
+                "problems: config.sample.samples, config.problems)")
+            break
         policy = finetune.finetune(_request(job, f"iteration {i}", pairs), job.runs_root, log)
         rows.append(report.Row(f"rest_em {i}", policy.run_id, evaluate(job, policy, log),
                                policy.summary(), e_counts))
