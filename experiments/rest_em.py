@@ -8,8 +8,10 @@ arithmetic word problems with worked solutions (gemini_core/data/word_problems.p
 tokens: enough to learn the format and some arithmetic, so its pass@k on new problems is above
 zero and self-training has something to amplify. role=rest_em (default) runs `iterations`
 rounds of sample (E-step) / verify / fine-tune the base (M-step) on new problems of the same
-generator (other seeds), with the SFT-on-human-solutions baseline; docs/self-training.md.
-size=tiny: a model and loop small enough for tests. steps=N: the base's steps.
+generator (other seeds), with the SFT-on-human-solutions baseline, samples checked by
+word_problems.check_work (the answer and every equation of the work); docs/self-training.md.
+level=hard: operands up to 20 and x 2 / x 3 steps (both roles: pretrain the base at the level
+you self-train at). size=tiny: a model and loop small enough for tests. steps=N: the base's steps.
 """
 
 import ml_collections
@@ -67,11 +69,14 @@ def rest_em_config(size: str, level: str) -> ml_collections.ConfigDict:
     c.name = "rest_em" + ("_tiny" if tiny else "") + ("_hard" if level == "hard" else "")
     c.base = ""
     c.task = "word_problems"
+    # the work checked, not only the final answer: with the answer alone, 285 of the 363
+    # samples a weak base got "right" had a false equation (bench/results/rest_em_*)
+    c.verifier = "gemini_core.data.word_problems:check_work"
     c.iterations = 1 if tiny else 3
     c.seed = 0
     c.problems = dict(train=24 if tiny else 1000, valid=8 if tiny else 100,
                       test=12 if tiny else 300, seed=1, **LEVELS[level])
-    c.sample = dict(samples=4 if tiny else 8, keep=2 if tiny else 4, temperature=1.0,
+    c.sample = dict(samples=4 if tiny else 16, keep=2 if tiny else 4, temperature=1.0,
                     max_new_tokens=24 if tiny else 64, shard_problems=8 if tiny else 100,
                     workers=0 if tiny else 2, batch_size=32 if tiny else 100)
     c.finetune = dict(lr=1e-3 if tiny else 3e-4, batch_size=8 if tiny else 32,

@@ -23,7 +23,7 @@ from gx.cli import main as gx_main
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = str(REPO / "experiments" / "rest_em.py")
-EQUATION = re.compile(r"(\d+) ([+\-x]) (\d+) = (\d+)")
+EQUATION = word_problems.EQUATION
 
 
 def test_word_problems_are_seeded_and_their_solutions_add_up():
@@ -42,6 +42,18 @@ def test_word_problems_are_seeded_and_their_solutions_add_up():
         assert "\n" not in p.solution  # generation stops at the newline
     hard = [word_problems.problem(0, i, min_steps=3, max_steps=3, ops="+") for i in range(50)]
     assert all(p.steps == 3 and "-" not in p.solution for p in hard)
+
+
+def test_check_work_rejects_a_lucky_answer():
+    p = word_problems.problem(5, 0, min_steps=2, max_steps=2)
+    record = p.record(0)
+    assert word_problems.check_work(record, " " + p.solution)
+    a, op, b, c = EQUATION.findall(p.solution)[0]
+    wrong = p.solution.replace(f"{a} {op} {b} = {c}", f"{a} {op} {b} = {int(c) + 1}", 1)
+    assert wrong != p.solution and not word_problems.check_work(record, wrong)  # answer kept
+    assert not word_problems.check_work(record, f"The answer is {p.answer}.")  # no work shown
+    assert not word_problems.check_work(record, p.solution.replace(
+        f"The answer is {p.answer}", f"The answer is {int(p.answer) + 1}"))
 
 
 def test_word_problem_domain_and_range_errors():
@@ -156,11 +168,13 @@ def test_rest_em_job_end_to_end_and_reused(tiny_base, tmp_path, capsys):
     ("--config.sample.samples=0", r"config\.sample\.samples=0: must be >= 1"),
     ("--config.base=nope", r"nope: no such run"),
     ("--config.verifier=nowhere.py:f", r"config\.verifier='nowhere\.py:f': nowhere\.py not found"),
-    ("--config.task=piqa", r"a multiple_choice task has no verifier"),
+    ("--config.task=piqa --config.verifier=", r"a multiple_choice task has no verifier"),
+    ("--config.verifier=gemini_core.data.word_problems:nope",
+     r"gemini_core\.data\.word_problems defines no function nope"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_base, override, message, capsys):
     code = gx_main(["--runs-root", str(tiny_base), "run", f"{EXPERIMENT}:size=tiny",
-                    "--config.base=rest_em_base_tiny", override])
+                    "--config.base=rest_em_base_tiny", *override.split()])
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err), err
     assert len(err.strip().splitlines()) == 1

@@ -17,7 +17,8 @@ the config boundary imports this module through gemini_core.data.synthetic.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+import re
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from gemini_core.errors import UserError
 
 MAX_VALUE = 99
 ANSWER_PATTERN = r"The answer is (-?\d+)"  # the verifier's regex over a completion
+EQUATION = re.compile(r"(\d+) ([+\-x]) (\d+) = (\d+)")
 PROMPT = "Question: {question}\nAnswer:"
 NAMES = (("Mia", "She"), ("Sam", "He"), ("Ava", "She"), ("Leo", "He"), ("Zoe", "She"),
          ("Max", "He"), ("Ivy", "She"), ("Ben", "He"), ("Lily", "She"), ("Omar", "He"),
@@ -120,6 +122,27 @@ def check_ranges(where: str, min_steps: int, max_steps: int, max_operand: int, o
         raise UserError(f"{where}.max_operand={max_operand}: must be in [2, {MAX_VALUE // 2}]")
     if not ops or set(ops) - set("+-x"):
         raise UserError(f"{where}.ops={ops!r}: a non-empty string of the operations +, -, x")
+
+
+def check_work(record: Mapping, completion: str) -> bool:
+    """A verifier that checks the work, not only the answer: the final answer is right, the
+    completion computes one equation per step, and every one of them is true.
+
+    Final-answer match alone accepts lucky guesses: of the samples a weak base model got
+    "right" this way, most had a false equation on the way (`8 - 2 = 1`, answer 1), and
+    fine-tuning on them teaches the errors (docs/self-training.md). Use it as
+    `config.verifier="gemini_core.data.word_problems:check_work"`.
+    """
+    answer = re.search(ANSWER_PATTERN, completion)
+    if answer is None or answer.group(1) != str(record["answer"]):
+        return False
+    steps = EQUATION.findall(completion)
+    return len(steps) == int(record["steps"]) and all(
+        _apply(int(a), op, int(b)) == int(c) for a, op, b, c in steps)
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
 
 
 def document(p: WordProblem) -> str:

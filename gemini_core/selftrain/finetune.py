@@ -116,6 +116,7 @@ class Request:
     pairs: tuple[Pair, ...]
     valid: tuple[Example, ...]
     verify: Verify
+    verifier: str  # its name ("" = the task's own): early stopping depends on it
     finetune: FinetuneConfig
     seed: int
     max_new_tokens: int
@@ -127,7 +128,8 @@ class Request:
 def run_dir(req: Request, runs_root: Path) -> RunDir:
     identity = {"base": req.base.run_id, "pairs": fingerprint([list(p) for p in req.pairs]),
                 "finetune": to_json_dict(req.finetune), "seed": req.seed,
-                "valid": fingerprint([ex.context for ex in req.valid])}
+                "valid": fingerprint([ex.context for ex in req.valid]),
+                "verifier": req.verifier}
     experiment = f"{req.job}_mstep"
     return RunDir(runs_root, experiment, run_id(experiment, fingerprint(identity)))
 

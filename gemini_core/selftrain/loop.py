@@ -207,7 +207,7 @@ def gold_bpb(policy: RunDir, test: Sequence[Example]) -> metrics.Estimate:
 
 def _request(job: Job, label: str, pairs: Sequence[finetune.Pair]) -> finetune.Request:
     return finetune.Request(job.cfg.name, label, job.base, tuple(pairs), job.splits.valid,
-                            job.verify, job.cfg.finetune, job.cfg.seed, job.max_new_tokens,
+                            job.verify, job.cfg.verifier, job.cfg.finetune, job.cfg.seed, job.max_new_tokens,
                             job.stop, job.cfg.sample.batch_size, job.cfg.tracking)
 
 
