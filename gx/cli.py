@@ -269,9 +269,10 @@ def cmd_show(args) -> int:
     if not isinstance(cfg.get("overrides") or {}, dict):
         raise DamagedFile(run.path / "config.json", "overrides is not an object",
                           "run the same `gx run` command to rewrite it")
-    try:
+    try:  # a training run's per-domain table; other runs (ReST^EM's) list their summary
         table = (format_table(summary, summary.get("epochs"),
-                              (cfg.get("data") or {}).get("domains")) if summary else "")
+                              (cfg.get("data") or {}).get("domains"))
+                 if summary and "eval/mean/loss" in summary else "")
     except (TypeError, ValueError, AttributeError) as e:
         raise DamagedFile(run.path / "summary.json", f"a value is not what gx wrote: {e}",
                           "rerun the experiment with `gx run --force` to rebuild it") from None
@@ -286,8 +287,15 @@ def cmd_show(args) -> int:
         print("  (none)")
     if st.get("error"):
         print(f"error     {st['error']}")
+    report = run.path / "report.md"  # a ReST^EM job's report (gemini_core/selftrain)
     if table:
         print(table)
+    elif report.is_file():
+        print(report.read_text().rstrip())
+    elif summary:
+        print("summary:")
+        for key, value in sorted(summary.items()):
+            print(f"  {key} = {value!r}")
     return 0
 
 

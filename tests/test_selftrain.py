@@ -147,6 +147,13 @@ def test_rest_em_job_end_to_end_and_reused(tiny_base, tmp_path, capsys):
     assert load_run(mstep, log=lambda _: None).step == mstep.summary()["best_step"]
     assert (job / "pass_at_k.png").stat().st_size > 0 and "| rest_em 1 |" in (
         job / "report.md").read_text()
+    # gx show / gx compare read the job, the E-step and the M-step like any run
+    for target, shown in ((job.name, "| rest_em 1 |"), (estep.name, "kept = "),
+                          (mstep.run_id, "best_step = ")):
+        assert gx_main(["--runs-root", str(tiny_base), "show", target]) == 0
+        assert shown in capsys.readouterr().out
+    assert gx_main(["--runs-root", str(tiny_base), "compare", job.name]) == 0
+    assert "| sft |" in capsys.readouterr().out
     # the same command again: everything reused, the same report
     assert gx_main(args) == 0
     again = capsys.readouterr().out

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gemini_core.config import to_json_dict
-from gemini_core.runs.rundir import RunDir, write_json_atomic
+from gemini_core.runs.rundir import RunDir, read_json, write_json_atomic
 
 Log = Callable[[str], None]
 
@@ -106,7 +106,6 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
 
 def read(job_dir: RunDir) -> list[Row] | None:
     """The rows of a finished job's report; None when it has none."""
-    from gemini_core.runs.rundir import read_json
     done = read_json(job_dir.path / "report.json")
     return None if done is None else [Row(**r) for r in done["rows"]]
 

@@ -71,9 +71,6 @@ class Worker:
                                log=lambda _: None)
         self.model = self.loaded.model
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def sample(self, contexts: Sequence[str], s: Sampling, shard: int) -> list[str]:
         from gemini_core.model import generate as gen
         prompts = [c for c in contexts for _ in range(s.samples)]
