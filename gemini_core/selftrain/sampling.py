@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gemini_core.eval.tasks import Example
-from gemini_core.runs.rundir import fingerprint, write_json_atomic
+from gemini_core.runs.rundir import fingerprint
 from gemini_core.selftrain.problems import Verify, judge, write_jsonl
 
 Log = Callable[[str], None]
@@ -143,8 +143,6 @@ def run_job(run_path: Path, problems: Sequence[Example], s: Sampling, out_dir: P
             finish(i, worker.sample(contexts(i), s, i))
     elif todo:
         _fan_out(_pool(run_path, workers, log), todo, contexts, s, finish)
-    write_json_atomic(out_dir / "samples.json", {"shards": len(shards),
-                                                 "samples": sum(map(len, results.values()))})
     return [x for i in range(len(shards)) for x in results[i]]
 
 
