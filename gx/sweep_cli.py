@@ -27,11 +27,24 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                         "best, unless a measured row is as good within the fit's error "
                         "(--no-prefer-measured: the fit's mixture always). Columns: "
                         "<weight-prefix><stage>/<domain> (or "
-                        "<weight-prefix><domain>) and <loss-prefix><domain>.")
+                        "<weight-prefix><domain>), <loss-prefix><domain> for the domains "
+                        "evaluated, and any metric column --objective names.")
     ft.add_argument("table", help="CSV or parquet, one row per run")
     ft.add_argument("--holdout", default=None, help="a second table of rows never used in fitting: Spearman and regret")
     ft.add_argument("--weight-prefix", default="weight/")
     ft.add_argument("--loss-prefix", default="loss/")
+    ft.add_argument("--objective", default="", metavar="METRICS",
+                    help="what the mixture is chosen for (lower is better; acc, exact_match "
+                    "and pass@k count with their sign flipped): a column or glob, or weighted "
+                    "ones, e.g. downstream/gsm8k/bpb or 'downstream/*/bpb=1,loss/math=0.5' "
+                    "(a domain's name is its loss column); default: the mean domain loss")
+    ft.add_argument("--constraint", action="append", default=[], metavar="METRIC=X",
+                    help="no predicted METRIC (a column or glob) worse than the baseline row's "
+                    "by more than the fraction X, e.g. 'loss/*=0.02'; repeatable; needs "
+                    "--baseline")
+    ft.add_argument("--baseline", type=int, default=None, metavar="ROW",
+                    help="the row (1-based, as errors number rows) the constraints are relative "
+                    "to, e.g. the natural mixture's run")
     ft.add_argument("--folds", type=int, default=5)
     ft.add_argument("--regressors", default=",".join(fit_lib.REGRESSORS),
                     help="comma-separated, the ones K-fold CV chooses among (default: %(default)s)")
@@ -97,7 +110,9 @@ def cmd_fit(args, overrides: list[str]) -> int:
     _no_overrides(overrides, "fit")
     result = table.fit_table(Path(args.table), Path(args.holdout) if args.holdout else None,
                              weight_prefix=args.weight_prefix, loss_prefix=args.loss_prefix,
-                             objective=fit_lib.Objective(), folds=args.folds, seed=0,
+                             objective=fit_lib.Objective.parse(args.objective,
+                                                               args.constraint),
+                             baseline_row=args.baseline, folds=args.folds, seed=0,
                              regressors=tuple(r for r in args.regressors.split(",") if r),
                              prefer_measured=args.prefer_measured)
     print(table.format_fit_report(result))

@@ -29,14 +29,17 @@ The chosen regressor's fold models are kept (`FitResult.fold_models`): how much 
 a mixture says how far the fit's prediction there rests on which runs it saw
 (optimize.prefer_measured).
 
-The objective (`Objective`) is the mean of domain losses, or a weighted mean over target
-domains, optionally with "no domain predicted worse than the baseline (natural mixture) by more
-than x" — the constraint is applied by `sweeps.optimize.choose`.
+What is predicted is any set of metric columns (`metrics`): each domain's held-out loss, and
+downstream metrics such as `downstream/gsm8k/bpb`; every domain's weight is a feature of every
+metric. The objective (`Objective`) is a weighted mean over metrics (by default the mean of the
+domain losses), with constraints such as "no domain's loss more than 1% above the baseline's"
+(the natural mixture) — applied by `sweeps.optimize.choose`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import types
 from typing import Mapping, Sequence
@@ -61,52 +64,161 @@ def features(schedule: MixtureSchedule, domains: Sequence[str]) -> np.ndarray:
 # objective
 
 
+LOSS = "loss/"
+# the last part of a metric's name says its direction: these are better when higher
+HIGHER_IS_BETTER = ("acc", "acc_norm", "exact_match")
+
+
+def metric_key(metric: str) -> str:
+    """A metric's full column name: a bare domain name is its held-out loss, loss/<domain>."""
+    return metric if "/" in metric else LOSS + metric
+
+
+def higher_is_better(metric: str) -> bool:
+    last = metric.rsplit("/", 1)[-1]
+    return last in HIGHER_IS_BETTER or last.startswith("pass@")
+
+
+def matching(pattern: str, metrics: Sequence[str]) -> list[int]:
+    """Indices of the metrics a name (`math`, `loss/math`, `downstream/gsm8k/bpb`) or a glob
+    pattern (`downstream/*/bpb`, `loss/*`) names."""
+    key = metric_key(pattern)
+    return [i for i, m in enumerate(metrics) if fnmatch.fnmatchcase(metric_key(m), key)]
+
+
+def _check_weight(where: str, w) -> None:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise UserError(f"{where}={w!r}: expected a non-negative number")
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    targets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # {} = mean of all
-    max_worse_than_baseline: float = 0.0  # > 0: no domain predicted worse than baseline * (1+x)
+    """What a mixture is chosen for (lower is better), over any recorded metric: a domain's name
+    (its held-out loss), a column such as `downstream/gsm8k/bpb`, or a glob pattern
+    (`downstream/*/bpb`: the mean over the tasks), each with a weight. A metric that is better
+    when higher (acc, exact_match, pass@k) enters with its sign flipped. Empty `targets`: the
+    mean loss over the domains.
+
+    Constraints are relative to a baseline (the natural mixture): `constraints` maps a metric or
+    pattern to the largest worsening allowed (0.01 = 1% worse), and `max_worse_than_baseline`
+    is the same for every domain's loss."""
+    targets: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    max_worse_than_baseline: float = 0.0
+    constraints: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", types.MappingProxyType(dict(self.targets)))
+        for name in ("targets", "constraints"):
+            object.__setattr__(self, name, types.MappingProxyType(dict(getattr(self, name))))
 
-    def check(self, domains: Sequence[str], where: str = "objective") -> "Objective":
-        for d, w in self.targets.items():
-            if d not in domains:
-                raise UserError(f"{where}.targets.{d}: unknown domain (known: "
-                                f"{', '.join(domains)})")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) \
-                    or w < 0:
-                raise UserError(f"{where}.targets.{d}={w!r}: expected a non-negative number")
+    def check(self, metrics: Sequence[str], where: str = "objective") -> "Objective":
+        """Every name matches a metric; weights and bounds are numbers. The error lists what
+        is there."""
+        for key in ("targets", "constraints"):
+            for name, w in getattr(self, key).items():
+                if not matching(name, metrics):
+                    raise UserError(f"{where}.{key}.{name}: no such metric (available: "
+                                    f"{', '.join(map(metric_key, metrics))})")
+                _check_weight(f"{where}.{key}.{name}", w)
         if self.targets and sum(self.targets.values()) <= 0:
             raise UserError(f"{where}.targets: weights sum to 0; give some target a weight > 0")
+        if not self.targets and not matching(LOSS + "*", metrics):
+            raise UserError(f"{where}.targets: empty means the mean domain loss, and there is "
+                            f"no domain loss to average; name a metric (available: "
+                            f"{', '.join(map(metric_key, metrics))})")
         x = self.max_worse_than_baseline
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
             raise UserError(f"{where}.max_worse_than_baseline={x!r}: expected a fraction >= 0 "
                             "(0.02 = no domain more than 2% worse than the baseline)")
         return self
 
-    def weight_vector(self, domains: Sequence[str]) -> np.ndarray:
-        """(D,) weights summing to 1: the objective is weight_D . loss_D."""
-        self.check(domains)
+    def weight_vector(self, metrics: Sequence[str]) -> np.ndarray:
+        """(K,) signed weights, |weights| summing to 1: the objective is weight_K . value_K. A
+        pattern's weight is shared equally by the metrics it matches."""
+        self.check(metrics)
+        w_K = np.zeros(len(metrics))
         if not self.targets:
-            return np.full(len(domains), 1.0 / len(domains))
-        w_D = np.array([float(self.targets.get(d, 0.0)) for d in domains])
-        return w_D / w_D.sum()
+            losses = matching(LOSS + "*", metrics)
+            w_K[losses] = 1.0 / len(losses)
+            return w_K
+        for name, w in self.targets.items():
+            idx = matching(name, metrics)
+            w_K[idx] += float(w) / len(idx)
+        return w_K / w_K.sum() * self.signs(metrics)
+
+    @classmethod
+    def parse(cls, targets: str = "", constraints: Sequence[str] = ()) -> "Objective":
+        """From the command line: `--objective downstream/gsm8k/bpb` or
+        `--objective "downstream/*/bpb=1,loss/math=0.5"`, `--constraint "loss/*=0.01"`."""
+        def pairs(text: str, flag: str, default: float | None) -> dict[str, float]:
+            out = {}
+            for item in filter(None, (t.strip() for t in text.split(","))):
+                name, eq, value = item.rpartition("=") if "=" in item else (item, "", "")
+                if not eq and default is None:
+                    raise UserError(f"{flag} {item!r}: expected METRIC=FRACTION, e.g. "
+                                    "'loss/*=0.01' (no metric more than 1% worse)")
+                try:
+                    out[name.strip()] = float(value) if eq else default
+                except ValueError:
+                    raise UserError(f"{flag} {item!r}: {value!r} is not a number") from None
+            return out
+        bounds: dict[str, float] = {}
+        for text in constraints:
+            bounds.update(pairs(text, "--constraint", None))
+        return cls(pairs(targets, "--objective", 1.0), constraints=bounds)
+
+    @staticmethod
+    def signs(metrics: Sequence[str]) -> np.ndarray:
+        """(K,) +1 for a metric better when lower, -1 for one better when higher."""
+        return np.array([-1.0 if higher_is_better(m) else 1.0 for m in metrics])
+
+    def bounds(self, metrics: Sequence[str]) -> np.ndarray:
+        """(K,) the largest relative worsening allowed per metric; NaN = unconstrained."""
+        x_K = np.full(len(metrics), np.nan)
+        rules = list(self.constraints.items())
+        if self.max_worse_than_baseline > 0:
+            rules.append((LOSS + "*", self.max_worse_than_baseline))
+        for name, x in rules:
+            idx = matching(name, metrics)
+            x_K[idx] = np.fmin(x_K[idx], float(x))
+        return x_K
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.constraints) or self.max_worse_than_baseline > 0
 
     def describe(self) -> str:
-        text = ("mean loss over all domains" if not self.targets else "weighted mean loss of "
-                + ", ".join(f"{d}×{w:g}" for d, w in self.targets.items()))
-        if self.max_worse_than_baseline > 0:
-            text += (f"; no domain more than {self.max_worse_than_baseline:.1%} worse than the "
-                     "baseline")
+        def term(name: str, w: float) -> str:
+            return metric_key(name) + (" (higher is better)" if higher_is_better(name) else "") \
+                + (f"×{w:g}" if len(self.targets) > 1 else "")
+        text = ("mean loss over all domains" if not self.targets else
+                ("weighted mean of " if len(self.targets) > 1 else "")
+                + ", ".join(term(n, w) for n, w in self.targets.items()))
+        limits = [(LOSS + "*", self.max_worse_than_baseline)] * (self.max_worse_than_baseline > 0)
+        limits += list(self.constraints.items())
+        if limits:
+            text += "; subject to " + ", ".join(
+                f"{metric_key(n)} no more than {x:.1%} worse than the baseline" for n, x in limits)
         return text
 
 
-def objective_values(Y_MxD: np.ndarray, domains: Sequence[str], objective: Objective
+def objective_values(Y_MxK: np.ndarray, metrics: Sequence[str], objective: Objective
                      ) -> np.ndarray:
-    """(M,) the objective (lower is better) of each row of per-domain losses."""
-    Y_MxD = np.asarray(Y_MxD, np.float64).reshape(-1, len(domains))
-    return Y_MxD @ objective.weight_vector(domains)
+    """(M,) the objective (lower is better) of each row of metric values."""
+    Y_MxK = np.asarray(Y_MxK, np.float64).reshape(-1, len(metrics))
+    return Y_MxK @ objective.weight_vector(metrics)
+
+
+def violations(Y_MxK: np.ndarray, metrics: Sequence[str], objective: Objective,
+               baseline_K: np.ndarray) -> np.ndarray:
+    """(M,) how far each row breaks its worst constraint (relative to the baseline); 0 = none."""
+    x_K = objective.bounds(metrics)
+    on = ~np.isnan(x_K)
+    if not on.any():
+        return np.zeros(len(Y_MxK))
+    base_K = np.asarray(baseline_K, np.float64)[on]
+    worse_MxK = (objective.signs(metrics)[on] * (np.asarray(Y_MxK)[:, on] - base_K)
+                 / np.abs(base_K) - x_K[on])
+    return np.maximum(worse_MxK, 0.0).max(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +227,7 @@ def objective_values(Y_MxD: np.ndarray, domains: Sequence[str], objective: Objec
 
 @dataclasses.dataclass(frozen=True)
 class Seen:
-    """What the fitted rows covered, per domain: its weights (in any stage) and its losses.
+    """What the fitted rows covered: each domain's weights (in any stage), each metric's values.
 
     A fit of a few dozen runs says nothing about mixtures far from them: a 6-domain log-weight
     law fitted on 7 tiny proxies predicted multilingual at -4.3 nats at its minimum weight, and
@@ -124,53 +236,54 @@ class Seen:
     (`outside`) is an extrapolation, ranked after every mixture that is not."""
     weight_lo_D: np.ndarray
     weight_hi_D: np.ndarray
-    loss_lo_D: np.ndarray
-    loss_hi_D: np.ndarray
+    loss_lo_K: np.ndarray  # per predicted metric (a domain's loss, a task's bpb, ...)
+    loss_hi_K: np.ndarray
     start_lo_S1: np.ndarray  # the non-first stages' starts
     start_hi_S1: np.ndarray
 
     @classmethod
-    def of(cls, X_NxF: np.ndarray, Y_NxD: np.ndarray) -> "Seen":
-        D = Y_NxD.shape[1]
+    def of(cls, X_NxF: np.ndarray, Y_NxK: np.ndarray, n_domains: int) -> "Seen":
+        D = n_domains
         n_weights = (X_NxF.shape[1] + 1) // (D + 1) * D
         weights_NSxD = X_NxF[:, :n_weights].reshape(-1, D)
         starts_NxS1 = X_NxF[:, n_weights:]
-        return cls(weights_NSxD.min(0), weights_NSxD.max(0), Y_NxD.min(0), Y_NxD.max(0),
+        return cls(weights_NSxD.min(0), weights_NSxD.max(0), Y_NxK.min(0), Y_NxK.max(0),
                    starts_NxS1.min(0), starts_NxS1.max(0))
 
-    def outside(self, pred_MxD: np.ndarray) -> np.ndarray:
-        """(M, D) how far (nats) each predicted loss lies outside its plausible range; 0 inside."""
-        spread_D = self.loss_hi_D - self.loss_lo_D
-        return np.maximum(np.maximum(self.loss_lo_D - spread_D - pred_MxD,
-                                     pred_MxD - self.loss_hi_D - spread_D), 0.0)
+    def outside(self, pred_MxK: np.ndarray) -> np.ndarray:
+        """(M, K) how far each predicted metric lies outside its plausible range; 0 inside."""
+        spread_K = self.loss_hi_K - self.loss_lo_K
+        return np.maximum(np.maximum(self.loss_lo_K - spread_K - pred_MxK,
+                                     pred_MxK - self.loss_hi_K - spread_K), 0.0)
 
 
 @dataclasses.dataclass
 class FitResult:
-    domains: tuple[str, ...]
-    chosen: dict[str, str]  # domain -> regressor picked by K-fold CV
-    cv_mse: dict[str, dict[str, float]]  # domain -> {regressor: out-of-fold MSE}
-    models: dict[str, Regressor]  # domain -> chosen regressor, fitted on all training rows
+    domains: tuple[str, ...]  # the weighted domains: the features
+    metrics: tuple[str, ...]  # what is predicted: a domain's name is its loss, else a column
+    chosen: dict[str, str]  # metric -> regressor picked by K-fold CV
+    cv_mse: dict[str, dict[str, float]]  # metric -> {regressor: out-of-fold MSE}
+    models: dict[str, Regressor]  # metric -> chosen regressor, fitted on all training rows
     n_features: int = 0
     n_rows: int = 0
     folds: int = 0
-    notes: dict[str, str] = dataclasses.field(default_factory=dict)  # domain -> fallback note
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> fallback note
     seen: "Seen | None" = None  # what the fitted rows covered: optimize.choose keeps inside
-    # domain -> the chosen regressor fitted on each CV fold's training rows
+    # metric -> the chosen regressor fitted on each CV fold's training rows
     fold_models: dict[str, list[Regressor]] = dataclasses.field(default_factory=dict)
 
     def predict(self, X_MxF: np.ndarray) -> np.ndarray:
-        """(M, D) predicted per-domain losses."""
+        """(M, K) predicted metrics."""
         X_MxF = self._check(X_MxF)
-        return np.column_stack([self.models[d].predict(X_MxF) for d in self.domains])
+        return np.column_stack([self.models[m].predict(X_MxF) for m in self.metrics])
 
     def fold_predict(self, X_MxF: np.ndarray) -> np.ndarray:
-        """(K, M, D) the per-domain losses each CV fold's models predict. Where they disagree
-        the prediction rests on which rows the fit saw: a point far from them."""
+        """(folds, M, K) the metrics each CV fold's models predict. Where they disagree the
+        prediction rests on which rows the fit saw: a point far from them."""
         X_MxF = self._check(X_MxF)
-        return np.stack([np.column_stack([self.fold_models[d][k].predict(X_MxF)
-                                          for d in self.domains])
-                         for k in range(len(self.fold_models[self.domains[0]]))])
+        return np.stack([np.column_stack([self.fold_models[m][k].predict(X_MxF)
+                                          for m in self.metrics])
+                         for k in range(len(self.fold_models[self.metrics[0]]))])
 
     def underdetermined(self, runs: str = "runs") -> str:
         """A warning when the fit saw no more rows than features, else ''."""
@@ -227,53 +340,59 @@ def check_trials(n_rows: int, folds: int, where: str = "fit") -> None:
                         f"folds={folds}); run more trials or lower folds")
 
 
-def fit(X_NxF: np.ndarray, Y_NxD: np.ndarray, domains: Sequence[str], *, folds: int = 5,
+def fit(X_NxF: np.ndarray, Y_NxK: np.ndarray, domains: Sequence[str], *, folds: int = 5,
         seed: int = 0, regressors: Sequence[str] = REGRESSORS, prefer_simpler: bool = True,
-        objective: "Objective | None" = None) -> FitResult:
-    """Fits every regressor per domain, keeps the one K-fold CV prefers, per domain or, given
-    `objective`, one for all domains (module docstring)."""
+        objective: "Objective | None" = None, metrics: Sequence[str] | None = None
+        ) -> FitResult:
+    """Fits every regressor per metric (Y's columns: `metrics`, by default each domain's loss),
+    keeps the one K-fold CV prefers, per metric or, given `objective`, one for all (module
+    docstring). Every domain's weights are features of every metric: a table may weight more
+    domains than it has losses for."""
     domains = tuple(domains)
+    metrics = tuple(metrics) if metrics is not None else domains
     X_NxF = as_2d(X_NxF)
-    Y_NxD = np.asarray(Y_NxD, np.float64).reshape(len(X_NxF), -1)
-    if Y_NxD.shape[1] != len(domains):
-        raise ValueError(f"{Y_NxD.shape[1]} loss columns for {len(domains)} domains")
+    Y_NxK = np.asarray(Y_NxK, np.float64).reshape(len(X_NxF), -1)
+    if Y_NxK.shape[1] != len(metrics):
+        raise ValueError(f"{Y_NxK.shape[1]} metric columns for {len(metrics)} metrics")
     if not regressors:
         raise UserError("fit: no regressors given (known: " + ", ".join(REGRESSORS) + ")")
     for name in regressors:
         make_regressor(name)  # unknown names fail before any fitting
-    if not (np.all(np.isfinite(X_NxF)) and np.all(np.isfinite(Y_NxD))):
-        raise UserError("fit: features or losses contain NaN or infinity")
+    if not (np.all(np.isfinite(X_NxF)) and np.all(np.isfinite(Y_NxK))):
+        raise UserError("fit: features or metrics contain NaN or infinity")
     check_trials(len(X_NxF), folds)
     ids_N = fold_ids(len(X_NxF), folds, seed)
-    # out-of-fold predictions and the fold models, per regressor and domain
-    oof = {name: [_oof_predictions(name, X_NxF, Y_NxD[:, d], ids_N, folds, seed, len(domains))
-                  for d in range(len(domains))] for name in regressors}
-    resid = {name: np.column_stack([pred_N for pred_N, _ in per_domain]) - Y_NxD
-             for name, per_domain in oof.items()}
+    D = len(domains)
+    # out-of-fold predictions and the fold models, per regressor and metric
+    oof = {name: [_oof_predictions(name, X_NxF, Y_NxK[:, k], ids_N, folds, seed, D)
+                  for k in range(len(metrics))] for name in regressors}
+    resid = {name: np.column_stack([pred_N for pred_N, _ in per_metric]) - Y_NxK
+             for name, per_metric in oof.items()}
 
     def pick(sq_err: dict[str, np.ndarray]) -> str:
         mse = {name: float(e.mean()) for name, e in sq_err.items()}
         return _pick(sq_err) if prefer_simpler else min(mse, key=mse.get)
 
-    cv_mse = {domain: {name: float((r_NxD[:, d] ** 2).mean()) for name, r_NxD in resid.items()}
-              for d, domain in enumerate(domains)}
+    cv_mse = {metric: {name: float((r_NxK[:, k] ** 2).mean()) for name, r_NxK in resid.items()}
+              for k, metric in enumerate(metrics)}
     if objective is not None:
-        weight_D = objective.weight_vector(domains)
-        sq_err = {name: (r_NxD @ weight_D) ** 2 for name, r_NxD in resid.items()}
+        weight_K = objective.weight_vector(metrics)
+        sq_err = {name: (r_NxK @ weight_K) ** 2 for name, r_NxK in resid.items()}
         cv_mse["objective"] = {name: float(e.mean()) for name, e in sq_err.items()}
-        chosen = dict.fromkeys(domains, pick(sq_err))
+        chosen = dict.fromkeys(metrics, pick(sq_err))
     else:
-        chosen = {domain: pick({name: r_NxD[:, d] ** 2 for name, r_NxD in resid.items()})
-                  for d, domain in enumerate(domains)}
+        chosen = {metric: pick({name: r_NxK[:, k] ** 2 for name, r_NxK in resid.items()})
+                  for k, metric in enumerate(metrics)}
     models, notes = {}, {}
-    for d, domain in enumerate(domains):
-        models[domain] = make_regressor(chosen[domain], seed, len(domains)).fit(X_NxF, Y_NxD[:, d])
-        if getattr(models[domain], "fallback", None):
-            notes[domain] = models[domain].fallback
-    return FitResult(domains, chosen, cv_mse, models, n_features=X_NxF.shape[1],
-                     n_rows=len(X_NxF), folds=folds, notes=notes, seen=Seen.of(X_NxF, Y_NxD),
-                     fold_models={domain: oof[chosen[domain]][d][1]
-                                  for d, domain in enumerate(domains)})
+    for k, metric in enumerate(metrics):
+        models[metric] = make_regressor(chosen[metric], seed, D).fit(X_NxF, Y_NxK[:, k])
+        if getattr(models[metric], "fallback", None):
+            notes[metric] = models[metric].fallback
+    return FitResult(domains, metrics, chosen, cv_mse, models, n_features=X_NxF.shape[1],
+                     n_rows=len(X_NxF), folds=folds, notes=notes,
+                     seen=Seen.of(X_NxF, Y_NxK, D),
+                     fold_models={metric: oof[chosen[metric]][k][1]
+                                  for k, metric in enumerate(metrics)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,11 +417,11 @@ def regret(pred_M: np.ndarray, actual_M: np.ndarray) -> float:
 
 def evaluate_holdout(result: FitResult, X_hold: np.ndarray, Y_hold: np.ndarray,
                      objective: Objective) -> dict:
-    """Spearman and regret of the objective on rows never used in fitting, plus per domain."""
+    """Spearman and regret of the objective on rows never used in fitting, plus per metric."""
     Y_MxD = np.asarray(Y_hold, np.float64).reshape(len(X_hold), -1)
     pred_MxD = result.predict(X_hold)
-    pred_M = objective_values(pred_MxD, result.domains, objective)
-    actual_M = objective_values(Y_MxD, result.domains, objective)
+    pred_M = objective_values(pred_MxD, result.metrics, objective)
+    actual_M = objective_values(Y_MxD, result.metrics, objective)
     return {
         "n": len(Y_MxD),
         "spearman": spearman(pred_M, actual_M),
@@ -311,7 +430,7 @@ def evaluate_holdout(result: FitResult, X_hold: np.ndarray, Y_hold: np.ndarray,
         "objective_rmse": float(np.sqrt(np.mean((pred_M - actual_M) ** 2))) if len(Y_MxD)
         else math.nan,
         "per_domain_spearman": {d: spearman(pred_MxD[:, i], Y_MxD[:, i])
-                                for i, d in enumerate(result.domains)},
+                                for i, d in enumerate(result.metrics)},
         "per_domain_mse": {d: float(np.mean((pred_MxD[:, i] - Y_MxD[:, i]) ** 2))
-                           for i, d in enumerate(result.domains)},
+                           for i, d in enumerate(result.metrics)},
     }

@@ -10,8 +10,8 @@ tied to one model's quirks than the argmin). With one end stage whose start the 
 varied (`space.anneal_start`) and a fit that sees starts, the search is repeated at 5 starts
 spread over the range they tried and the best is kept; otherwise the template's starts stay.
 
-The baseline constraint ("no domain predicted worse than the baseline by more than x") ranks
-every feasible schedule before any infeasible one; among infeasible ones the least violation
+The constraints ("no domain's loss, or task's bpb, predicted worse than the baseline's by more
+than x": fit.Objective) rank every feasible schedule before any infeasible one; among infeasible ones the least violation
 wins, with a warning, so a sweep always ends with a usable winner.json.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
-from sweeps.fit import FitResult, Objective, features, objective_values
+from sweeps.fit import FitResult, Objective, features, objective_values, violations
 
 INFEASIBLE = 1e9  # score offset of a schedule that breaks the baseline constraint
 IMPLAUSIBLE = 2e9  # ... whose predicted losses leave what the fit saw (fit.Seen): after all
@@ -85,23 +85,22 @@ def _bounds(domains: Sequence[str], caps: Mapping[str, float], min_weight: float
 
 class _Scorer:
     """Scores (M, S, D) stage weights: the predicted objective, or INFEASIBLE + violation, or
-    IMPLAUSIBLE + how far a predicted loss lies outside what the fit saw."""
+    IMPLAUSIBLE + how far a predicted metric lies outside what the fit saw."""
 
     def __init__(self, result: FitResult, starts: Sequence[float], objective: Objective,
-                 baseline_losses: Mapping[str, float] | None):
+                 baseline: Mapping[str, float] | None):
         self.result, self.starts = result, np.asarray(starts[1:], np.float64)
-        self.weight_D = objective.weight_vector(result.domains)
-        self.limit_D = None
-        if objective.max_worse_than_baseline > 0:
-            if baseline_losses is None:
-                raise UserError(f"objective.max_worse_than_baseline="
-                                f"{objective.max_worse_than_baseline:g} needs the baseline's "
-                                "per-domain losses (the natural mixture's run)")
-            missing = [d for d in result.domains if d not in baseline_losses]
+        self.objective = objective
+        self.weight_K = objective.weight_vector(result.metrics)
+        self.baseline_K = None
+        if objective.constrained:
+            if baseline is None:
+                raise UserError(f"objective: the constraints ({objective.describe()}) need the "
+                                "baseline's metrics (the natural mixture's run)")
+            missing = [m for m in result.metrics if m not in baseline]
             if missing:
-                raise UserError(f"baseline losses: no value for domain(s) {', '.join(missing)}")
-            self.limit_D = (np.array([float(baseline_losses[d]) for d in result.domains])
-                            * (1 + objective.max_worse_than_baseline))
+                raise UserError(f"baseline: no value for {', '.join(missing)}")
+            self.baseline_K = np.array([float(baseline[m]) for m in result.metrics])
 
     def features(self, W_MxSxD: np.ndarray) -> np.ndarray:
         M = len(W_MxSxD)
@@ -112,9 +111,10 @@ class _Scorer:
         scores, preds = [], []
         for i in range(0, len(W_MxSxD), _CHUNK):
             pred_MxD = self.result.predict(self.features(W_MxSxD[i:i + _CHUNK]))
-            score_M = pred_MxD @ self.weight_D
-            if self.limit_D is not None:
-                violation_M = np.maximum(pred_MxD / self.limit_D - 1, 0).max(1)
+            score_M = pred_MxD @ self.weight_K
+            if self.baseline_K is not None:
+                violation_M = violations(pred_MxD, self.result.metrics, self.objective,
+                                         self.baseline_K)
                 score_M = np.where(violation_M > 0, INFEASIBLE + violation_M, score_M)
             if self.result.seen is not None:
                 outside_M = self.result.seen.outside(pred_MxD).max(1)
@@ -197,10 +197,11 @@ def _trust_region(result: FitResult, lower_D: np.ndarray, upper_D: np.ndarray
 
 def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSchedule | None,
            caps: Mapping[str, float], min_weight: float, objective: Objective,
-           baseline_losses: Mapping[str, float] | None = None, *, samples: int = 100_000,
+           baseline: Mapping[str, float] | None = None, *, samples: int = 100_000,
            refine_steps: int = 200, seed: int = 0, method: str = "search", top_k: int = 100,
            refine_starts: int = 8) -> tuple[MixtureSchedule, dict[str, float]]:
-    """The schedule minimising the predicted objective, and its predicted per-domain losses."""
+    """The schedule minimising the predicted objective under its constraints (relative to the
+    `baseline` metrics), and its predicted metrics."""
     domains = tuple(domains)
     if domains != tuple(result.domains):
         raise ValueError(f"domains {domains} differ from the fit's {result.domains}")
@@ -208,7 +209,7 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
         raise UserError(f"method={method!r}: expected search or topk")
     if samples < 1:
         raise UserError(f"samples={samples}: expected >= 1")
-    objective.check(domains)
+    objective.check(result.metrics)
     lower_D, upper_D = _trust_region(result, *_bounds(domains, caps, min_weight))
     starts, template_SxD = _template(stage_template, domains)
     S, D = len(starts), len(domains)
@@ -220,7 +221,7 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
     stage_blind = all(getattr(m, "stage_blind", False) for m in result.models.values())
     found = []
     for starts in [starts] if stage_blind else _start_grid(result, starts):
-        scorer = _Scorer(result, starts, objective, baseline_losses)
+        scorer = _Scorer(result, starts, objective, baseline)
         best_SxD = _search(scorer, template_SxD, S, lower_D, upper_D, stage_blind,
                            np.random.default_rng(seed), samples, method, top_k, refine_starts,
                            refine_steps)
@@ -228,18 +229,18 @@ def choose(result: FitResult, domains: Sequence[str], stage_template: MixtureSch
         found.append((score, starts, best_SxD, pred_1xD[0]))
     best_score, starts, best_SxD, pred_D = min(found, key=lambda f: f[0])
     if best_score >= IMPLAUSIBLE:
-        warnings.warn("every mixture searched has a predicted loss outside the range the fitted "
-                      "runs measured (widened by that range): the fit extrapolates everywhere",
+        warnings.warn("every mixture searched has a predicted metric outside the range the "
+                      "fitted runs measured (widened by that range): the fit extrapolates "
+                      "everywhere",
                       stacklevel=2)
     elif best_score >= INFEASIBLE:
-        warnings.warn(f"no mixture found meets the constraint "
-                      f"(max_worse_than_baseline={objective.max_worse_than_baseline:g}); the "
-                      f"winner breaks it least (by {best_score - INFEASIBLE:.3%})",
+        warnings.warn(f"no mixture found meets the constraints ({objective.describe()}); the "
+                      f"winner breaks them least (by {best_score - INFEASIBLE:.3%})",
                       stacklevel=2)
     schedule = MixtureSchedule.from_stage_weights(
         [(start, {d: float(w) for d, w in zip(domains, w_D)})
          for start, w_D in zip(starts, best_SxD)]).validate(domains, where="winner")
-    return schedule, {d: float(v) for d, v in zip(domains, pred_D)}
+    return schedule, {m: float(v) for m, v in zip(result.metrics, pred_D)}
 
 
 def _start_grid(result: FitResult, starts: list[float]) -> list[list[float]]:
@@ -284,15 +285,15 @@ def _search(scorer: _Scorer, template_SxD: np.ndarray | None, S: int, lower_D: n
 
 
 def predict_schedule(result: FitResult, schedule: MixtureSchedule) -> dict[str, float]:
-    """Predicted per-domain losses of one schedule."""
-    pred_D = result.predict(features(schedule, result.domains)[None])[0]
-    return {d: float(v) for d, v in zip(result.domains, pred_D)}
+    """Predicted metrics of one schedule."""
+    pred_K = result.predict(features(schedule, result.domains)[None])[0]
+    return {m: float(v) for m, v in zip(result.metrics, pred_K)}
 
 
-def objective_of(losses: Mapping[str, float], objective: Objective,
-                 domains: Sequence[str]) -> float:
-    """The objective of one set of per-domain losses."""
-    return float(objective_values(np.array([[losses[d] for d in domains]]), domains,
+def objective_of(values: Mapping[str, float], objective: Objective,
+                 metrics: Sequence[str]) -> float:
+    """The objective of one set of metric values."""
+    return float(objective_values(np.array([[values[m] for m in metrics]]), metrics,
                                   objective)[0])
 
 
@@ -311,9 +312,9 @@ def prefer_measured(result: FitResult, objective: Objective,
     mixture 0.22 nats better than its best run, 5x its CV error, and it measured no better)."""
     schedule, predicted = fitted
     best, best_objective = measured
-    cv_error = math.sqrt(result.cv_mse["objective"][result.chosen[result.domains[0]]])
+    cv_error = math.sqrt(result.cv_mse["objective"][result.chosen[result.metrics[0]]])
     spread = _fold_spread(result, objective, schedule)
-    gain = best_objective - objective_of(predicted, objective, result.domains)
+    gain = best_objective - objective_of(predicted, objective, result.metrics)
     choice = {"from": "fit", "best_measured": label, "measured": best_objective,
               "predicted_gain": gain, "margin": math.hypot(cv_error, spread),
               "cv_error": cv_error, "fold_spread": spread,
@@ -327,17 +328,17 @@ def _fold_spread(result: FitResult, objective: Objective, schedule: MixtureSched
     """The std of the objective the CV folds' models predict for `schedule`."""
     if not result.fold_models:
         return 0.0
-    pred_KxD = result.fold_predict(features(schedule, result.domains)[None])[:, 0]
-    return float(objective_values(pred_KxD, result.domains, objective).std(ddof=1))
+    pred_FxK = result.fold_predict(features(schedule, result.domains)[None])[:, 0]
+    return float(objective_values(pred_FxK, result.metrics, objective).std(ddof=1))
 
 
 def _extrapolated(result: FitResult, predicted: Mapping[str, float]) -> dict[str, float]:
-    """The domains whose predicted loss lies outside what the fit saw (fit.Seen.outside)."""
+    """The metrics whose predicted value lies outside what the fit saw (fit.Seen.outside)."""
     if result.seen is None:
         return {}
-    pred_D = np.array([predicted[d] for d in result.domains])
-    out_D = result.seen.outside(pred_D[None])[0]
-    return {d: float(p) for d, p, o in zip(result.domains, pred_D, out_D) if o > 0}
+    pred_K = np.array([predicted[m] for m in result.metrics])
+    out_K = result.seen.outside(pred_K[None])[0]
+    return {m: float(p) for m, p, o in zip(result.metrics, pred_K, out_K) if o > 0}
 
 
 def describe_choice(choice: Mapping, measured: float | None = None) -> str:

@@ -7,8 +7,12 @@ A table has one row per run. Columns are matched by declared prefixes:
   sum to 1 (within 1e-3; they are renormalised exactly).
 - `start/<stage>`: the fraction of training at which a stage begins, required for every stage
   but the first (whose start is 0) — a schedule is not defined without it.
-- `loss/<domain>`: the held-out loss of a domain, one per weighted domain. Loss columns of
-  other names (say `loss/mean`) are ignored and listed as such.
+- `loss/<domain>`: the held-out loss of a weighted domain. A table may weight more domains
+  than it has losses for (runs trained on more domains than they were evaluated on): every
+  weight is a feature of every predicted metric. Loss columns of other names (say `loss/mean`)
+  are ignored and listed as such.
+- any other numeric column the objective names (`--objective downstream/gsm8k/bpb`, or a glob
+  such as `downstream/*/bpb`): predicted like the losses.
 
 Stages are ordered by start. Anything else in the table is ignored. A table that does not fit
 is one UserError naming the file and the offending column or row (rows are numbered from 1, as
@@ -18,6 +22,7 @@ a spreadsheet shows data rows; CSV errors also give the file line).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,7 +33,8 @@ import pandas as pd
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from sweeps import optimize
-from sweeps.fit import REGRESSORS, Objective, check_trials, evaluate_holdout, fit, objective_values
+from sweeps.fit import (REGRESSORS, Objective, matching, check_trials, evaluate_holdout, fit,
+                        metric_key, objective_values)
 
 SUM_TOLERANCE = 1e-3
 SINGLE_STAGE = ""  # the stage name of `weight/<domain>` columns
@@ -130,10 +136,6 @@ def parse_columns(df: pd.DataFrame, weight_prefix: str = "weight/", loss_prefix:
     if missing:
         raise UserError(f"{where}: every stage must weight the same domains; missing column(s) "
                         f"{', '.join(missing)}")
-    missing = [f"{loss_prefix}{d}" for d in domains if f"{loss_prefix}{d}" not in df.columns]
-    if missing:
-        raise UserError(f"{where}: no loss column for weighted domain(s): missing "
-                        f"{', '.join(missing)}")
     starts = _stage_starts(df, list(layout), start_prefix)
     stages = tuple(sorted(layout, key=lambda s: float(np.median(starts[s]))))
     for s in stages:
@@ -152,7 +154,8 @@ def parse_columns(df: pd.DataFrame, weight_prefix: str = "weight/", loss_prefix:
                             f"{weight_column(s, '*', weight_prefix)} sum to {total_N[i]:.6g}, "
                             f"not 1 (tolerance {SUM_TOLERANCE:g})")
     for d in domains:
-        _numeric(df, f"{loss_prefix}{d}")
+        if f"{loss_prefix}{d}" in df.columns:
+            _numeric(df, f"{loss_prefix}{d}")
     first = np.flatnonzero(starts[stages[0]] != 0)
     if len(first):
         i = int(first[0])
@@ -199,9 +202,10 @@ def _stage_starts(df: pd.DataFrame, stages: list[str], start_prefix: str
 class Table:
     path: str
     stages: tuple[str, ...]
-    domains: tuple[str, ...]
+    domains: tuple[str, ...]  # weighted
+    metrics: tuple[str, ...]  # predicted: a domain's name (its loss column), or a column name
     X_NxF: np.ndarray  # sweeps.fit.features layout
-    Y_NxD: np.ndarray
+    Y_NxK: np.ndarray
     starts_NxS: np.ndarray
     ignored: tuple[str, ...]  # loss columns of domains without weights
 
@@ -218,7 +222,9 @@ class Table:
 
 
 def load_table(path: Path, weight_prefix: str = "weight/", loss_prefix: str = "loss/",
-               start_prefix: str = "start/") -> Table:
+               start_prefix: str = "start/", objective: Objective = Objective()) -> Table:
+    """The table's weights, starts and metrics: every weighted domain's loss column there is,
+    and the other columns the objective names."""
     df = read_table(path)
     stages, domains = parse_columns(df, weight_prefix, loss_prefix, start_prefix)
     starts = _stage_starts(df, list(stages), start_prefix)
@@ -228,15 +234,42 @@ def load_table(path: Path, weight_prefix: str = "weight/", loss_prefix: str = "l
         w_NxD = np.stack([_numeric(df, weight_column(s, d, weight_prefix)) for d in domains], 1)
         blocks.append(w_NxD / w_NxD.sum(1, keepdims=True))
     X_NxF = np.concatenate(blocks + [starts_NxS[:, 1:]], 1)
-    Y_NxD = np.stack([_numeric(df, f"{loss_prefix}{d}") for d in domains], 1)
+    losses = [d for d in domains if f"{loss_prefix}{d}" in df.columns]
+    columns = {d: f"{loss_prefix}{d}" for d in losses}
+    columns.update({c: c for c in _named_columns(df, objective, losses, loss_prefix)})
+    if not columns:
+        raise UserError(f"{_where(df)}: nothing to predict: no {loss_prefix}<domain> column for "
+                        f"the weighted domains ({', '.join(domains)}) and no --objective naming "
+                        "another column")
+    Y_NxK = np.stack([_numeric(df, c) for c in columns.values()], 1)
     ignored = tuple(str(c) for c in df.columns if str(c).startswith(loss_prefix)
                     and str(c)[len(loss_prefix):] not in domains)
-    return Table(str(path), stages, domains, X_NxF, Y_NxD, starts_NxS, ignored)
+    return Table(str(path), stages, domains, tuple(columns), X_NxF, Y_NxK, starts_NxS, ignored)
+
+
+def _named_columns(df: pd.DataFrame, objective: Objective, losses: Sequence[str],
+                   loss_prefix: str) -> list[str]:
+    """The table's columns the objective and its constraints name (a name or a glob) other
+    than the domain losses; a name that matches nothing is an error listing what is there."""
+    numeric = [str(c) for c in df.columns if pd.api.types.is_numeric_dtype(df[c])
+               and not str(c).startswith(loss_prefix)]
+    found: list[str] = []
+    for key in ("targets", "constraints"):
+        for name in getattr(objective, key):
+            if matching(name, losses):
+                continue
+            hits = [c for c in numeric if fnmatch.fnmatchcase(c, name)]
+            if not hits:
+                raise UserError(f"{_where(df)}: objective {key} {name!r}: no such column "
+                                f"(loss columns: {', '.join(loss_prefix + d for d in losses) or 'none'}; "
+                                f"other numeric columns: {', '.join(numeric) or 'none'})")
+            found += [c for c in hits if c not in found]
+    return found
 
 
 def _aligned_holdout(train: Table, path: Path, weight_prefix: str, loss_prefix: str,
-                     start_prefix: str) -> Table:
-    hold = load_table(path, weight_prefix, loss_prefix, start_prefix)
+                     start_prefix: str, objective: Objective) -> Table:
+    hold = load_table(path, weight_prefix, loss_prefix, start_prefix, objective)
     if set(hold.stages) != set(train.stages) or set(hold.domains) != set(train.domains):
         raise UserError(f"{path}: holdout table has stages {list(hold.stages)} and domains "
                         f"{list(hold.domains)}; the fitted table {train.path} has stages "
@@ -244,30 +277,37 @@ def _aligned_holdout(train: Table, path: Path, weight_prefix: str, loss_prefix: 
     if hold.stages != train.stages:
         raise UserError(f"{path}: holdout stages start in the order {list(hold.stages)}, the "
                         f"fitted table's in {list(train.stages)}")
+    missing = [m for m in train.metrics if m not in hold.metrics]
+    if missing:
+        raise UserError(f"{path}: holdout table lacks the fitted table's metric column(s) "
+                        + ", ".join(metric_key(m) for m in missing))
     perm_D = [hold.domains.index(d) for d in train.domains]
     S, D = len(train.stages), len(train.domains)
     w_NxSxD = hold.X_NxF[:, :S * D].reshape(-1, S, D)[:, :, perm_D]
     X_NxF = np.concatenate([w_NxSxD.reshape(len(w_NxSxD), -1), hold.X_NxF[:, S * D:]], 1)
-    return dataclasses.replace(hold, domains=train.domains, X_NxF=X_NxF,
-                               Y_NxD=hold.Y_NxD[:, perm_D])
+    perm_K = [hold.metrics.index(m) for m in train.metrics]
+    return dataclasses.replace(hold, domains=train.domains, metrics=train.metrics, X_NxF=X_NxF,
+                               Y_NxK=hold.Y_NxK[:, perm_K])
 
 
 def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "weight/",
               loss_prefix: str = "loss/", start_prefix: str = "start/",
               objective: Objective = Objective(), folds: int = 5, seed: int = 0,
-              baseline: Mapping[str, float] | None = None,
+              baseline_row: int | None = None,
               regressors: Sequence[str] = REGRESSORS, samples: int = 100_000,
               refine_steps: int = 200, prefer_measured: bool = True) -> dict:
     """Fit, choose by CV, score the holdout rows, search the uncapped simplex, and keep the best
     measured row (of both tables) when the fit cannot tell its own mixture from it (as a sweep's
-    fit.prefer_measured does); prints nothing."""
-    train = load_table(path, weight_prefix, loss_prefix, start_prefix)
-    objective.check(train.domains, where="objective")
-    check_trials(len(train.Y_NxD), folds, where=train.path)
-    hold = (_aligned_holdout(train, Path(holdout), weight_prefix, loss_prefix, start_prefix)
-            if holdout is not None else None)
-    result = fit(train.X_NxF, train.Y_NxD, train.domains, folds=folds, seed=seed,
-                 regressors=regressors, objective=objective)
+    fit.prefer_measured does); prints nothing. The objective's constraints are relative to the
+    fit's prediction at `baseline_row`'s mixture (1-based, as errors number rows)."""
+    train = load_table(path, weight_prefix, loss_prefix, start_prefix, objective)
+    objective.check(train.metrics, where="objective")
+    check_trials(len(train.Y_NxK), folds, where=train.path)
+    hold = (_aligned_holdout(train, Path(holdout), weight_prefix, loss_prefix, start_prefix,
+                             objective) if holdout is not None else None)
+    result = fit(train.X_NxF, train.Y_NxK, train.domains, folds=folds, seed=seed,
+                 regressors=regressors, objective=objective, metrics=train.metrics)
+    baseline = _baseline(train, result, objective, baseline_row)
     S, D = len(train.stages), len(train.domains)
     # the search keeps the stage starts the runs used (their median) and centres its samples
     # on the runs' average mixture
@@ -286,9 +326,11 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
         enabled=prefer_measured)
     return {
         "table": train.path,
-        "n_train": len(train.Y_NxD),
+        "n_train": len(train.Y_NxK),
         "stages": list(train.stages),
         "domains": list(train.domains),
+        "metrics": list(train.metrics),
+        "baseline_row": baseline_row,
         "folds": folds,
         "objective": objective.describe(),
         "chosen": result.chosen,
@@ -296,19 +338,35 @@ def fit_table(path: Path, holdout: Path | None = None, *, weight_prefix: str = "
         "notes": result.notes,
         "underdetermined": result.underdetermined(),
         "ignored_columns": list(train.ignored),
-        "holdout": (dict(evaluate_holdout(result, hold.X_NxF, hold.Y_NxD, objective),
+        "holdout": (dict(evaluate_holdout(result, hold.X_NxF, hold.Y_NxK, objective),
                          table=hold.path) if hold is not None else None),
         "winner": schedule.to_dict(),
         "predicted": predicted,
-        "predicted_objective": optimize.objective_of(predicted, objective, train.domains),
+        "predicted_objective": optimize.objective_of(predicted, objective, train.metrics),
         "best_observed_objective": choice["measured"],
         "choice": choice,
     }
 
 
+def _baseline(train: Table, result, objective: Objective, row: int | None
+              ) -> dict[str, float] | None:
+    """The fit's metrics at the baseline row's mixture: what the constraints are relative to
+    (predicted, like the mixtures they are compared with)."""
+    if row is None:
+        if objective.constrained:
+            raise UserError(f"objective: the constraints ({objective.describe()}) are relative to "
+                            "a baseline run: name its row with --baseline ROW (e.g. the natural "
+                            "mixture's)")
+        return None
+    if isinstance(row, bool) or not isinstance(row, int) or not 1 <= row <= len(train.Y_NxK):
+        raise UserError(f"--baseline {row!r}: not a row of {train.path} (1 to "
+                        f"{len(train.Y_NxK)})")
+    return optimize.predict_schedule(result, train.schedule(row - 1))
+
+
 def _best_row(tables: Sequence[Table], objective: Objective) -> tuple[Table, int, float]:
     """The table, row and value of the lowest measured objective."""
-    table, obj_N = min(((t, objective_values(t.Y_NxD, t.domains, objective)) for t in tables),
+    table, obj_N = min(((t, objective_values(t.Y_NxK, t.metrics, objective)) for t in tables),
                        key=lambda t_obj: t_obj[1].min())
     i = int(np.argmin(obj_N))
     return table, i, float(obj_N[i])
@@ -320,20 +378,22 @@ def _num(x: float, fmt: str = ".4g") -> str:
 
 def format_fit_report(result: dict) -> str:
     domains = result["domains"]
+    metrics = result.get("metrics", domains)
     names = list(next(iter(result["cv_mse"].values())))
-    width = max(8, *(len(d) for d in domains)) + 2
+    width = max(8, *(len(metric_key(m)) for m in metrics)) + 2
     lines = [f"fit: {result['table']}: {result['n_train']} runs, {len(domains)} domains, "
-             f"{len(result['stages'])} stage(s); {result['folds']}-fold CV; objective: "
-             f"{result['objective']}",
+             f"{len(result['stages'])} stage(s), {len(metrics)} metric(s); {result['folds']}-fold "
+             f"CV; objective: {result['objective']}",
              "",
-             "cross-validated MSE per domain and of the objective (* = chosen for every "
-             "domain: the simplest within one standard error of the best on the objective)",
-             "domain".ljust(width) + "".join(n.rjust(13) for n in names) + "   chosen"]
-    chosen = {**result["chosen"], "objective": result["chosen"][domains[0]]}
-    for d in [*domains, "objective"]:
+             "cross-validated MSE per metric and of the objective (* = chosen for every "
+             "metric: the simplest within one standard error of the best on the objective)",
+             "metric".ljust(width) + "".join(n.rjust(13) for n in names) + "   chosen"]
+    chosen = {**result["chosen"], "objective": result["chosen"][metrics[0]]}
+    for d in [*metrics, "objective"]:
         row = "".join((_num(result["cv_mse"][d][n], ".3e")
                        + ("*" if n == chosen[d] else " ")).rjust(13) for n in names)
-        lines.append(d.ljust(width) + row + "   " + chosen[d])
+        lines.append((d if d == "objective" else metric_key(d)).ljust(width) + row + "   "
+                     + chosen[d])
     for d, note in result.get("notes", {}).items():
         lines.append(f"  note: {d}: loglinear {note}")
     if result.get("underdetermined"):
@@ -346,8 +406,8 @@ def format_fit_report(result: dict) -> str:
         lines.append(f"holdout ({hold['n']} runs from {hold['table']}): Spearman "
                      f"{_num(hold['spearman'], '.3f')}, regret {_num(hold['regret'])}, "
                      f"error of the objective (RMSE) {_num(hold['objective_rmse'])}")
-        lines.append("  per-domain Spearman: " + ", ".join(
-            f"{d} {_num(v, '.3f')}" for d, v in hold["per_domain_spearman"].items()))
+        lines.append("  per-metric Spearman: " + ", ".join(
+            f"{metric_key(d)} {_num(v, '.3f')}" for d, v in hold["per_domain_spearman"].items()))
     else:
         lines.append("holdout: none (--holdout TABLE2 scores the fit on runs it never saw)")
     choice = result["choice"]
@@ -358,8 +418,8 @@ def format_fit_report(result: dict) -> str:
         label = f"stage {name}" if name else "stage"
         lines.append(f"  {label} (start {st['start']:.3f}): " + ", ".join(
             f"{d} {st['weights'][d]:.4f}" for d in domains))
-    lines.append("predicted loss: " + ", ".join(
-        f"{d} {_num(v)}" for d, v in result["predicted"].items())
+    lines.append("predicted: " + ", ".join(
+        f"{metric_key(d)} {_num(v)}" for d, v in result["predicted"].items())
         + f"; objective {_num(result['predicted_objective'])} (best run observed: "
         f"{choice['best_measured']}, {_num(result['best_observed_objective'])})")
     return "\n".join(lines)

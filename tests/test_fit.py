@@ -35,7 +35,7 @@ from sweeps.regressors import (
     LogWeightRegressor,
     token_shares,
 )
-from sweeps.table import fit_table, format_fit_report, parse_columns, read_table
+from sweeps.table import fit_table, format_fit_report, load_table, parse_columns, read_table
 
 DOMAINS = ("web", "code", "math")
 # a Data Mixing Laws law per domain: L_d = c_d + k_d exp(t_d . w); more of a domain lowers its
@@ -87,7 +87,7 @@ def test_objective_mean_targets_and_errors():
     np.testing.assert_allclose(objective_values(Y, DOMAINS, Objective()), [2.0, 2.0])
     np.testing.assert_allclose(objective_values(Y, DOMAINS, Objective({"web": 3, "code": 1})),
                                [1.25, 2.25])
-    with pytest.raises(UserError, match=r"objective.targets.wiki: unknown domain"):
+    with pytest.raises(UserError, match=r"objective.targets.wiki: no such metric \(available: loss/web, loss/code"):
         Objective({"wiki": 1.0}).check(DOMAINS)
     with pytest.raises(UserError, match=r"objective.targets.web=-1"):
         Objective({"web": -1}).check(DOMAINS)
@@ -303,7 +303,7 @@ def test_choose_respects_the_baseline_constraint(law_fit):
     assert all(pred[d] <= baseline[d] * 1.05 + 1e-9 for d in DOMAINS)
     assert pred["math"] < baseline["math"] - 0.05  # and it still improves the target
     assert pred["math"] > free_pred["math"]
-    with pytest.raises(UserError, match="needs the baseline"):
+    with pytest.raises(UserError, match="need the baseline"):
         choose(law_fit, DOMAINS, None, {}, 0.0, bound)
 
 
@@ -372,7 +372,7 @@ def _break(df: pd.DataFrame, how: str) -> pd.DataFrame:
     if how == "no weights":
         return df.drop(columns=[c for c in df.columns if c.startswith("weight/")])
     if how == "no loss":
-        return df.drop(columns=["loss/code"])
+        return df.drop(columns=[c for c in df.columns if c.startswith("loss/")])
     if how == "text":
         df["loss/math"] = df["loss/math"].astype(object)
         df.loc[2, "loss/math"] = "oops"
@@ -394,7 +394,7 @@ def _break(df: pd.DataFrame, how: str) -> pd.DataFrame:
 
 @pytest.mark.parametrize("how,match", [
     ("no weights", r"no weight columns"),
-    ("no loss", r"no loss column .* missing loss/code"),
+    ("no loss", r"nothing to predict: no loss/<domain> column"),
     ("text", r"column loss/math, row 3 \(line 4\): 'oops' is not a number"),
     ("nan", r"column weight/base/web, row 4 \(line 5\): missing"),
     ("sum", r"row 5 \(line 6\): stage 'anneal' weights weight/anneal/\* sum to"),
@@ -406,7 +406,7 @@ def test_table_errors_name_file_and_column_or_row(tmp_path, how, match):
     path = tmp_path / "bad.csv"
     _break(law_table(8, seed=16), how).to_csv(path, index=False)
     with pytest.raises(UserError, match=match) as err:
-        parse_columns(read_table(path))
+        load_table(path)
     assert str(path) in str(err.value)
 
 
@@ -448,10 +448,11 @@ def test_fit_table_end_to_end_with_holdout(tmp_path):
     assert out["predicted_objective"] <= out["best_observed_objective"] + 0.01
     json.dumps(out)  # JSON-ready for the CLI
     text = format_fit_report(out)
-    rows = [line for line in text.splitlines() if line.split(" ")[0] in DOMAINS]
+    rows = [line for line in text.splitlines() if line.split(" ")[0] in
+            [f"loss/{d}" for d in DOMAINS]]
     assert len(rows) == 3 and all(r.endswith("loglinear") and "*" in r for r in rows)
     for needle in ("Spearman", "regret", "chosen mixture", "stage anneal (start "
-                   "0.850)", "predicted loss"):
+                   "0.850)", "predicted: loss/web"):
         assert needle in text
 
 
@@ -603,7 +604,7 @@ def test_choose_stays_where_the_fitted_runs_were():
     result = fit(X_NxF, Y_NxD, DOMAINS, folds=3, regressors=("linear",))
     seen = result.seen
     assert seen.weight_lo_D[2] == pytest.approx(X_NxF[:, 2].min())
-    assert seen.loss_hi_D[2] == pytest.approx(Y_NxD[:, 2].max())
+    assert seen.loss_hi_K[2] == pytest.approx(Y_NxD[:, 2].max())
     math_only = Objective({"math": 1.0})
 
     def math_weight_and_loss(r):
@@ -692,3 +693,87 @@ def test_the_folds_spread_far_from_the_runs_widens_the_margin():
     assert choice["margin"] == pytest.approx(margin) and choice["cv_error"] == pytest.approx(cv_error)
     assert cv_error < choice["predicted_gain"] < margin
     assert chosen is best and choice["from"] == "run 0"
+
+
+# ---------------------------------------------------------------------------------------------
+# objectives over any metric column (downstream tasks), constraints, more weights than losses
+
+
+def task_table(path, n: int, seed: int) -> None:
+    """4 weighted domains, losses for 3 (books is trained on, never evaluated), a task whose
+    gold bpb falls with the math share and an accuracy that rises with it; row 1 is uniform."""
+    rng = np.random.default_rng(seed)
+    doms = ("web", "code", "math", "books")
+    W = np.vstack([np.full(4, 0.25), rng.dirichlet(np.ones(4), n - 1)])
+    cols = {f"weight/{d}": W[:, i] for i, d in enumerate(doms)}
+    cols.update({f"loss/{d}": 3.0 - 0.1 * np.log(W[:, i]) for i, d in enumerate(doms[:3])})
+    cols["downstream/gsm8k/bpb"] = 1.5 - 0.3 * np.log(W[:, 2]) - 0.05 * np.log(W[:, 1])
+    cols["downstream/gsm8k/exact_match"] = 0.1 * W[:, 2]
+    cols["downstream/arc_easy/bpb"] = 1.2 - 0.1 * np.log(W[:, 0])
+    pd.DataFrame(cols).to_csv(path, index=False)
+
+
+def test_objective_over_task_metrics_with_signs_patterns_and_parse():
+    metrics = ("web", "math", "downstream/gsm8k/bpb", "downstream/gsm8k/exact_match",
+               "downstream/arc_easy/bpb")
+    o = Objective({"downstream/*/bpb": 1.0})
+    np.testing.assert_allclose(o.weight_vector(metrics), [0, 0, 0.5, 0, 0.5])
+    acc = Objective({"downstream/gsm8k/exact_match": 1.0, "loss/math": 1.0})
+    np.testing.assert_allclose(acc.weight_vector(metrics), [0, 0.5, 0, -0.5, 0])  # higher: better
+    np.testing.assert_allclose(Objective().weight_vector(metrics), [0.5, 0.5, 0, 0, 0])
+    parsed = Objective.parse("downstream/*/bpb=2,math", ["loss/*=0.01", "downstream/arc_easy/bpb=0.05"])
+    assert dict(parsed.targets) == {"downstream/*/bpb": 2.0, "math": 1.0}
+    np.testing.assert_allclose(parsed.bounds(metrics), [0.01, 0.01, np.nan, np.nan, 0.05])
+    assert "subject to loss/* no more than 1.0% worse" in parsed.describe()
+    # a constraint on a metric better when higher: falling more than x below the baseline
+    base_K = np.array([3.0, 3.0, 2.0, 0.5, 1.0])
+    rows = np.array([base_K, base_K * [1.005, 1, 1, 1, 1], base_K * [1, 1.02, 1, 1, 1],
+                     base_K * [1, 1, 1, 0.9, 1]])
+    guard = Objective({"math": 1}, constraints={"loss/*": 0.01, "*/exact_match": 0.05})
+    np.testing.assert_allclose(fitmod.violations(rows, metrics, guard, base_K),
+                               [0, 0, 0.01, 0.05], atol=1e-12)
+    with pytest.raises(UserError, match=r"objective.targets.downstream/gsm8k/pass@1: no such "
+                       r"metric \(available: loss/web, loss/math, downstream/gsm8k/bpb"):
+        Objective({"downstream/gsm8k/pass@1": 1}).check(metrics)
+    with pytest.raises(UserError, match=r"--constraint 'loss/\*': expected METRIC=FRACTION"):
+        Objective.parse("", ["loss/*"])
+    with pytest.raises(UserError, match=r"no domain loss to average"):
+        Objective().check(("downstream/gsm8k/bpb",))
+
+
+def test_gx_fit_objective_on_a_task_with_constraints_and_unevaluated_domains(tmp_path, capsys):
+    from gx import cli
+    task_table(tmp_path / "t.csv", 40, seed=31)
+    free = fit_table(tmp_path / "t.csv", objective=Objective({"downstream/gsm8k/bpb": 1}),
+                     folds=4, regressors=("logweight",), samples=5_000, prefer_measured=False)
+    assert free["domains"] == ["web", "code", "math", "books"]  # books: a feature, no loss
+    assert free["metrics"] == ["web", "code", "math", "downstream/gsm8k/bpb"]
+    bound = fit_table(tmp_path / "t.csv", objective=Objective(
+        {"downstream/gsm8k/bpb": 1}, constraints={"loss/*": 0.01}), baseline_row=1, folds=4,
+        regressors=("logweight",), samples=5_000, prefer_measured=False)
+    w_free, w = free["winner"]["stages"][0]["weights"], bound["winner"]["stages"][0]["weights"]
+    assert w_free["math"] > w["math"] > 0.4  # the constraint binds, math still raised
+    uniform_loss = 3.0 - 0.1 * np.log(0.25)
+    for d in ("web", "code", "math"):
+        assert bound["predicted"][d] <= uniform_loss * 1.01 + 1e-3
+    assert bound["predicted"]["downstream/gsm8k/bpb"] < 1.5 - 0.35 * np.log(0.25) - 0.2
+    assert w["books"] < 0.05  # weighted but in no metric: the search gives it nothing
+    # the same from the command line
+    assert cli.main(["fit", str(tmp_path / "t.csv"), "--objective", "downstream/gsm8k/bpb",
+                     "--constraint", "loss/*=0.02", "--baseline", "1", "--regressors",
+                     "logweight", "--folds", "4", "--no-prefer-measured"]) == 0
+    out = capsys.readouterr().out
+    assert "objective: downstream/gsm8k/bpb; subject to loss/* no more than 2.0% worse" in out
+    assert any(line.startswith("downstream/gsm8k/bpb ") and line.endswith("logweight")
+               for line in out.splitlines())  # a CV row of its own
+    # mistakes: one line each, exit 2
+    for args, says in (
+            (["--objective", "downstream/mbpp/bpb"], "objective targets 'downstream/mbpp/bpb': "
+             "no such column (loss columns: loss/web, loss/code, loss/math; other numeric "
+             "columns: weight/web"),
+            (["--objective", "math", "--constraint", "loss/*=0.02"], "name its row with "
+             "--baseline ROW"),
+            (["--constraint", "loss/*=0.02", "--baseline", "99"], "--baseline 99: not a row"),
+            (["--objective", "math=x"], "--objective 'math=x': 'x' is not a number")):
+        assert cli.main(["fit", str(tmp_path / "t.csv"), *args]) == 2
+        assert says in capsys.readouterr().err
