@@ -204,6 +204,11 @@ class DistillConfig:
     top_k: int = 0  # 0 = the teacher runs beside the student; K = its top-K cached, then trained from
 
 
+# the halves a task's examples split into (gemini_core.eval.task_examples); here, not in
+# eval.tasks, because that module imports this one
+TASK_SPLITS = ("all", "search", "heldout")
+
+
 @dataclasses.dataclass(frozen=True)
 class DownstreamConfig:
     """Downstream tasks scored during and after training (gemini_core.eval.downstream). What is
@@ -218,6 +223,12 @@ class DownstreamConfig:
     shots: int = -1  # few-shot examples; -1 = each task's own
     batch_size: int = 32  # scoring and generation batch
     max_new_tokens: int = 256  # generative tasks (each task's stop strings end a sample sooner)
+    # False: generate and code tasks score their gold answer's bpb only, no sampling: cheap
+    generate: bool = True
+    # which fixed half of each task's examples (TASK_SPLITS): a mixture sweep's proxies score
+    # `search` and its validation `heldout`, so the choice is judged on examples it never saw;
+    # other than "all", each task is renamed <task>@<split>: the halves' figures never mix
+    split: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,6 +566,7 @@ def _check_downstream(d: DownstreamConfig) -> None:
             raise UserError(f"{p}.{name}={getattr(d, name)}: must be -1 (the default) or >= 0")
     if d.every_steps and not d.tasks:
         raise UserError(f"{p}.every_steps={d.every_steps} with no {p}.tasks: name the tasks")
+    _one_of(f"{p}.split", d.split, TASK_SPLITS)
 
 
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConfig:

@@ -20,6 +20,7 @@ EPILOG = """examples:
   gx show quickstart-1a2b3c4d
   gx eval quickstart-1a2b3c4d --data ../shared/corpus --split valid.jsonl.gz
   gx eval quickstart-1a2b3c4d --tasks arc_easy,piqa,gsm8k --limit 200
+  gx eval quickstart-1a2b3c4d --tasks arc_easy,gsm8k --split heldout
   gx generate quickstart-1a2b3c4d --prompt "Question: What is 2 + 3?\nAnswer:" --max-new-tokens 32
   gx lm-eval --model gx --model_args run=quickstart-1a2b3c4d --tasks my_task --include_path DIR
   gx data prepare experiments/data_prep.py --config.data.root=../shared/corpus
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None, help="--tasks: scoring and generation batch (default 32; needle: 8)")
     ev.add_argument("--needle-lengths", default=None, metavar="N,N,...", help="needle: context lengths in tokens (default: 0.5, 1, 2 and 4 x the run's training length)")
     ev.add_argument("--needle-depths", default=None, metavar="D,D,...", help="needle: where the needle sits, fractions in [0, 1] (default: 0,0.25,0.5,0.75,1)")
-    ev.add_argument("--split", default=None, help="file name inside each domain folder (default: the run's valid file)")
+    ev.add_argument("--split", default=None, help="--data: file name inside each domain folder (default: the run's valid file); "
+                    "--tasks: all (default), search or heldout: one fixed half of each task's examples "
+                    "(a mixture sweep's proxies score search, its validation heldout), reported as <task>@<split>")
     ev.add_argument("--batches", type=int, default=None, help="batches per domain (default: the run's eval_batches)")
 
     ge = sub.add_parser("generate", help="complete a prompt (streamed) or a file of prompts with a run's checkpoint",
@@ -310,9 +313,16 @@ def cmd_eval(args) -> int:
         raise UserError("--needle-lengths and --needle-depths need `--tasks needle`")
     if args.tasks is not None:
         from gemini_core.eval import downstream, needle
+        from gemini_core.eval.tasks import check_split
         if args.batch_size is not None and args.batch_size <= 0:
             raise UserError(f"--batch-size={args.batch_size}: must be positive")
         others = [t for t in items if t != "needle"]
+        # --tasks reuses --data's flag name: a half of each task's examples, not a file
+        split = "all" if args.split is None else args.split
+        if args.split is not None and not others:
+            raise UserError("--split picks a half of the downstream tasks' examples; needle has "
+                            "none (drop --split)")
+        check_split("--split", split)  # before the run is looked up, as the other flags
         lengths = depths = None
         if "needle" in items:  # every mistake in the flags before any checkpoint loads
             if args.needle_lengths is not None:
@@ -320,7 +330,7 @@ def cmd_eval(args) -> int:
             if args.needle_depths is not None:
                 depths = needle.parse_depths(args.needle_depths)
             if others:
-                downstream.task_specs(others, shots=args.shots)
+                downstream.task_specs(others, shots=args.shots, split=split, split_key="--split")
         run = find_run(runs_root(args.runs_root), args.run)
         if "needle" in items:
             needle.evaluate_needle(run, lengths=lengths, depths=depths,
@@ -329,7 +339,7 @@ def cmd_eval(args) -> int:
         if others:
             settings = downstream.Settings(limit=args.limit, shots=args.shots,
                                            batch_size=args.batch_size or 32)
-            downstream.evaluate_run_tasks(run, others, settings)
+            downstream.evaluate_run_tasks(run, others, settings, split=split)
         return 0
     from gemini_core.eval import run_eval
     run = find_run(runs_root(args.runs_root), args.run)

@@ -24,16 +24,24 @@ from sweeps import space as space_lib
 from sweeps.doremi import DoReMiConfig
 from sweeps.doremi import check as check_doremi
 from sweeps.space import SpaceConfig
+from sweeps.sweep_dir import DOWNSTREAM, LOSS
 
 EMPTY: Mapping = types.MappingProxyType({})
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    # domain -> weight of its held-out loss; empty = the mean over all domains
+    """What the mixture is chosen for (sweeps.fit.Objective): metric -> weight, where a metric
+    is a domain's name (its held-out loss), `downstream/<task>/<metric>` of a task the proxy
+    evaluates (config.proxy.eval.downstream), or a glob (`downstream/*/bpb`: every task's gold
+    bpb); empty = the mean loss over the domains. Accuracies count with their sign flipped."""
+
     targets: Mapping[str, float] = dataclasses.field(default_factory=lambda: EMPTY)
     # > 0: no domain's predicted loss may be worse than the natural mixture's by more than this
     max_worse_than_baseline: float = 0.0
+    # metric or glob -> the largest relative worsening against the natural mixture, e.g.
+    # {"loss/*": 0.01, "downstream/*/bpb": 0.02}
+    constraints: Mapping[str, float] = dataclasses.field(default_factory=lambda: EMPTY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +96,13 @@ class ValidateConfig:
     target: Mapping[str, Any] = dataclasses.field(default_factory=lambda: EMPTY)
     boost: tuple[str, ...] = ()
     boost_factor: float = 4.0
+    # decision accuracy across scales: the first `rank_trials` finished trials trained at target
+    # scale too (`rank_seeds` seeds each); how often the proxies' order on the objective holds
+    rank_trials: int = 0
+    rank_seeds: int = 1
+    # the validation runs sample generative tasks (exact match, pass@k) on their held-out
+    # examples; False: gold bpb only, as proxies with eval.downstream.generate=False
+    generate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +148,28 @@ def check_proxy_data(sweep: SweepConfig, *, skip: Collection[str] = (),
         raise UserError(str(e).replace("config.data.", "config.proxy.data.")) from None
 
 
+def objective(sweep: SweepConfig) -> fit_lib.Objective:
+    o = sweep.objective
+    return fit_lib.Objective(targets=dict(o.targets), constraints=dict(o.constraints),
+                             max_worse_than_baseline=o.max_worse_than_baseline)
+
+
+def task_metrics(sweep: SweepConfig) -> list[str]:
+    """`downstream/<task>/<metric>` of every task the proxy evaluates."""
+    from gemini_core.eval.downstream import configured_specs
+    from gemini_core.eval.tasks import metric_names
+
+    dc = proxy_config(sweep).eval.downstream
+    specs = configured_specs(dataclasses.replace(dc, split="all"))
+    return [f"{DOWNSTREAM}{spec.name}/{m}" for spec in specs
+            for m in metric_names(spec, dc.generate)]
+
+
+def available_metrics(sweep: SweepConfig) -> list[str]:
+    """What an objective may name: each domain (its loss), the mean loss, each task metric."""
+    return [*proxy_config(sweep).data.domains, f"{LOSS}mean", *task_metrics(sweep)]
+
+
 def target_config(sweep: SweepConfig) -> ExperimentConfig:
     """The validation's target scale: the proxy with `validate.target` (or x4 params, x4 tokens)."""
     proxy = gc_config.to_json_dict(proxy_config(sweep))
@@ -164,6 +201,10 @@ def _check(s: SweepConfig) -> None:
         raise UserError(f"config.fit.regressors={f.regressors}: choose from "
                         f"{', '.join(fit_lib.REGRESSORS)}")
     check_resources(s.resources)
+    if s.validate.rank_trials == 1 or s.validate.rank_trials < 0 or s.validate.rank_seeds < 1:
+        raise UserError(f"config.validate.rank_trials={s.validate.rank_trials}, rank_seeds="
+                        f"{s.validate.rank_seeds}: rank_trials is 0 (off) or >= 2 (pairs to "
+                        "order), rank_seeds >= 1")
     if s.validate.seeds < 1:
         raise UserError(f"config.validate.seeds={s.validate.seeds}: at least 1")
     scales = s.validate.scales
@@ -198,9 +239,12 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> SweepConfig:
     target_config(sweep)  # a broken target scale fails now, not after the trials
     domains = proxy.data.domains
     space_lib.check_fields(sweep.space, domains, "config.space")  # the data's part: sweep_setup
-    for d in sweep.objective.targets:
-        if d not in domains:
-            raise UserError(f"config.objective.targets.{d}: not in config.proxy.data.domains")
+    try:
+        objective(sweep).check(available_metrics(sweep), where="config.objective")
+    except UserError as e:
+        hint = ("; a task's metrics need the task in config.proxy.eval.downstream.tasks"
+                if "downstream/" in str(e) and not task_metrics(sweep) else "")
+        raise UserError(f"{e}{hint}") from None
     unknown = [d for d in sweep.validate.boost if d not in domains]
     if unknown:
         raise UserError(f"config.validate.boost={tuple(sweep.validate.boost)!r}: unknown "

@@ -56,7 +56,18 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
     exp["tracking"]["job_type"] = job.get("job_type") or (
         "proxy" if job["name"].startswith("trial-") else "validate")
     exp["model"] = gc_config.declared_model(exp["model"])
+    # the trials score their tasks' search half, the validation the held-out half the search
+    # never saw (gemini_core.eval.task_examples: split)
+    exp["eval"]["downstream"]["split"] = job_split(job)
+    if job_split(job) == "heldout":  # the validation reports accuracies too, or not
+        exp["eval"]["downstream"]["generate"] = meta["sweep"]["validate"].get("generate", True)
     return gc_config.from_config_dict(exp)
+
+
+def job_split(job: dict) -> str:
+    """Which half of each task's examples a job scores: a validation run the held-out one."""
+    return job.get("split") or ("heldout" if job["name"].startswith(("proxy/", "target/"))
+                                else "search")
 
 
 def run_job(config: dict, sweep_dir: str, cpus: int, progress_every_s: float = 0.0) -> None:
@@ -107,14 +118,24 @@ def _run_job(job: dict, sweep_dir: Path, log: Log) -> None:
                  "failed": f"non-finite loss on {', '.join(bad)}" if bad else "",
                  **{f"{LOSS}{d}": v for d, v in losses.items()},
                  f"{LOSS}mean": float(summary["eval/mean/loss"]),
-                 **downstream_values(summary)})
+                 **downstream_values(summary, job_split(job))})
 
 
-def downstream_values(summary: dict) -> dict[str, float]:
-    """The run's downstream task metrics (config.eval.downstream), stderr left out: a column
-    of the trials table each."""
-    return {k: float(v) for k, v in summary.items() if k.startswith(DOWNSTREAM)
-            and not k.endswith("_stderr") and isinstance(v, (int, float))}
+def downstream_values(summary: dict, split: str) -> dict[str, float]:
+    """The run's downstream task metrics on one split of the examples (summary keys
+    `downstream/<task>@<split>/<metric>`) as `downstream/<task>/<metric>`, stderr left out: a
+    column of the trials table each; `downstream/mean/bpb` is their tasks' mean."""
+    suffix = f"@{split}/"
+    out = {}
+    for k, v in summary.items():
+        task, _, metric = k[len(DOWNSTREAM):].partition(suffix)
+        if k.startswith(DOWNSTREAM) and metric and not metric.endswith("_stderr") \
+                and isinstance(v, (int, float)):
+            out[f"{DOWNSTREAM}{task}/{metric}"] = float(v)
+    bpbs = [v for k, v in out.items() if k.endswith("/bpb")]
+    if bpbs:
+        out[f"{DOWNSTREAM}mean/bpb"] = sum(bpbs) / len(bpbs)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

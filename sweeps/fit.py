@@ -182,6 +182,12 @@ class Objective:
             x_K[idx] = np.fmin(x_K[idx], float(x))
         return x_K
 
+    def metrics(self, domains: Sequence[str], columns: Sequence[str]) -> list[str]:
+        """What a fit for this objective predicts: every domain's loss, and the `columns`
+        (task metrics) its targets or constraints name."""
+        named = [*self.targets, *self.constraints]
+        return [*domains, *(c for c in columns if any(matching(n, [c]) for n in named))]
+
     @property
     def constrained(self) -> bool:
         return bool(self.constraints) or self.max_worse_than_baseline > 0

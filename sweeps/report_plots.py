@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from sweeps.sweep_dir import LOSS, WEIGHT, SweepData
+from sweeps.sweep_dir import LOSS, WEIGHT, SweepData, mean_loss
 
 CANDIDATES = {"winner": "#d62728", "natural": "#7f7f7f", "uniform": "#bcbd22",
               "best_trial": "#1f77b4", "winner_no_anneal": "#ff9896",
@@ -120,7 +120,7 @@ def plot_predicted_vs_actual(s: SweepData) -> str | None:
     if s.validate and "proxy" in s.validate["scales"]:
         w = s.validate["scales"]["proxy"]["candidates"]["winner"]
         if w["mean"][f"{LOSS}mean"] is not None:
-            pred = sum(s.fit["predicted"].values()) / len(s.fit["predicted"])
+            pred = mean_loss(s.fit["predicted"], s.domains)
             ax.errorbar([pred], [w["mean"][f"{LOSS}mean"]], yerr=[w["std"][f"{LOSS}mean"]],
                         marker="*", markersize=13, color=CANDIDATES["winner"], linestyle="none",
                         label="winner (validated, proxy)", zorder=4)

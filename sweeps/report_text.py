@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sweeps import optimize
-from sweeps.sweep_dir import LOSS, WEIGHT
+from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT
 from sweeps.validation import format_validation
 
 
@@ -49,8 +49,10 @@ def format_trials(sweep_dir: Path, result: dict, domains: Sequence[str]) -> list
     lines = [f"sweep {sweep_dir.name}: {len(table)} trials "
              f"({result['n_fit']} fitted, {result['n_holdout']} held out, "
              f"{result['n_failed']} failed)", ""]
+    tasks = [m for m in result.get("metrics", ()) if m not in domains]  # the objective's
     head = (f"{'trial':>5}  {'mean':>7}  " + "  ".join(f"{d[:6]:>6}" for d in domains)
-            + "  weights (base stage)")
+            + "".join(f"  {m[len(DOWNSTREAM):]:>{max(len(m) - len(DOWNSTREAM), 7)}}"
+                      for m in tasks) + "  weights (base stage)")
     lines.append(head)
     # a failed trial's losses are empty cells: it sorts last
     table = table.loc[pd.to_numeric(table[f"{LOSS}mean"], errors="coerce")
@@ -59,19 +61,23 @@ def format_trials(sweep_dir: Path, result: dict, domains: Sequence[str]) -> list
         losses = "  ".join(f"{_float(row[f'{LOSS}{d}']):>6.3f}" for d in domains)
         weights = " ".join(f"{d[:4]}={float(row[f'{WEIGHT}s0/{d}']):.2f}" for d in domains)
         mark = f"  FAILED: {row['failed']}" if row["failed"] else ""
-        lines.append(f"{int(row['trial']):>5}  {_float(row[f'{LOSS}mean']):>7.4f}  {losses}  "
-                     f"{weights}{mark}")
-    lines += ["", "fit: " + ", ".join(f"{d} {m}" for d, m in result["chosen"].items())]
+        scores = "".join(f"  {_float(row[m]):>{max(len(m) - len(DOWNSTREAM), 7)}.4f}"
+                         for m in tasks)
+        lines.append(f"{int(row['trial']):>5}  {_float(row[f'{LOSS}mean']):>7.4f}  {losses}"
+                     f"{scores}  {weights}{mark}")
+    lines += ["", f"objective: {result.get('objective') or 'mean loss over all domains'}",
+              "fit: " + ", ".join(f"{d} {m}" for d, m in result["chosen"].items())]
     if result["holdout"]:
         h = result["holdout"]
         lines.append(f"held-out trials: Spearman {h['spearman']:.3f}, regret {h['regret']:.4f} "
                      f"(n={h['n']})")
-    lines.append("winner (predicted loss per domain, natural mixture's predicted in brackets):")
+    lines.append("winner (predicted per domain and task metric, natural mixture's in brackets):")
     for k, stage in enumerate(result["winner"]["stages"]):
         lines.append(f"  stage {k} from {stage['start']:.2f}: " + ", ".join(
             f"{d}={w:.3f}" for d, w in stage["weights"].items()))
     lines.append("  " + ", ".join(f"{d} {result['predicted'][d]:.4f} "
-                                   f"({result['natural_predicted'][d]:.4f})" for d in domains))
+                                   f"({result['natural_predicted'][d]:.4f})"
+                                   for d in [*domains, *tasks]))
     obj, h = result.get("objective_predicted"), result["holdout"]
     if obj:
         names = ("winner", "natural", "uniform", "best_trial")  # JSON sorts them

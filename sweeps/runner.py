@@ -23,13 +23,14 @@ import numpy as np
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from gemini_core.runs.rundir import write_json_atomic
+from sweeps import config as sweep_config
 from sweeps import fit as fit_lib
 from sweeps import optimize
 from sweeps import space as space_lib
 from sweeps.config import SweepConfig
 from sweeps.fanout import run_jobs
 from sweeps.report_text import format_sweep
-from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT
+from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT, objective_columns
 from sweeps.sweep_setup import SweepSetup, baselines, setup_sweep, write_setup
 from sweeps.validation import validate
 
@@ -67,14 +68,13 @@ def trials_table(setup: SweepSetup, rows: list[dict]):
     return pd.DataFrame.from_records(records)
 
 
-def objective_of(sweep: SweepConfig) -> fit_lib.Objective:
-    o = sweep.objective
-    return fit_lib.Objective(targets=dict(o.targets),
-                             max_worse_than_baseline=o.max_worse_than_baseline)
-
-
-def finished_trials(table, log: Log):
-    """The trials that finished; a UserError when fewer than the fit needs did."""
+def finished_trials(table, log: Log, metrics: list[str]):
+    """The trials that finished with every fitted metric; a UserError when fewer than the fit
+    needs did."""
+    table = table.copy()
+    for m in metrics:  # a task the trial did not score cannot be fitted
+        lacking = (table["failed"] == "") & table[fit_lib.metric_key(m)].isna()
+        table.loc[lacking, "failed"] = f"no value for {fit_lib.metric_key(m)}"
     ok = table[table["failed"] == ""].sort_values("trial")
     failed = table[table["failed"] != ""]
     if len(ok) < fit_lib.MIN_TRIALS:
@@ -98,24 +98,27 @@ def held_out_trials(setup: SweepSetup, ok) -> set[int]:
 
 
 def fit_and_choose(setup: SweepSetup, table, log: Log) -> dict:
-    ok = finished_trials(table, log)
+    objective = sweep_config.objective(setup.sweep)
+    metrics = objective.metrics(setup.domains, objective_columns(table.columns))
+    columns = [fit_lib.metric_key(m) for m in metrics]
+    ok = finished_trials(table, log, metrics)
     n_failed = len(table) - len(ok)
     f = setup.sweep.fit
     hold_idx = held_out_trials(setup, ok)
     train_rows = ok[~ok["trial"].isin(hold_idx)]
     hold_rows = ok[ok["trial"].isin(hold_idx)]
     X = np.stack([fit_lib.features(setup.schedules[t], setup.domains) for t in train_rows["trial"]])
-    Y = train_rows[[f"{LOSS}{d}" for d in setup.domains]].to_numpy(np.float64)
-    objective = objective_of(setup.sweep)
+    Y = train_rows[columns].to_numpy(np.float64)
     result = fit_lib.fit(X, Y, setup.domains, folds=min(f.folds, len(train_rows)),
-                         seed=setup.sweep.space.seed, regressors=f.regressors, objective=objective)
+                         seed=setup.sweep.space.seed, regressors=f.regressors, objective=objective,
+                         metrics=metrics)
     if warning := result.underdetermined("trials"):
         log(f"sweep: {warning}; more trials (space.trials) make it a search")
     holdout = None
     if len(hold_rows):
         Xh = np.stack([fit_lib.features(setup.schedules[t], setup.domains)
                        for t in hold_rows["trial"]])
-        Yh = hold_rows[[f"{LOSS}{d}" for d in setup.domains]].to_numpy(np.float64)
+        Yh = hold_rows[columns].to_numpy(np.float64)
         holdout = fit_lib.evaluate_holdout(result, Xh, Yh, objective)
     template = setup.schedules[0]
     baseline_preds = {name: optimize.predict_schedule(result, schedule)
@@ -124,10 +127,9 @@ def fit_and_choose(setup: SweepSetup, table, log: Log) -> dict:
     caps = space_lib.caps(setup.sweep.space, setup.domains, setup.tokens, setup.target_tokens)
     winner, predicted = optimize.choose(
         result, setup.domains, template, caps, setup.sweep.space.min_weight, objective,
-        baseline_pred if objective.max_worse_than_baseline > 0 else None,
+        baseline_pred if objective.constrained else None,
         samples=f.samples, seed=setup.sweep.space.seed, method=f.method)
-    measured_N = fit_lib.objective_values(
-        ok[[f"{LOSS}{d}" for d in setup.domains]].to_numpy(np.float64), setup.domains, objective)
+    measured_N = fit_lib.objective_values(ok[columns].to_numpy(np.float64), metrics, objective)
     best = ok.iloc[int(np.argmin(measured_N))]
     best_trial = int(best["trial"])
     label = next((f"trial {best_trial} ({name})" for name, i in setup.fixed.items()
@@ -141,14 +143,15 @@ def fit_and_choose(setup: SweepSetup, table, log: Log) -> dict:
     pred_ok = result.predict(np.stack([fit_lib.features(setup.schedules[t], setup.domains)
                                        for t in ok["trial"]]))
     per_trial = [{"trial": int(t), "held_out": int(t) in hold_idx,
-                  "predicted": {d: float(v) for d, v in zip(setup.domains, p)}}
+                  "predicted": {m: float(v) for m, v in zip(metrics, p)}}
                  for t, p in zip(ok["trial"], pred_ok)]
-    return {"chosen": result.chosen, "cv_mse": result.cv_mse, "holdout": holdout,
+    return {"objective": objective.describe(), "metrics": metrics,
+            "chosen": result.chosen, "cv_mse": result.cv_mse, "holdout": holdout,
             "per_trial_predicted": per_trial,
             "n_fit": len(train_rows), "n_holdout": len(hold_rows), "n_failed": n_failed,
             "winner": winner.to_dict(), "predicted": {d: float(v) for d, v in predicted.items()},
             "natural_predicted": {d: float(v) for d, v in baseline_pred.items()},
-            "objective_predicted": {name: optimize.objective_of(p, objective, setup.domains)
+            "objective_predicted": {name: optimize.objective_of(p, objective, metrics)
                                     for name, p in (
                 ("winner", predicted), *baseline_preds.items(),
                 ("best_trial", optimize.predict_schedule(result, setup.schedules[best_trial])))},

@@ -20,6 +20,19 @@ WEIGHT, LOSS = "weight/", "loss/"  # trials.csv columns: weight/s<k>/<domain>, l
 DOWNSTREAM = "downstream/"
 
 
+def objective_columns(columns) -> list[str]:
+    """The trials table's columns an objective may name besides the domains: each task metric
+    (`downstream/<task>/<metric>`) and the mean loss. The tasks' mean (`downstream/mean/bpb`) is
+    left out: `downstream/*/bpb` means the tasks, not their mean as one more."""
+    return [c for c in columns if c == f"{LOSS}mean" or c.startswith(DOWNSTREAM)
+            and not c.startswith(f"{DOWNSTREAM}mean/")]
+
+
+def mean_loss(predicted: dict, domains: list[str]) -> float:
+    """The mean over the domains' losses of a fit's predictions (which may hold task metrics)."""
+    return float(sum(predicted[d] for d in domains) / len(domains))
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepData:
     dir: Path
@@ -50,9 +63,10 @@ class SweepData:
         return "ok"
 
     def predicted_mean(self, trial: int) -> float | None:
+        """The fit's predicted mean domain loss of a trial."""
         for p in self.fit.get("per_trial_predicted") or []:
             if p["trial"] == trial:
-                return float(sum(p["predicted"].values()) / len(p["predicted"]))
+                return mean_loss(p["predicted"], self.domains)
         return None
 
     def n_stages(self) -> int:

@@ -25,7 +25,7 @@ import dataclasses
 import fnmatch
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,16 @@ import pandas as pd
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from sweeps import optimize
-from sweeps.fit import (REGRESSORS, Objective, matching, check_trials, evaluate_holdout, fit,
-                        metric_key, objective_values)
+from sweeps.fit import (
+    REGRESSORS,
+    Objective,
+    check_trials,
+    evaluate_holdout,
+    fit,
+    matching,
+    metric_key,
+    objective_values,
+)
 
 SUM_TOLERANCE = 1e-3
 SINGLE_STAGE = ""  # the stage name of `weight/<domain>` columns

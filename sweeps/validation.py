@@ -18,7 +18,8 @@ import numpy as np
 
 from gemini_core.data.mixture import MixtureSchedule, Stage
 from sweeps import space as space_lib
-from sweeps.sweep_dir import LOSS
+from sweeps.fit import Objective, higher_is_better, metric_key, objective_values
+from sweeps.sweep_dir import DOWNSTREAM, LOSS, objective_columns
 
 if TYPE_CHECKING:
     from sweeps.sweep_setup import SweepSetup
@@ -61,23 +62,36 @@ def boosted(setup: SweepSetup, winner: MixtureSchedule, domains: Sequence[str], 
                             Stage(start, dict(zip(setup.domains, boosted_D.tolist())))))
 
 
-def seed_stats(rows: list[dict], domains: Sequence[str]) -> dict:
-    """A candidate's runs (one per seed) -> n, failed, mean and std of each loss, run ids."""
-    keys = [f"{LOSS}{d}" for d in domains] + [f"{LOSS}mean"]
-    ok = [r for r in rows if not r["failed"]]
+def seed_stats(rows: list[dict], domains: Sequence[str],
+               objective: tuple[Objective, Sequence[str]] | None = None) -> dict:
+    """A candidate's runs (one per seed) -> n, failed, mean and std of each loss and task
+    metric (and of the `objective` over its metrics, per seed), run ids."""
+    ok = [dict(r) for r in rows if not r["failed"]]
+    if objective is not None and ok:
+        obj, metrics = objective
+        for r in ok:
+            r["objective"] = float(objective_values(
+                np.array([[r.get(metric_key(m), np.nan) for m in metrics]]), metrics, obj)[0])
+    keys = [f"{LOSS}{d}" for d in domains] + [f"{LOSS}mean"] + sorted(
+        {k for r in ok for k in r if k.startswith(DOWNSTREAM)}) + ["objective"] * (
+        objective is not None)
     return {"n": len(ok), "failed": len(rows) - len(ok),
-            "mean": {k: float(np.mean([r[k] for r in ok])) if ok else None for k in keys},
-            "std": {k: float(np.std([r[k] for r in ok], ddof=1)) if len(ok) > 1 else 0.0
-                    for k in keys},
+            "mean": {k: float(np.mean([r.get(k, np.nan) for r in ok])) if ok else None
+                     for k in keys},
+            "std": {k: float(np.std([r.get(k, np.nan) for r in ok], ddof=1)) if len(ok) > 1
+                    else 0.0 for k in keys},
             "run_ids": [r["run_id"] for r in rows]}
 
 
 def validate(setup: SweepSetup, result: dict, log: Log) -> dict:
-    """Trains every candidate with validate.seeds seeds at each of validate.scales; the
-    contents of validate.json."""
+    """Trains every candidate with validate.seeds seeds at each of validate.scales (tasks scored
+    on their held-out half), and validate.rank_trials trials at target scale; the contents of
+    validate.json."""
+    from sweeps import config as sweep_config
     from sweeps.fanout import run_jobs
 
     t0 = time.perf_counter()
+    v = setup.sweep.validate
     cands = candidates(setup, result)
     for name, schedule in cands.items():
         schedule.validate(setup.domains).dump(setup.dir / "schedules" / f"validate-{name}.json")
@@ -85,40 +99,109 @@ def validate(setup: SweepSetup, result: dict, log: Log) -> dict:
     # anchor such as uniform) is the same run: trained once, reported under both names
     same = {name: next(n for n in cands if cands[n].to_dict() == cands[name].to_dict())
             for name in cands}
-    scales, seeds = setup.sweep.validate.scales, range(setup.sweep.validate.seeds)
+    scales, seeds = v.scales, range(v.seeds)
     jobs = [{"name": f"{scale}/{name}/seed{k}", "scale": scale,
              "schedule": f"validate-{name}.json", "seed": setup.proxy.seed + k}
             for scale in scales for name in cands if same[name] == name for k in seeds]
+    ranked = rank_trials(setup, v.rank_trials)
+    jobs += [{"name": f"rank/trial-{t:03d}/seed{k}", "scale": "target", "split": "search",
+              "schedule": f"trial-{t:03d}.json", "seed": setup.proxy.seed + k}
+             for t in ranked for k in range(v.rank_seeds)]
     runs = run_jobs(setup, jobs, "validate", log)
-    out: dict = {"scales": {}, "seconds": None}
+    obj = sweep_config.objective(setup.sweep)
+    objective = (obj, obj.metrics(setup.domains, objective_columns(sorted(
+        {k for r in runs.values() for k in r}))))
+    out: dict = {"objective": objective[0].describe(), "scales": {}, "seconds": None}
     for scale in scales:
         per = {name: seed_stats([runs[f"{scale}/{same[name]}/seed{k}"] for k in seeds],
-                                setup.domains)
+                                setup.domains, objective)
                for name in cands}
-        out["scales"][scale] = {"candidates": per, "winner_vs": comparisons(per),
-                                "upweighting": upweighting(per, "winner", cands, setup.domains)}
+        tasks = sorted({k for c in per.values() for k in c["mean"] if k.startswith(DOWNSTREAM)})
+        out["scales"][scale] = {
+            "candidates": per, "winner_vs": comparisons(per),
+            "objective_vs": comparisons(per, "objective"),
+            "tasks_vs_natural": {k: c["natural"] for k in tasks
+                                 if "natural" in (c := comparisons(per, k, ("natural",)))},
+            "constraints": constraints_met(per, *objective),
+            "upweighting": upweighting(per, "winner", cands, setup.domains)}
         if "winner_boost" in cands:
             out["scales"][scale]["boost"] = upweighting(per, "winner_boost", cands,
                                                         setup.domains)
+    if ranked:
+        out["decision"] = decision_accuracy(setup, ranked, runs, objective)
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
-def comparisons(per: dict) -> dict:
-    """Winner vs each baseline on the mean loss: the gap, and whether it exceeds 2 sigma of
-    seed noise (sigma of a difference of two seed means)."""
-    w = per["winner"]
-    key = f"{LOSS}mean"
+def rank_trials(setup: SweepSetup, n: int) -> list[int]:
+    """The first `n` trials that finished (the centre and the anchors among them): the
+    mixtures trained at target scale too, to measure how often the proxies' order holds."""
+    import pandas as pd
+
+    if not n:
+        return []
+    table = pd.read_csv(setup.dir / "trials.csv", keep_default_na=False)
+    return [int(t) for t in table[table["failed"] == ""]["trial"].sort_values()[:n]]
+
+
+def decision_accuracy(setup: SweepSetup, ranked: Sequence[int], runs: dict,
+                      objective: tuple[Objective, Sequence[str]]) -> dict:
+    """Proxy (the trial) vs target scale (mean over rank_seeds) on the objective, per trial:
+    the share of trial pairs both scales order alike, and the Spearman between them."""
+    import pandas as pd
+
+    from sweeps.fit import spearman
+
+    obj, metrics = objective
+    table = pd.read_csv(setup.dir / "trials.csv").set_index("trial")
+    proxy_T = objective_values(table.loc[list(ranked), [metric_key(m) for m in metrics]]
+                               .to_numpy(np.float64), metrics, obj)
+    seeds = range(setup.sweep.validate.rank_seeds)
+    target_T = np.array([seed_stats([runs[f"rank/trial-{t:03d}/seed{k}"] for k in seeds],
+                                    setup.domains, objective)["mean"]["objective"] or np.nan
+                         for t in ranked])
+    pairs = [(i, j) for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
+    same = [np.sign(proxy_T[i] - proxy_T[j]) == np.sign(target_T[i] - target_T[j])
+            for i, j in pairs]
+    return {"trials": list(ranked), "proxy": proxy_T.tolist(), "target": target_T.tolist(),
+            "seeds": len(seeds), "pairs": len(pairs),
+            "pair_agreement": float(np.mean(same)) if pairs else math.nan,
+            "spearman": spearman(proxy_T, target_T)}
+
+
+def constraints_met(per: dict, obj: Objective, metrics: Sequence[str]) -> dict:
+    """Each constrained metric: the winner's seed mean against natural's, and whether it stays
+    within the declared bound (measured, where the search had predictions)."""
+    x_K = obj.bounds(metrics)
     out = {}
-    for name in ("natural", "uniform", "best_trial"):
+    for m, x in zip(metrics, x_K):
+        key = metric_key(m)
+        w, b = per["winner"]["mean"].get(key), per.get("natural", {}).get("mean", {}).get(key)
+        if math.isnan(x) or w is None or b is None:
+            continue
+        worse = (-1.0 if higher_is_better(key) else 1.0) * (w - b) / abs(b)
+        out[key] = {"worse": worse, "bound": float(x), "met": bool(worse <= x)}
+    return out
+
+
+def comparisons(per: dict, key: str = f"{LOSS}mean",
+                baselines: Sequence[str] = ("natural", "uniform", "best_trial")) -> dict:
+    """Winner vs each baseline on `key` (the mean loss; any metric, an accuracy's sign
+    flipped): the gap (> 0: the winner is better), and whether it exceeds 2 sigma of seed noise
+    (sigma of a difference of two seed means)."""
+    w = per["winner"]
+    sign = -1.0 if higher_is_better(key) else 1.0
+    out = {}
+    for name in baselines:
         if name not in per:
             continue
         b = per[name]
-        if w["mean"][key] is None or b["mean"][key] is None:
+        if w["mean"].get(key) is None or b["mean"].get(key) is None \
+                or not math.isfinite(w["mean"][key] + b["mean"][key]):
             continue
-        gap = b["mean"][key] - w["mean"][key]
+        gap = sign * (b["mean"][key] - w["mean"][key])
         sigma = math.sqrt(w["std"][key] ** 2 / max(w["n"], 1) + b["std"][key] ** 2 / max(b["n"], 1))
-        out[name] = {"gap": gap, "relative": gap / b["mean"][key], "sigma": sigma,
+        out[name] = {"gap": gap, "relative": gap / abs(b["mean"][key]), "sigma": sigma,
                      "beats_by_2_sigma": bool(gap > 2 * sigma and sigma > 0),
                      "loses_by_2_sigma": bool(-gap > 2 * sigma and sigma > 0)}
     return out
@@ -175,11 +258,51 @@ def format_validation(v: dict, domains: Sequence[str]) -> str:
                 continue
             lines.append(f"    {name:<17} mean {m[LOSS + 'mean']:.4f} ± {sd[LOSS + 'mean']:.4f}  "
                          + "  ".join(f"{d[:6]} {m[LOSS + d]:.3f}" for d in domains))
-        for name, c in s["winner_vs"].items():
-            direction = "lower" if c["gap"] > 0 else "higher"
-            lines.append(f"    winner vs {name}: mean loss {abs(c['relative']):.2%} {direction}, "
-                         f"2 sigma of seed noise = {2 * c['sigma']:.4f} -> "
-                         f"{verdict(c)}")
+        lines += _task_lines(s["candidates"])
+        if s.get("objective_vs") and v.get("objective") != MEAN_LOSS:
+            lines += [f"    winner vs {name}: objective ({v['objective']}) {_versus(c)}"
+                      for name, c in s["objective_vs"].items()]
+        lines += [f"    winner vs {name}: mean loss {_versus(c)}"
+                  for name, c in s["winner_vs"].items()]
+        if s.get("tasks_vs_natural"):
+            lines.append("    winner vs natural per task (held-out examples): " + ", ".join(
+                f"{k[len(DOWNSTREAM):]} {c['relative']:+.1%} ({verdict(c)})"
+                for k, c in s["tasks_vs_natural"].items()))
+        if s.get("constraints"):
+            lines.append("    constraints, measured (winner vs natural): " + ", ".join(
+                f"{k} {c['worse']:+.2%} worse (bound {c['bound']:.1%}: "
+                f"{'met' if c['met'] else 'BROKEN'})" for k, c in s["constraints"].items()))
         lines += [f"    {describe_upweighting(s[key], label)}" for key, label in UPWEIGHTING
                   if s.get(key)]
+    if v.get("decision"):
+        d = v["decision"]
+        lines.append(f"  decision accuracy across scales ({len(d['trials'])} trials at proxy and "
+                     f"target scale, {d['seeds']} target seed(s) each): {d['pair_agreement']:.0%} "
+                     f"of {d['pairs']} pairs ordered alike on the objective, Spearman "
+                     f"{d['spearman']:.2f}")
     return "\n".join(lines)
+
+
+MEAN_LOSS = "mean loss over all domains"  # fit.Objective().describe()
+
+
+def _versus(c: dict) -> str:
+    direction = "better" if c["gap"] > 0 else "worse"
+    return (f"{abs(c['relative']):.2%} {direction}, 2 sigma of seed noise = {2 * c['sigma']:.4f}"
+            f" -> {verdict(c)}")
+
+
+def _task_lines(per: dict) -> list[str]:
+    """Each candidate's task metrics, mean ± std over seeds."""
+    keys = sorted({k for c in per.values() for k in c["mean"]
+                   if k.startswith(DOWNSTREAM) and k != f"{DOWNSTREAM}mean/bpb"})
+    if not keys:
+        return []
+    lines = ["    tasks (held-out examples; mean ± std over seeds):"]
+    for name, c in per.items():
+        if c["mean"].get(f"{LOSS}mean") is None:
+            continue
+        lines.append(f"    {name:<17} " + "  ".join(
+            f"{k[len(DOWNSTREAM):]} {c['mean'][k]:.3f}±{c['std'][k]:.3f}" for k in keys
+            if k in c["mean"]))
+    return lines

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
 
+from gemini_core.config import DownstreamConfig
 from gemini_core.eval import downstream, metrics, scoring
 from gemini_core.eval.loaded_run import load_run
 from gemini_core.eval.task_examples import load_examples
@@ -119,6 +120,19 @@ def test_every_reported_number_is_recomputed_from_the_scorers(trained, loaded):
         math.exp(np.mean([w.nll for w in word])), rel=1e-5)
 
 
+def test_without_generation_a_generative_task_scores_the_same_gold_bpb_alone(loaded):
+    """eval.downstream.generate=False (a sweep's proxies): gsm8k reports the bpb of its
+    reference solutions, equal to the full evaluation's, and no exact match."""
+    m = model_of(loaded)
+    spec = downstream.task_specs("gsm8k", shots=0)[0]
+    full = downstream.evaluate_task(m, spec, downstream.Settings(limit=4, max_new_tokens=8),
+                                    log=lambda _: None)
+    cheap = downstream.evaluate_task(m, spec, downstream.Settings(limit=4, generate=False),
+                                     log=lambda _: None)
+    assert list(full.metrics) == ["exact_match", "bpb"] and list(cheap.metrics) == ["bpb"]
+    assert cheap.metrics["bpb"].value == pytest.approx(full.metrics["bpb"].value, rel=1e-6)
+
+
 def test_gx_eval_tasks_prints_the_table_and_merges_downstream_json(run_copy):
     runs, run = run_copy["runs"], run_copy["run"]
     proc = gx("eval", run.run_id, "--tasks", "arc_easy,gsm8k", "--limit", "3", "--shots", "0",
@@ -134,6 +148,37 @@ def test_gx_eval_tasks_prints_the_table_and_merges_downstream_json(run_copy):
     bpbs = [t["metrics"]["bpb"]["value"] for t in saved["tasks"].values()]
     assert saved["metrics"]["downstream/mean/bpb"] == pytest.approx(np.mean(bpbs))
     assert 0 <= saved["metrics"]["downstream/gsm8k/exact_match"] <= 1
+
+
+def test_gx_eval_split_scores_one_half_under_the_task_at_split_name(run_copy):
+    runs, run = run_copy["runs"], run_copy["run"]
+    proc = gx("eval", run.run_id, "--tasks", "arc_easy", "--split", "heldout", "--limit", "3",
+              "--shots", "0", runs=runs)
+    assert "arc_easy@heldout" in proc.stdout
+    saved = read_json(run.path / downstream.FILE)
+    assert set(saved["tasks"]) == {"piqa", "lambada", "arc_easy@heldout"}
+    assert saved["tasks"]["arc_easy@heldout"]["split"] == "heldout"
+    assert saved["tasks"]["piqa"]["split"] == "all"  # the training's own, rewritten as it was
+    assert "downstream/arc_easy@heldout/acc_norm" in saved["metrics"]
+    bpbs = [t["metrics"]["bpb"]["value"] for t in saved["tasks"].values()]
+    assert saved["metrics"]["downstream/mean/bpb"] == pytest.approx(np.mean(bpbs))
+
+
+def test_a_done_run_asked_for_a_split_evaluates_it_as_tasks_it_lacks(run_copy):
+    """The run's training scored piqa on every example; asked for piqa's heldout half, it does
+    not reuse those figures but evaluates `piqa@heldout`, once."""
+    run = run_copy["run"]
+    dc = DownstreamConfig(tasks=("piqa",), split="heldout", limit=4)
+    specs = downstream.configured_specs(dc)
+    lines: list[str] = []
+    summary = downstream.add_missing_tasks(run, dc, specs, 0, lines.append)
+    assert "evaluating 1 downstream task(s) it lacks: piqa@heldout" in "\n".join(lines)
+    assert {"downstream/piqa/bpb", "downstream/piqa@heldout/bpb"} <= set(summary)
+    assert run.summary() == summary
+    record = read_json(run.path / downstream.FILE)["tasks"]["piqa@heldout"]
+    assert (record["split"], record["examples"]) == ("heldout", 4)
+    again: list[str] = []
+    assert downstream.add_missing_tasks(run, dc, specs, 0, again.append) == summary and not again
 
 
 def test_a_failed_evaluation_leaves_downstream_json_as_it_was(run_copy, tmp_path):
@@ -160,6 +205,9 @@ def test_a_failed_evaluation_leaves_downstream_json_as_it_was(run_copy, tmp_path
     (["--tasks", "no_such_task"], "unknown task 'no_such_task' (known: arc_challenge"),
     (["--tasks", "piqa", "--limit", "-1"], "--limit=-1"),
     (["--tasks", "piqa", "--data", "x"], "not allowed with argument"),
+    (["--tasks", "piqa", "--split", "valid.jsonl.gz"],
+     "--split='valid.jsonl.gz': must be one of all, search, heldout"),
+    (["--tasks", "needle", "--split", "heldout"], "--split picks a half of the downstream"),
 ])
 def test_eval_mistakes_are_one_line_and_exit_2(trained, args, message, capsys):
     code, err = gx_here(capsys, "eval", trained["run"].run_id, *args, runs=trained["runs"])

@@ -14,11 +14,14 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from gemini_core.config import DownstreamConfig
 from gemini_core.errors import UserError
-from gemini_core.eval import metrics, task_library, tasks
+from gemini_core.eval import downstream, metrics, task_library, tasks
 from gemini_core.eval.task_examples import load_examples
+from gemini_core.experiment import load_experiment
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "experiments" / "quickstart.py")
 
 # SOURCES.md and the READMEs: records each shipped task scores
 COUNTS = {"gsm8k": 1319, "humaneval": 164, "mbpp": 500, "arc_easy": 2376, "arc_challenge": 1172,
@@ -208,6 +211,74 @@ def test_limit_is_a_seeded_nested_subset():
     first = tasks.load_tasks(["arc_easy"], overrides={"limit": 5, "limit_from": "first"})[0]
     assert [e.index for e in load_examples(first)] == [0, 1, 2, 3, 4]
     assert len(load_examples(first, limit=0)) == 2376  # 0 = all
+
+
+def split_of(task: str, split: str, **overrides) -> tasks.TaskSpec:
+    return tasks.load_tasks([task], overrides={"split": split, **overrides})[0]
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "arc_easy"])
+def test_search_and_heldout_are_disjoint_halves_of_every_record(task):
+    search = load_examples(split_of(task, "search"), limit=0)
+    heldout = load_examples(split_of(task, "heldout"), limit=0)
+    every = load_examples(split_of(task, "all"), limit=0)
+    assert len(search) == COUNTS[task] // 2 and len(heldout) == COUNTS[task] - len(search)
+    assert not {e.index for e in search} & {e.index for e in heldout}
+    assert sorted(e.index for e in search + heldout) == [e.index for e in every]
+    # an index is the record's position among all of the task's records, in either half
+    by_index = {e.index: e for e in every}
+    assert all(e.line == by_index[e.index].line and e.prompt == by_index[e.index].prompt
+               for e in search + heldout)
+    assert [e.index for e in search] != list(range(len(search)))  # shuffled, not a prefix
+
+
+def test_a_split_is_the_same_in_two_calls_and_its_limit_is_nested():
+    spec = split_of("arc_easy", "heldout")
+    half = {e.index for e in load_examples(spec, limit=0)}
+    small, large = load_examples(spec, limit=50), load_examples(spec, limit=200)
+    assert [e.index for e in small] == [e.index for e in load_examples(spec, limit=50)]
+    assert [e.context for e in small] == [e.context for e in load_examples(spec, limit=50)]
+    assert {e.index for e in small} < {e.index for e in large} <= half
+    assert [e.index for e in small] == sorted(e.index for e in small)
+    first = split_of("arc_easy", "search", limit=5, limit_from="first")
+    search = sorted(e.index for e in load_examples(first, limit=0))
+    assert [e.index for e in load_examples(first)] == search[:5]
+    # the halves are the task seed's: another seed cuts the records another way
+    other = {e.index for e in load_examples(split_of("arc_easy", "heldout", seed=7), limit=0)}
+    assert other != half and len(other) == len(half)
+
+
+def test_configured_specs_name_each_task_by_its_split():
+    dc = DownstreamConfig(tasks=("gsm8k", "arc_easy"), split="heldout", shots=0)
+    specs = downstream.configured_specs(dc)
+    assert [s.name for s in specs] == ["gsm8k@heldout", "arc_easy@heldout"]
+    assert {s.split for s in specs} == {"heldout"} and specs[0].num_fewshot == 0
+    unsplit = downstream.configured_specs(DownstreamConfig(tasks=("gsm8k",)))
+    assert [(s.name, s.split) for s in unsplit] == [("gsm8k", "all")]
+    # its examples are the heldout half's, named by the task's new name
+    ex = load_examples(specs[0], limit=3)
+    heldout = {e.index for e in load_examples(split_of("gsm8k", "heldout"), limit=0)}
+    assert {e.index for e in ex} <= heldout and ex[0].id.startswith("gsm8k@heldout/")
+
+
+def test_a_bad_split_is_one_error_naming_its_key(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_experiment(QUICKSTART, ["--config.data.root=/data/corpus",
+                                     "--config.eval.downstream.split=validation"])
+    assert str(err.value) == ("config.eval.downstream.split='validation': must be one of all, "
+                              "search, heldout")
+    with pytest.raises(UserError, match=r"^tasks\.piqa\.split='half': must be one of all, "
+                                        r"search, heldout$"):
+        split_of("piqa", "half")
+    with pytest.raises(UserError, match=r"^--split='valid': must be one of all, search, heldout$"):
+        downstream.task_specs(["piqa"], split="valid", split_key="--split")
+    # <task>@<split> names a half: a declaration cannot take such a name
+    with pytest.raises(UserError, match=r"declare\.piqa@heldout: '@' is kept for a split's "):
+        tasks.load_tasks(["piqa@heldout"], declared={"piqa@heldout": {"base": "piqa"}})
+    one = declare(tmp_path, [{"q": "q", "a": "A", "b": "B", "y": 1}], split="search")
+    with pytest.raises(UserError, match=r"declare\.bad\.split='search': the task has 1 "
+                                        r"record\(s\), too few to split"):
+        load_examples(one)
 
 
 # ---------------------------------------------------------------------------------------------

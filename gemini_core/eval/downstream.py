@@ -19,6 +19,11 @@ error over examples (`<metric>_stderr`).
 `evaluate_run_tasks` is `gx eval RUN --tasks ...`: the run's checkpoint (loaded_run), a printed
 table, and `downstream.json` in the run directory, written once at the end (a failed evaluation
 leaves the previous file as it was).
+
+A split ("search" or "heldout": one fixed half of each task's examples, task_examples) renames
+every task <task>@<split> (`with_split`): its figures are `downstream/<task>@<split>/<metric>`
+everywhere, and a done run asked for the other half lacks that name, so it is evaluated rather
+than the wrong half's figures reused.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.errors import UserError
 from gemini_core.eval import metrics, sandbox, scoring, task_examples
 from gemini_core.eval.loaded_run import load_run
-from gemini_core.eval.tasks import Example, TaskSpec, load_tasks, metric_names
+from gemini_core.eval.tasks import Example, TaskSpec, check_split, load_tasks, metric_names
 from gemini_core.eval.tasks import exact_match as spec_exact_match
 from gemini_core.model import generate as gen
 from gemini_core.runs.rundir import RunDir, read_json, write_json_atomic
@@ -55,6 +60,7 @@ class Settings:
     max_new_tokens: int = 256  # generative tasks whose declaration leaves it 0
     seed: int = 0  # sampling (code tasks' samples)
     code_workers: int = 0  # sandbox processes at a time; 0 = the CPU count
+    generate: bool = True  # False: generate and code tasks score their gold's bpb only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +91,22 @@ class Model:
     layout: Layout | None = None
 
 
-def task_specs(items: Sequence[str] | str, *, shots: int = -1, declared=None) -> list[TaskSpec]:
-    """The named tasks (shipped names, declared names, task files), `shots` applied."""
+def task_specs(items: Sequence[str] | str, *, shots: int = -1, declared=None,
+               split: str = "all", split_key: str = "split") -> list[TaskSpec]:
+    """The named tasks (shipped names, declared names, task files), `shots` and `split`
+    applied; `split_key` is what a bad split's error names."""
+    check_split(split_key, split)
     overrides = {"num_fewshot": shots} if shots >= 0 else None
-    return load_tasks(items, overrides=overrides, declared=declared)
+    return with_split(load_tasks(items, overrides=overrides, declared=declared), split)
+
+
+def with_split(specs: Sequence[TaskSpec], split: str) -> list[TaskSpec]:
+    """Each task on one half of its examples, named <task>@<split>: the name is what runs'
+    figures are keyed by (metrics, summary.json, downstream.json, add_missing_tasks), so the two
+    halves and the whole never share one. "all" leaves the tasks as declared."""
+    if split == "all":
+        return list(specs)
+    return [dataclasses.replace(s, split=split, name=f"{s.name}@{split}") for s in specs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +191,8 @@ def _values(m: Model, spec: TaskSpec, examples: list[Example], liks: list[scorin
     """A task's metrics from its scored requests (and, for generative kinds, its samples)."""
     if spec.kind == "multiple_choice":
         values = _multiple_choice(examples, liks)
+    elif not s.generate and spec.kind in ("generate", "code"):
+        values = {"bpb": _bpb(liks)}  # no sampling: what a sweep's proxies can afford
     elif spec.kind == "generate":
         values = {**_generate(m, spec, examples, s, log), "bpb": _bpb(liks)}
     elif spec.kind == "code":
@@ -180,7 +200,7 @@ def _values(m: Model, spec: TaskSpec, examples: list[Example], liks: list[scorin
     else:  # last_word
         values = {"acc": metrics.mean_stderr([float(x.greedy) for x in liks]),
                   "ppl": metrics.perplexity([x.nll for x in liks]), "bpb": _bpb(liks)}
-    assert tuple(values) == metric_names(spec), (tuple(values), metric_names(spec))
+    assert tuple(values) == metric_names(spec, s.generate), tuple(values)
     return values
 
 
@@ -248,13 +268,14 @@ def _num(x: float) -> str:
 
 def format_table(results: Sequence[TaskResult], contamination: dict[str, float] | None = None
                  ) -> str:
-    head = (f"{'task':<16}{'metric':<13}{'value':>9}{'stderr':>9}{'examples':>10}{'seconds':>9}"
-            + (f"{'contam.':>9}" if contamination else ""))
+    width = max([16] + [len(r.task) + 2 for r in results])  # <task>@heldout is long
+    head = (f"{'task':<{width}}{'metric':<13}{'value':>9}{'stderr':>9}{'examples':>10}"
+            f"{'seconds':>9}" + (f"{'contam.':>9}" if contamination else ""))
     rows = [head, "-" * len(head)]
     for r in results:
         for i, (name, est) in enumerate(r.metrics.items()):
             first = i == 0
-            row = (f"{r.task if first else '':<16}{name:<13}{_num(est.value):>9}"
+            row = (f"{r.task if first else '':<{width}}{name:<13}{_num(est.value):>9}"
                    f"{'' if math.isnan(est.stderr) else _num(est.stderr):>9}"
                    f"{est.n if first else '':>10}{f'{r.seconds:.1f}' if first else '':>9}")
             if contamination and first and r.task in contamination:
@@ -262,14 +283,15 @@ def format_table(results: Sequence[TaskResult], contamination: dict[str, float] 
             rows.append(row)
     if results:
         mean = float(np.mean([r.metrics["bpb"].value for r in results]))
-        rows.append(f"{'mean':<16}{'bpb':<13}{mean:>9.4f}")
+        rows.append(f"{'mean':<{width}}{'bpb':<13}{mean:>9.4f}")
     return "\n".join(rows)
 
 
 def task_record(r: TaskResult, spec: TaskSpec, s: Settings) -> dict:
     return {"kind": r.kind, "examples": r.examples, "seconds": round(r.seconds, 3),
             "truncated": r.truncated, "num_fewshot": spec.num_fewshot,
-            "limit": s.limit if s.limit is not None else spec.limit, "path": spec.path,
+            "limit": s.limit if s.limit is not None else spec.limit, "split": spec.split,
+            "path": spec.path,
             "metrics": {k: {"value": v.value, "stderr": None if math.isnan(v.stderr) else
                             v.stderr, "n": v.n} for k, v in r.metrics.items()}}
 
@@ -295,11 +317,12 @@ def write_results(run: RunDir, step: int, records: dict[str, dict]) -> dict:
 
 
 def evaluate_run_tasks(run: RunDir, items: Sequence[str] | str, settings: Settings,
-                       log: Log = print) -> list[TaskResult]:
-    """`gx eval RUN --tasks ...`: every task validated before the checkpoint is read."""
+                       log: Log = print, *, split: str = "all") -> list[TaskResult]:
+    """`gx eval RUN --tasks ... [--split S]`: every task validated before the checkpoint is
+    read."""
     if settings.limit is not None and settings.limit < 0:
         raise UserError(f"--limit={settings.limit}: must be >= 0 (0 = every example)")
-    specs = task_specs(items, shots=settings.shots)
+    specs = task_specs(items, shots=settings.shots, split=split, split_key="--split")
     loaded = load_run(run, log=lambda msg: log(f"eval: {msg}"))
     m = Model(loaded.model, loaded.tokenizer, loaded.seq_len, loaded.layout)
     log(f"{run.run_id} at step {loaded.step}: {len(specs)} task(s)")
@@ -319,7 +342,8 @@ def configured_specs(dc: Any) -> list[TaskSpec]:
     """The tasks of a `DownstreamConfig`, validated (at run preparation: before any compile)."""
     if not dc.tasks:
         return []
-    return task_specs(list(dc.tasks), shots=dc.shots, declared=dc.declare)
+    return task_specs(list(dc.tasks), shots=dc.shots, declared=dc.declare, split=dc.split,
+                      split_key="config.eval.downstream.split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +365,7 @@ class InTraining:
         if not specs:
             return None
         s = Settings(limit=dc.limit, shots=dc.shots, batch_size=dc.batch_size,
-                     max_new_tokens=dc.max_new_tokens, seed=seed)
+                     max_new_tokens=dc.max_new_tokens, seed=seed, generate=dc.generate)
         final = dataclasses.replace(s, limit=dc.limit if dc.final_limit < 0 else dc.final_limit)
         return cls(tuple(specs), tokenizer, seq_len, layout, s, final, dc.every_steps)
 
@@ -364,7 +388,8 @@ def add_missing_tasks(run: RunDir, dc: Any, specs: Sequence[TaskSpec], seed: int
     """A done run asked for tasks its summary lacks: they are evaluated on its final checkpoint
     and added to summary.json and downstream.json; returns the summary."""
     summary = run.summary() or {}
-    missing = [s for s in specs if f"{PREFIX}/{s.name}/bpb" not in summary]
+    missing = [s for s in specs if any(f"{PREFIX}/{s.name}/{m}" not in summary
+                                       for m in metric_names(s, dc.generate))]
     if not missing:
         return summary
     log(f"{run.run_id}: evaluating {len(missing)} downstream task(s) it lacks: "

@@ -1,15 +1,24 @@
 """A declared task's examples: its records read, filtered, rendered, with their few-shot context.
 
 `load_examples(spec)` reads `spec.path` (jsonl or jsonl.gz), keeps the records `spec.filter`
-selects, takes `spec.limit` of them (a seeded random subset, nested: the first 100 of a limit of
-200 are the limit of 100; or the first ones with `limit_from="first"`), and renders each into
-an `Example` (gemini_core.eval.tasks) whose kind-specific parts its scorer needs. A record that
+selects, keeps the half `spec.split` names (below), takes `spec.limit` of those (a seeded
+random subset, nested: the examples of a limit of 100 are among those of a limit of 200; or the
+first ones with `limit_from="first"`), and renders each into an `Example`
+(gemini_core.eval.tasks) whose kind-specific parts its scorer needs. A record that
 does not fit the declaration (a missing field, a label out of range, a bad JSON line) is a
 UserError naming file:line, the field and the declaration's key path.
 
-Few-shot examples come from `fewshot_filter`'s records (default: the task's own), grouped by
-`fewshot_match`, drawn with a `random.Random` seeded by (seed, the example's line): the same
-shots for the same seed in every process, never the example itself.
+Splits: with `split` "search" or "heldout" the filtered records are cut in two fixed, disjoint
+halves by a shuffle seeded by the task's `seed` alone: the first n//2 of the shuffled order are
+"search", the rest "heldout" ("all" = every record). A mixture sweep's proxies score the search
+half and its validation the heldout half, so the schedule it picks is judged on questions the
+search never saw. The halves do not depend on `limit`, and `Example.index` stays the
+position among the filtered records, so an index means the same record in either half.
+
+Few-shot examples come from `fewshot_filter`'s records (default: the task's own, both halves:
+shots are context, never scored), grouped by `fewshot_match`, drawn with a `random.Random`
+seeded by (seed, the example's line): the same shots for the same seed in every process, never
+the example itself.
 """
 
 from __future__ import annotations
@@ -104,6 +113,20 @@ def _matches(spec: TaskSpec, rec: _Record, filters: Mapping[str, Any], key: str)
     return True
 
 
+def _split(spec: TaskSpec, n: int) -> list[int]:
+    """The positions (sorted) of `spec.split`'s half of n records. Seeded apart from `limit`'s
+    shuffle, so that a limit within a half is as random as one over all records."""
+    if spec.split == "all":
+        return list(range(n))
+    order = list(range(n))
+    random.Random(f"split/{spec.seed}").shuffle(order)
+    half = order[:n // 2] if spec.split == "search" else order[n // 2:]
+    if not half:
+        raise UserError(f"{spec.where}.split={spec.split!r}: the task has {n} record(s), too few "
+                        "to split in two halves")
+    return sorted(half)
+
+
 def _select(spec: TaskSpec, n: int, limit: int) -> list[int]:
     if not limit or limit >= n:
         return list(range(n))
@@ -122,7 +145,9 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
     if not mine:
         raise UserError(f"{spec.where}.filter={dict(spec.filter)!r}: selects none of the "
                         f"{len(records)} records of {spec.path}")
-    chosen = _select(spec, len(mine), spec.limit if limit is None else limit)
+    pool = _split(spec, len(mine))
+    # `limit` picks positions within the half; the examples keep their positions in `mine`
+    chosen = [pool[j] for j in _select(spec, len(pool), spec.limit if limit is None else limit)]
     shots = _Shots(spec, mine) if spec.num_fewshot else None
     return [_example(spec, i, mine[i], shots) for i in chosen]
 

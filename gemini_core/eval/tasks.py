@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import ml_collections
 
 from gemini_core import nested
-from gemini_core.config import to_dataclass
+from gemini_core.config import TASK_SPLITS, to_dataclass
 from gemini_core.errors import UserError
 from gemini_core.eval import metrics, task_library
 from gemini_core.eval import task_templates as tt
@@ -105,6 +105,10 @@ class TaskSpec:
     seed: int = 1234
     limit: int = 0  # 0 = every record
     limit_from: str = "random"  # random (a seeded subset) | first
+    # all | search | heldout: two disjoint fixed halves of the records (seeded by `seed`), so a
+    # mixture search can score one and its validation the other, never seen by the search;
+    # `limit` then selects within the half
+    split: str = "all"
     where: str = dataclasses.field(default="", compare=False)  # set by load_tasks: key path
 
 
@@ -199,9 +203,13 @@ def _declarations(item: str, shipped: Mapping[str, dict], declared: Mapping[str,
 
 
 def _no_shadowing(decls: Mapping[str, Any], shipped: Mapping[str, Any], where: str) -> None:
-    """A shipped name always means the shipped declaration: figures under one metric name stay
-    comparable across runs."""
+    """A shipped name always means the shipped declaration, and <task>@<split> always one half
+    of a task (gemini_core.eval.downstream.with_split): figures under one metric name stay
+    comparable across runs, and a done run's `all` figures never pass for a half's."""
     for name in decls:
+        if "@" in name:
+            raise UserError(f"{where}.{name}: '@' is kept for a split's name (<task>@<split>); "
+                            "give yours another name (a declaration's `split` key picks a half)")
         if name in shipped:
             raise UserError(f"{where}.{name}: the name of a shipped task; give yours another "
                             f"(it may extend the shipped one: base={name!r})")
@@ -290,6 +298,11 @@ def _one_of(key: str, value: Any, allowed: Sequence[str]) -> None:
         raise UserError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
 
 
+def check_split(key: str, split: str) -> None:
+    """A split asked for from outside a declaration (`gx eval --split`, the config's)."""
+    _one_of(key, split, TASK_SPLITS)
+
+
 def _template(spec: TaskSpec, name: str) -> list[str]:
     try:
         return tt.check(getattr(spec, name), spec.tables)
@@ -318,7 +331,7 @@ def check_spec(spec: TaskSpec) -> None:
     for key, allowed in (("label_type", ("index", "match")), ("norm_length", ("chars", "bytes")),
                          ("answer_select", ("first", "last")),
                          ("fewshot_sampler", ("random", "first_n")),
-                         ("limit_from", ("random", "first"))):
+                         ("limit_from", ("random", "first")), ("split", TASK_SPLITS)):
         _one_of(f"{w}.{key}", getattr(spec, key), allowed)
     for key in ("num_fewshot", "limit", "max_new_tokens", "top_k", "temperature"):
         if getattr(spec, key) < 0:
@@ -408,10 +421,13 @@ def _check_code(spec: TaskSpec) -> None:
             raise UserError(f"{w}.pass_k[{i}]={k}: must be in [1, samples={spec.samples}]")
 
 
-def metric_names(spec: TaskSpec) -> tuple[str, ...]:
-    """The metrics a task reports (each also with `<metric>_stderr`)."""
+def metric_names(spec: TaskSpec, generate: bool = True) -> tuple[str, ...]:
+    """The metrics a task reports (each also with `<metric>_stderr`); without `generate`, a
+    generate or code task reports its gold answer's bpb alone."""
     if spec.kind == "multiple_choice":
         return ("acc", "acc_norm", "bpb")
+    if not generate and spec.kind in ("generate", "code"):
+        return ("bpb",)
     if spec.kind == "generate":
         return ("exact_match", "bpb")
     if spec.kind == "code":
