@@ -24,6 +24,7 @@ import ml_collections
 
 from gemini_core.data.synthetic import SyntheticDomain, check_declared
 from gemini_core.errors import UserError
+from gemini_core.eval.settings import EvalConfig, check_downstream
 from gemini_core.model.options import ATTENTION, REMAT, RopeScaling
 from gemini_core.names import check_name
 
@@ -202,38 +203,6 @@ class DistillConfig:
     temperature: float = 1.0
     kl: str = "forward"  # forward KL(teacher || student), as Gemma 2 | reverse KL(student || teacher)
     top_k: int = 0  # 0 = the teacher runs beside the student; K = its top-K cached, then trained from
-
-
-# the halves a task's examples split into (gemini_core.eval.task_examples); here, not in
-# eval.tasks, because that module imports this one
-TASK_SPLITS = ("all", "search", "heldout")
-
-
-@dataclasses.dataclass(frozen=True)
-class DownstreamConfig:
-    """Downstream tasks scored during and after training (gemini_core.eval.downstream). What is
-    measured, not what is trained: not in the fingerprint, and a done run asked for tasks it
-    lacks evaluates them on its final checkpoint."""
-
-    tasks: tuple[str, ...] = ()  # shipped task names, names in `declare`, task files (.py)
-    declare: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # name -> declaration
-    every_steps: int = 0  # 0 = only at the end of training
-    limit: int = 200  # examples per task in training (a fixed, seeded subset); 0 = all
-    final_limit: int = -1  # examples per task at the end; -1 = `limit`, 0 = all
-    shots: int = -1  # few-shot examples; -1 = each task's own
-    batch_size: int = 32  # scoring and generation batch
-    max_new_tokens: int = 256  # generative tasks (each task's stop strings end a sample sooner)
-    # False: generate and code tasks score their gold answer's bpb only, no sampling: cheap
-    generate: bool = True
-    # which fixed half of each task's examples (TASK_SPLITS): a mixture sweep's proxies score
-    # `search` and its validation `heldout`, so the choice is judged on examples it never saw;
-    # other than "all", each task is renamed <task>@<split>: the halves' figures never mix
-    split: str = "all"
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    downstream: DownstreamConfig = DownstreamConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,20 +524,6 @@ def _check_distill(d: DistillConfig) -> None:
                         "give KL(student || teacher), which needs the teacher on every token")
 
 
-def _check_downstream(d: DownstreamConfig) -> None:
-    p = "config.eval.downstream"
-    for name in ("every_steps", "limit"):
-        _non_negative(f"{p}.{name}", getattr(d, name))
-    for name in ("batch_size", "max_new_tokens"):
-        _positive(f"{p}.{name}", getattr(d, name))
-    for name in ("final_limit", "shots"):
-        if getattr(d, name) < -1:
-            raise UserError(f"{p}.{name}={getattr(d, name)}: must be -1 (the default) or >= 0")
-    if d.every_steps and not d.tasks:
-        raise UserError(f"{p}.every_steps={d.every_steps} with no {p}.tasks: name the tasks")
-    _one_of(f"{p}.split", d.split, TASK_SPLITS)
-
-
 def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConfig:
     """Validates and converts a user's experiment config; raises UserError on any mistake."""
     exp = to_dataclass(cfg, ExperimentConfig, "config")
@@ -586,7 +541,7 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     _check_distributed(exp.distributed)
     _check_faults(exp.faults)
     _check_distill(exp.distill)
-    _check_downstream(exp.eval.downstream)
+    check_downstream(exp.eval.downstream)
     from gemini_core.scale import sharding  # checks the mesh: sizes, rules, device memory
     return dataclasses.replace(exp, mesh=sharding.resolve_config(exp.mesh))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from sweeps.report_plots import num_text, plots
 from sweeps.report_text import describe_choice
 from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT, SweepData, load_sweep
-from sweeps.validation import UPWEIGHTING, describe_upweighting, verdict
+from sweeps.validation import describe_decision, notes
 
 
 def _e(value) -> str:
@@ -130,17 +130,29 @@ def _validation_tables(s: SweepData) -> str:
                 continue
             rows.append(f"<tr><td>{_e(name)}</td><td>{c['n']}</td>" + "".join(
                 f"<td>{c['mean'][k]:.4f} ± {c['std'][k]:.4f}</td>" for k in keys) + "</tr>")
-        notes = []
-        for name, c in v["winner_vs"].items():
-            direction = "lower" if c["gap"] > 0 else "higher"
-            notes.append(f"winner vs {name}: mean loss {abs(c['relative']):.2%} {direction}, "
-                         f"2σ = {2 * c['sigma']:.4f}: {verdict(c)}")
-        notes += [describe_upweighting(v[key], label) for key, label in UPWEIGHTING
-                  if v.get(key)]
         out.append(f"<h3>{_e(scale)} scale</h3><table><thead><tr><th>candidate</th><th>seeds</th>"
-                   f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table><ul>"
-                   + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+                   f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+                   + _task_table(v["candidates"]) + "<ul>"
+                   + "".join(f"<li>{_e(n)}</li>" for n in notes(s.validate, v)) + "</ul>")
+    if s.validate.get("decision"):
+        out.append(f"<p>{_e(describe_decision(s.validate['decision']))}</p>")
     return "".join(out)
+
+
+def _task_table(per: dict) -> str:
+    """Each candidate's task metrics on held-out examples, mean ± std over seeds."""
+    keys = sorted({k for c in per.values() for k in c["mean"]
+                   if k.startswith(DOWNSTREAM) and not k.startswith(f"{DOWNSTREAM}mean/")})
+    if not keys:
+        return ""
+    head = "".join(f"<th>{_e(k[len(DOWNSTREAM):])}</th>" for k in keys)
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td>" + "".join(
+            f"<td>{c['mean'][k]:.4f} ± {c['std'][k]:.4f}</td>" if c["mean"].get(k) is not None
+            else "<td></td>" for k in keys) + "</tr>"
+        for name, c in per.items() if c["mean"].get(f"{LOSS}mean") is not None)
+    return (f'<p>Tasks, held-out examples:</p><div class="scroll"><table><thead><tr>'
+            f"<th>candidate</th>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
 
 
 def _figure_html(name: str, svgs: dict[str, str | None], caption: str, missing: str) -> str:
@@ -262,9 +274,14 @@ def render_html(s: SweepData, svgs: dict[str, str | None] | None = None) -> str:
                        "(winner.json, a MixtureSchedule).", "")
         + "</section>",
         '<section id="validation"><h2>Validation</h2>'
-        + (_figure_html("validation", svgs, "Each candidate's loss per domain "
-                        "relative to the natural (token-proportional) mixture's, mean ± std over "
-                        "seeds, at each validated scale.", "")
+        + (_figure_html("validation", svgs, "Each candidate's loss per domain (and each "
+                        "task's gold bpb on held-out examples) relative to the natural "
+                        "(token-proportional) mixture's, mean ± std over seeds, at each "
+                        "validated scale.", "")
+           + _figure_html("decision", svgs, "Decision accuracy across scales: each ranked "
+                          "trial's objective at proxy scale against its mean at target scale; "
+                          "pairs ordered alike at both scales are the ones the proxies decide "
+                          "right.", "")
            + f'<div class="scroll">{_validation_tables(s)}</div>'
            if s.validate else '<p class="missing">Not validated (gx sweep --no-validate, or '
            "validate.enabled=false).</p>")

@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from sweeps.sweep_dir import LOSS, WEIGHT, SweepData, mean_loss
+from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT, SweepData, mean_loss
 
 CANDIDATES = {"winner": "#d62728", "natural": "#7f7f7f", "uniform": "#bcbd22",
               "best_trial": "#1f77b4", "winner_no_anneal": "#ff9896",
@@ -148,13 +148,18 @@ def plot_validation(s: SweepData) -> str | None:
     if not s.validate:
         return None
     scales = list(s.validate["scales"])
-    keys = [f"{LOSS}{d}" for d in s.domains] + [f"{LOSS}mean"]
+    tasks = sorted({k for v in s.validate["scales"].values() for c in v["candidates"].values()
+                    for k in c["mean"] if k.startswith(DOWNSTREAM) and k.endswith("/bpb")
+                    and not k.startswith(f"{DOWNSTREAM}mean/")})
+    keys = [f"{LOSS}{d}" for d in s.domains] + [f"{LOSS}mean"] + tasks
     fig, axes = _figure(max(6.5, 0.9 * len(keys) + 2), 3.0 * len(scales), rows=len(scales),
                         sharex=True)
     for ax, scale in zip(axes, scales):
         cands = s.validate["scales"][scale]["candidates"]
         ref = cands.get("natural", {}).get("mean", {})
         relative = all(ref.get(k) for k in keys)
+        if not relative:  # absolute values of losses and bpb do not share an axis
+            keys = keys[:len(s.domains) + 1]
         names = sorted((n for n in cands if cands[n]["mean"][f"{LOSS}mean"] is not None),
                        key=lambda n: list(CANDIDATES).index(n) if n in CANDIDATES else 99)
         width = 0.8 / max(len(names), 1)
@@ -170,11 +175,29 @@ def plot_validation(s: SweepData) -> str | None:
                         color=CANDIDATES.get(name, "#000000"), label=f"{name} (n={c['n']})")
         if relative:
             ax.axhline(0, color="#999999", linewidth=0.8)
-        ax.set_ylabel("loss vs natural (%)" if relative else "loss")
+        ax.set_ylabel("vs natural (%)" if relative else "loss")
         ax.set_title(f"{scale} scale: mean ± std over seeds", fontsize=10)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    axes[-1].set_xticks(range(len(keys)), [k[len(LOSS):] for k in keys])
+    axes[-1].set_xticks(range(len(keys)), [k.split("/", 1)[1].removesuffix("/bpb") + (
+        " bpb" if k.startswith(DOWNSTREAM) else "") for k in keys],
+        rotation=30 if tasks else 0, ha="right" if tasks else "center")
     return _svg(fig, "validation")
+
+
+def plot_decision(s: SweepData) -> str | None:
+    """Decision accuracy across scales: each ranked trial's objective at proxy vs target scale."""
+    d = (s.validate or {}).get("decision")
+    if not d:
+        return None
+    fig, (ax,) = _figure(5.5, 4.2)
+    ax.scatter(d["proxy"], d["target"], color="#1f77b4")
+    for t, x, y in zip(d["trials"], d["proxy"], d["target"]):
+        ax.annotate(str(t), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xlabel("objective at proxy scale (the trial)")
+    ax.set_ylabel(f"objective at target scale (mean of {d['seeds']} seed(s))")
+    ax.set_title(f"{d['pair_agreement']:.0%} of {d['pairs']} pairs ordered alike, Spearman "
+                 f"{d['spearman']:.2f}", fontsize=10)
+    return _svg(fig, "decision")
 
 
 def _curve(run_dir: Path | None) -> tuple[list[int], list[float]]:
@@ -249,6 +272,7 @@ def plot_winner_schedule(s: SweepData) -> str:
 def plots(s: SweepData) -> dict[str, str | None]:
     """name -> inline SVG (None where the sweep has nothing to draw), in page order."""
     return {"weights": plot_trial_weights(s), "fit": plot_predicted_vs_actual(s),
-            "validation": plot_validation(s), "curves": plot_loss_curves(s),
+            "validation": plot_validation(s), "decision": plot_decision(s),
+            "curves": plot_loss_curves(s),
             "schedule": plot_winner_schedule(s)}
 

@@ -105,6 +105,7 @@ def validate(setup: SweepSetup, result: dict, log: Log) -> dict:
             for scale in scales for name in cands if same[name] == name for k in seeds]
     ranked = rank_trials(setup, v.rank_trials)
     jobs += [{"name": f"rank/trial-{t:03d}/seed{k}", "scale": "target", "split": "search",
+              "job_type": "rank",
               "schedule": f"trial-{t:03d}.json", "seed": setup.proxy.seed + k}
              for t in ranked for k in range(v.rank_seeds)]
     runs = run_jobs(setup, jobs, "validate", log)
@@ -259,28 +260,36 @@ def format_validation(v: dict, domains: Sequence[str]) -> str:
             lines.append(f"    {name:<17} mean {m[LOSS + 'mean']:.4f} ± {sd[LOSS + 'mean']:.4f}  "
                          + "  ".join(f"{d[:6]} {m[LOSS + d]:.3f}" for d in domains))
         lines += _task_lines(s["candidates"])
-        if s.get("objective_vs") and v.get("objective") != MEAN_LOSS:
-            lines += [f"    winner vs {name}: objective ({v['objective']}) {_versus(c)}"
-                      for name, c in s["objective_vs"].items()]
-        lines += [f"    winner vs {name}: mean loss {_versus(c)}"
-                  for name, c in s["winner_vs"].items()]
-        if s.get("tasks_vs_natural"):
-            lines.append("    winner vs natural per task (held-out examples): " + ", ".join(
-                f"{k[len(DOWNSTREAM):]} {c['relative']:+.1%} ({verdict(c)})"
-                for k, c in s["tasks_vs_natural"].items()))
-        if s.get("constraints"):
-            lines.append("    constraints, measured (winner vs natural): " + ", ".join(
-                f"{k} {c['worse']:+.2%} worse (bound {c['bound']:.1%}: "
-                f"{'met' if c['met'] else 'BROKEN'})" for k, c in s["constraints"].items()))
-        lines += [f"    {describe_upweighting(s[key], label)}" for key, label in UPWEIGHTING
-                  if s.get(key)]
+        lines += [f"    {note}" for note in notes(v, s)]
     if v.get("decision"):
-        d = v["decision"]
-        lines.append(f"  decision accuracy across scales ({len(d['trials'])} trials at proxy and "
-                     f"target scale, {d['seeds']} target seed(s) each): {d['pair_agreement']:.0%} "
-                     f"of {d['pairs']} pairs ordered alike on the objective, Spearman "
-                     f"{d['spearman']:.2f}")
+        lines.append(f"  {describe_decision(v['decision'])}")
     return "\n".join(lines)
+
+
+def notes(v: dict, scale: dict) -> list[str]:
+    """One scale's comparisons in words: the winner against each baseline on the objective and
+    the mean loss, per task against natural, the constraints, the end-of-training stages."""
+    out = []
+    if scale.get("objective_vs") and v.get("objective") != MEAN_LOSS:
+        out += [f"winner vs {name}: objective ({v['objective']}) {_versus(c)}"
+                for name, c in scale["objective_vs"].items()]
+    out += [f"winner vs {name}: mean loss {_versus(c)}" for name, c in scale["winner_vs"].items()]
+    if scale.get("tasks_vs_natural"):
+        out.append("winner vs natural per task (held-out examples): " + ", ".join(
+            f"{k[len(DOWNSTREAM):]} {c['relative']:+.1%} ({verdict(c)})"
+            for k, c in scale["tasks_vs_natural"].items()))
+    if scale.get("constraints"):
+        out.append("constraints, measured (winner vs natural): " + ", ".join(
+            f"{k} {c['worse']:+.2%} worse (bound {c['bound']:.1%}: "
+            f"{'met' if c['met'] else 'BROKEN'})" for k, c in scale["constraints"].items()))
+    return out + [describe_upweighting(scale[key], label) for key, label in UPWEIGHTING
+                  if scale.get(key)]
+
+
+def describe_decision(d: dict) -> str:
+    return (f"decision accuracy across scales ({len(d['trials'])} trials at proxy and target "
+            f"scale, {d['seeds']} target seed(s) each): {d['pair_agreement']:.0%} of "
+            f"{d['pairs']} pairs ordered alike on the objective, Spearman {d['spearman']:.2f}")
 
 
 MEAN_LOSS = "mean loss over all domains"  # fit.Objective().describe()

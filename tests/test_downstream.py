@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from test_run import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
 
-from gemini_core.config import DownstreamConfig
 from gemini_core.eval import downstream, metrics, scoring
 from gemini_core.eval.loaded_run import load_run
+from gemini_core.eval.settings import DownstreamConfig
 from gemini_core.eval.task_examples import load_examples
 from gemini_core.model.generate import SamplingConfig, generate
 from gemini_core.runs.rundir import RunDir, iter_runs, read_json

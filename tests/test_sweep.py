@@ -40,6 +40,12 @@ def sweep_args(corpus: Path, cache: Path) -> list[str]:
             "--config.fit.samples=2000", "--config.proxy.tracking.wandb=false",
             "--config.validate.scales=target",  # proxy scale too by default: the same code
             "--config.validate.boost=('code',)",
+            # a capability objective: proxies score gsm8k and piqa on their search half, the
+            # validation on the held-out half, and two trials are trained at target scale too
+            "--config.proxy.eval.downstream.tasks=('gsm8k','piqa')",
+            "--config.objective.targets={'downstream/gsm8k/bpb': 1.0}",
+            "--config.objective.constraints={'loss/mean': 0.05}",
+            "--config.validate.rank_trials=2",
             # every progress line of a running trial reaches the driver's output
             "--config.resources.progress_every_s=0.001"]
 
@@ -140,6 +146,44 @@ def test_validation_runs_each_candidate_with_two_seeds_at_the_scale_asked(swept)
     assert all(c["model"]["d_model"] == 64 for c in target_runs)  # 2x the proxy's width
 
 
+def test_a_task_objective_is_fitted_on_the_search_half_and_validated_on_the_held_out_one(
+        swept):
+    import pandas as pd
+    table = pd.read_csv(swept.dir / "trials.csv")
+    assert {"downstream/gsm8k/bpb", "downstream/piqa/acc", "downstream/piqa/bpb"} \
+        <= set(table.columns)
+    assert not [c for c in table.columns if "@" in c]  # the sweep's columns name the task
+    fit = json.loads((swept.dir / "fit.json").read_text())
+    assert fit["metrics"] == [*DOMAINS, "loss/mean", "downstream/gsm8k/bpb"]
+    assert fit["objective"] == ("downstream/gsm8k/bpb; subject to loss/mean no more than 5.0% "
+                                "worse than the baseline")
+    assert "downstream/gsm8k/bpb" in fit["predicted"]
+    target = json.loads((swept.dir / "validate.json").read_text())["scales"]["target"]
+    for c in target["candidates"].values():  # the objective per seed: gsm8k's bpb itself
+        assert c["mean"]["objective"] == pytest.approx(c["mean"]["downstream/gsm8k/bpb"])
+    assert set(target["objective_vs"]) == {"natural", "uniform", "best_trial"}
+    assert {"downstream/gsm8k/bpb", "downstream/piqa/acc"} <= set(target["tasks_vs_natural"])
+    assert set(target["constraints"]) == {"loss/mean"}
+    assert target["constraints"]["loss/mean"]["bound"] == 0.05
+    # a proxy scored its search half, a validation run the held-out half: other examples
+    trial = swept.runs / "mixture_sweep_tiny" / table["run_id"][0]
+    scored = json.loads((trial / "downstream.json").read_text())
+    assert "gsm8k@search" in json.dumps(scored) and "gsm8k@heldout" not in json.dumps(scored)
+    val_runs = [p.parent for p in (swept.runs / "mixture_sweep_tiny").glob("*/config.json")
+                if json.loads(p.read_text())["tracking"]["job_type"] == "validate"]
+    held = [json.loads((r / "summary.json").read_text()) for r in val_runs]
+    assert held and all("downstream/gsm8k@heldout/bpb" in h for h in held)
+    # decision accuracy: trials 0 and 1 at target scale too, on the search half as the proxies
+    decision = json.loads((swept.dir / "validate.json").read_text())["decision"]
+    assert decision["trials"] == [0, 1] and decision["pairs"] == 1
+    assert decision["proxy"] == pytest.approx(list(table["downstream/gsm8k/bpb"][:2]))
+    assert decision["pair_agreement"] in (0.0, 1.0)
+    text = (swept.dir / "report.txt").read_text()
+    assert "winner vs natural: objective (downstream/gsm8k/bpb" in text
+    assert "decision accuracy across scales (2 trials" in text
+    assert "winner vs natural per task (held-out examples): gsm8k/bpb" in text
+
+
 def test_the_declared_boost_is_the_winners_base_then_code_raised(swept):
     winner, val, base_run = _winner_and_validation(swept)
     boosted = MixtureSchedule.load(swept.dir / "schedules" / "validate-winner_boost.json")
@@ -213,7 +257,7 @@ def test_the_report_page_renders_in_chromium(swept, chromium, tmp_path):
 
     page = tmp_path / "report.html"
     page.write_text(swept.report_html, encoding="utf-8")
-    check_report_page(chromium, page, tmp_path / "profile", plots=5)
+    check_report_page(chromium, page, tmp_path / "profile", plots=6)  # the decision plot too
 
 
 def test_the_sweeps_wandb_summary_read_back_from_disk(swept, tmp_path):
@@ -279,6 +323,51 @@ def test_sweep_config_errors_before_ray(tmp_path, corpus_root, env):
                             [f"--config.proxy.data.root={corpus_root}", f"--config.{override}"],
                             schema=sweep_config.SweepConfig,
                             convert=sweep_config.from_config_dict)
+
+
+def test_an_objective_names_recorded_metrics_and_errors_list_those_there_are(corpus_root):
+    from gemini_core.errors import UserError
+    from gemini_core.experiment import load_experiment
+    from sweeps import config as sweep_config
+
+    def load(arg: str, *overrides: str):
+        return load_experiment(f"experiments/mixture_sweep.py:{arg}",
+                               [f"--config.proxy.data.root={corpus_root}", *overrides],
+                               schema=sweep_config.SweepConfig,
+                               convert=sweep_config.from_config_dict).config
+    sweep = load("size=tiny,objective=gsm8k")
+    names = sweep_config.available_metrics(sweep)
+    assert names[:7] == [*DOMAINS, "loss/mean"]
+    assert "downstream/gsm8k/bpb" in names and "downstream/piqa/acc" in names
+    assert "downstream/gsm8k/exact_match" not in names  # the proxies do not sample
+    with pytest.raises(UserError, match=r"config\.objective\.targets\.downstream/gsm8k/"
+                       r"exact_match: no such metric \(available: loss/books, .*downstream/"
+                       r"gsm8k/bpb"):
+        load("size=tiny,objective=gsm8k",
+             "--config.objective.targets={'downstream/gsm8k/exact_match': 1.0}")
+    with pytest.raises(UserError, match=r"config\.objective\.constraints\.loss/mean=-0\.1: "
+                       "expected a non-negative number"):
+        load("size=tiny,objective=gsm8k", "--config.objective.constraints={'loss/mean': -0.1}")
+    with pytest.raises(UserError, match=r"no such metric .*; a task's metrics need the task in "
+                       r"config\.proxy\.eval\.downstream\.tasks"):
+        load("size=tiny", "--config.objective.targets={'downstream/gsm8k/bpb': 1.0}")
+    with pytest.raises(UserError, match=r"config\.validate\.rank_trials=1"):
+        load("size=tiny", "--config.validate.rank_trials=1")
+
+
+def test_a_runs_task_metrics_come_back_for_the_split_it_was_asked_for():
+    from sweeps.fanout import downstream_values, job_split
+    summary = {"downstream/gsm8k@search/bpb": 1.0, "downstream/gsm8k@search/bpb_stderr": 0.1,
+               "downstream/gsm8k@heldout/bpb": 2.0, "downstream/piqa@search/acc": 0.5,
+               "downstream/piqa@search/bpb": 3.0, "downstream/mean/bpb": 9.0, "loss/x": 1.0}
+    assert downstream_values(summary, "search") == {
+        "downstream/gsm8k/bpb": 1.0, "downstream/piqa/acc": 0.5, "downstream/piqa/bpb": 3.0,
+        "downstream/mean/bpb": 2.0}  # the mean of this half's tasks, not the summary's
+    assert downstream_values(summary, "heldout") == {"downstream/gsm8k/bpb": 2.0,
+                                                     "downstream/mean/bpb": 2.0}
+    assert [job_split({"name": n}) for n in ("trial-003", "target/winner/seed0",
+            "proxy/natural/seed1", "rank/trial-002/seed0", "doremi/proxy")] == \
+        ["search", "heldout", "heldout", "search", "search"]
 
 
 def test_validation_says_when_the_winner_is_worse_beyond_seed_noise():

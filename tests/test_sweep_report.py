@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sweeps.fit import Objective
+
 
 def evil(label: str) -> str:
     """Markup that runs a script if a page puts it in unescaped: in an attribute's value (the
@@ -140,12 +142,26 @@ def sweep_dir(tmp_path_factory) -> Path:
             loss_D = _losses(share_D, rng)
             seeds.append({"run_id": f"{EXPERIMENT}-{name}{k}", "failed": "",
                           **{f"loss/{d}": v for d, v in zip(DOMAINS, loss_D)},
-                          "loss/mean": float(loss_D.mean())})
-        per[name] = validation.seed_stats(seeds, DOMAINS)
-    write_json_atomic(out / "validate.json", {"seconds": 3.0, "scales": {"proxy": {
-        "candidates": per, "winner_vs": validation.comparisons(per),
-        "upweighting": validation.upweighting(per, "winner", cands, DOMAINS)}}})
+                          "loss/mean": float(loss_D.mean()),
+                          # held-out task metrics, better with the second domain's share
+                          "downstream/piqa/bpb": 2.0 - share_D[1] + 0.01 * k,
+                          "downstream/piqa/acc": 0.5 + share_D[1] / 4})
+        per[name] = validation.seed_stats(seeds, DOMAINS, (OBJECTIVE, METRICS))
+    write_json_atomic(out / "validate.json", {
+        "seconds": 3.0, "objective": OBJECTIVE.describe(), "scales": {"proxy": {
+            "candidates": per, "winner_vs": validation.comparisons(per),
+            "objective_vs": validation.comparisons(per, "objective"),
+            "tasks_vs_natural": {k: validation.comparisons(per, k, ("natural",))["natural"]
+                                 for k in ("downstream/piqa/acc", "downstream/piqa/bpb")},
+            "constraints": validation.constraints_met(per, OBJECTIVE, METRICS),
+            "upweighting": validation.upweighting(per, "winner", cands, DOMAINS)}},
+        "decision": {"trials": [0, 1, 2], "proxy": [1.0, 1.2, 1.1], "target": [0.9, 1.0, 1.05],
+                     "seeds": 1, "pairs": 3, "pair_agreement": 2 / 3, "spearman": 0.5}})
     return out
+
+
+OBJECTIVE = Objective({"downstream/piqa/bpb": 1.0}, constraints={"loss/mean": 0.01})
+METRICS = [*DOMAINS, "loss/mean", "downstream/piqa/bpb"]
 
 
 class _Page(HTMLParser):
@@ -183,7 +199,7 @@ def test_every_user_string_is_escaped_in_the_html_report(sweep_dir):
     assert f"failed: {REASON}" in text
     rows = re.findall(r"<tr class=\"(\w*)\">", html)
     assert len(rows) == TRIALS and rows.count("failed") == 1
-    assert len(re.findall(r'<figure id="plot-(\w+)" class="plot"><svg\b', html)) == 5
+    assert len(re.findall(r'<figure id="plot-(\w+)" class="plot"><svg\b', html)) == 6  # the decision plot too
 
 
 def test_downstream_columns_go_into_the_table_and_the_report(sweep_dir):
@@ -197,6 +213,34 @@ def test_downstream_columns_go_into_the_table_and_the_report(sweep_dir):
     html = report.render_html(data)
     assert "<th>piqa/bpb</th>" in html or ">piqa/bpb<" in html
     assert '<td data-v="1.503">1.503</td>' in html
+
+
+def test_the_validation_shows_the_objective_every_task_the_constraints_and_decisions(
+        sweep_dir):
+    from sweeps import report
+    from sweeps.report_text import format_sweep
+    from sweeps.sweep_dir import load_sweep
+
+    text = format_sweep(sweep_dir)
+    val = json.loads((sweep_dir / "validate.json").read_text())["scales"]["proxy"]
+    assert re.search(r"winner vs natural: objective \(downstream/piqa/bpb; subject to loss/mean "
+                     r"no more than 1\.0% worse than the baseline\) \d+\.\d\d% (better|worse)",
+                     text), text
+    assert "winner vs natural per task (held-out examples): piqa/acc " in text
+    assert re.search(r"constraints, measured \(winner vs natural\): loss/mean [+-]\d+\.\d\d% "
+                     r"worse \(bound 1\.0%: (met|BROKEN)\)", text)
+    assert re.search(r"piqa/bpb \d\.\d{3}±\d\.\d{3}", text)  # each candidate, each task
+    assert "decision accuracy across scales (3 trials at proxy and target scale, 1 target " \
+        "seed(s) each): 67% of 3 pairs ordered alike on the objective, Spearman 0.50" in text
+    # the objective per seed is the task's bpb; an accuracy compares with its sign flipped
+    for c in val["candidates"].values():
+        assert c["mean"]["objective"] == pytest.approx(c["mean"]["downstream/piqa/bpb"])
+    acc = val["tasks_vs_natural"]["downstream/piqa/acc"]
+    w, n = (val["candidates"][k]["mean"]["downstream/piqa/acc"] for k in ("winner", "natural"))
+    assert acc["gap"] == pytest.approx(w - n)
+    page = report.render_html(load_sweep(sweep_dir))
+    assert 'id="plot-decision"' in page and "Tasks, held-out examples" in page
+    assert "piqa/acc" in page and "decision accuracy across scales" in page
 
 
 def test_the_text_report_shows_a_failed_trial_with_its_reason(sweep_dir):
@@ -220,7 +264,7 @@ def test_the_synthetic_report_renders_in_chromium(sweep_dir, chromium, tmp_path)
     from sweeps import report
 
     page = report.write_html(sweep_dir)
-    dom = check_report_page(chromium, page, tmp_path / "profile", plots=5)
+    dom = check_report_page(chromium, page, tmp_path / "profile", plots=6)
     assert not [t for t, _ in _Page(dom).tags if t == "img"]  # no payload became an element
     # no payload ran either: each would have set the title to its label
     assert re.search(r"<title>sweep \" onmouseover=", dom), dom[:500]

@@ -14,9 +14,9 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from gemini_core.config import DownstreamConfig
 from gemini_core.errors import UserError
 from gemini_core.eval import downstream, metrics, task_library, tasks
+from gemini_core.eval.settings import DownstreamConfig
 from gemini_core.eval.task_examples import load_examples
 from gemini_core.experiment import load_experiment
 

@@ -1,6 +1,7 @@
 """Evaluation: held-out loss per domain, downstream tasks, and reading a run for inference.
 
 Modules, in import order:
+  settings         config.eval: what a run scores downstream (tasks, limits, split, generate)
   domain_loss      held-out loss and bits per byte per domain, on fixed windows
   loaded_run       a run's newest checkpoint, tokenizer and mesh, for inference (read-only)
   run_eval         `gx eval RUN --data DIR`: another folder of domains through a run

@@ -41,10 +41,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import ml_collections
 
 from gemini_core import nested
-from gemini_core.config import TASK_SPLITS, to_dataclass
+from gemini_core.config import to_dataclass
 from gemini_core.errors import UserError
 from gemini_core.eval import metrics, task_library
 from gemini_core.eval import task_templates as tt
+from gemini_core.eval.settings import TASK_SPLITS
 from gemini_core.experiment import user_frame
 
 KINDS = ("multiple_choice", "generate", "code", "last_word")
