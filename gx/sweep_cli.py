@@ -42,6 +42,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                     help="no predicted METRIC (a column or glob) worse than the baseline row's "
                     "by more than the fraction X, e.g. 'loss/*=0.02'; repeatable; needs "
                     "--baseline")
+    ft.add_argument("--penalty", type=float, default=0.0, metavar="P",
+                    help="0 (default): the constraints are hard limits; P > 0: a cost of P x "
+                    "the worst relative excess added to the objective instead")
     ft.add_argument("--baseline", type=int, default=None, metavar="ROW",
                     help="the row (1-based, as errors number rows) the constraints are relative "
                     "to, e.g. the natural mixture's run")
@@ -111,7 +114,7 @@ def cmd_fit(args, overrides: list[str]) -> int:
     result = table.fit_table(Path(args.table), Path(args.holdout) if args.holdout else None,
                              weight_prefix=args.weight_prefix, loss_prefix=args.loss_prefix,
                              objective=fit_lib.Objective.parse(args.objective,
-                                                               args.constraint),
+                                                               args.constraint, args.penalty),
                              baseline_row=args.baseline, folds=args.folds, seed=0,
                              regressors=tuple(r for r in args.regressors.split(",") if r),
                              prefer_measured=args.prefer_measured)

@@ -42,6 +42,8 @@ class ObjectiveConfig:
     # metric or glob -> the largest relative worsening against the natural mixture, e.g.
     # {"loss/*": 0.01, "downstream/*/bpb": 0.02}
     constraints: Mapping[str, float] = dataclasses.field(default_factory=lambda: EMPTY)
+    # 0: the constraints are hard limits; > 0: a cost of penalty x the worst relative excess
+    penalty: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +153,8 @@ def check_proxy_data(sweep: SweepConfig, *, skip: Collection[str] = (),
 def objective(sweep: SweepConfig) -> fit_lib.Objective:
     o = sweep.objective
     return fit_lib.Objective(targets=dict(o.targets), constraints=dict(o.constraints),
-                             max_worse_than_baseline=o.max_worse_than_baseline)
+                             max_worse_than_baseline=o.max_worse_than_baseline,
+                             penalty=o.penalty)
 
 
 def task_metrics(sweep: SweepConfig) -> list[str]:

@@ -101,10 +101,13 @@ class Objective:
 
     Constraints are relative to a baseline (the natural mixture): `constraints` maps a metric or
     pattern to the largest worsening allowed (0.01 = 1% worse), and `max_worse_than_baseline`
-    is the same for every domain's loss."""
+    is the same for every domain's loss. They are hard limits (`penalty` 0: a mixture that
+    breaks one ranks after every one that does not), or with `penalty` > 0 a cost added to the
+    objective: penalty x the worst relative excess."""
     targets: Mapping[str, float] = dataclasses.field(default_factory=dict)
     max_worse_than_baseline: float = 0.0
     constraints: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    penalty: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("targets", "constraints"):
@@ -125,6 +128,7 @@ class Objective:
             raise UserError(f"{where}.targets: empty means the mean domain loss, and there is "
                             f"no domain loss to average; name a metric (available: "
                             f"{', '.join(map(metric_key, metrics))})")
+        _check_weight(f"{where}.penalty", self.penalty)
         x = self.max_worse_than_baseline
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
             raise UserError(f"{where}.max_worse_than_baseline={x!r}: expected a fraction >= 0 "
@@ -146,7 +150,8 @@ class Objective:
         return w_K / w_K.sum() * self.signs(metrics)
 
     @classmethod
-    def parse(cls, targets: str = "", constraints: Sequence[str] = ()) -> "Objective":
+    def parse(cls, targets: str = "", constraints: Sequence[str] = (), penalty: float = 0.0
+              ) -> "Objective":
         """From the command line: `--objective downstream/gsm8k/bpb` or
         `--objective "downstream/*/bpb=1,loss/math=0.5"`, `--constraint "loss/*=0.01"`."""
         def pairs(text: str, flag: str, default: float | None) -> dict[str, float]:
@@ -164,7 +169,7 @@ class Objective:
         bounds: dict[str, float] = {}
         for text in constraints:
             bounds.update(pairs(text, "--constraint", None))
-        return cls(pairs(targets, "--objective", 1.0), constraints=bounds)
+        return cls(pairs(targets, "--objective", 1.0), constraints=bounds, penalty=penalty)
 
     @staticmethod
     def signs(metrics: Sequence[str]) -> np.ndarray:
@@ -204,6 +209,7 @@ class Objective:
         if limits:
             text += "; subject to " + ", ".join(
                 f"{metric_key(n)} no more than {x:.1%} worse than the baseline" for n, x in limits)
+            text += f" (a penalty of {self.penalty:g} x the excess)" if self.penalty else ""
         return text
 
 

@@ -115,7 +115,9 @@ class _Scorer:
             if self.baseline_K is not None:
                 violation_M = violations(pred_MxD, self.result.metrics, self.objective,
                                          self.baseline_K)
-                score_M = np.where(violation_M > 0, INFEASIBLE + violation_M, score_M)
+                score_M = (score_M + self.objective.penalty * violation_M
+                           if self.objective.penalty > 0 else
+                           np.where(violation_M > 0, INFEASIBLE + violation_M, score_M))
             if self.result.seen is not None:
                 outside_M = self.result.seen.outside(pred_MxD).max(1)
                 score_M = np.where(outside_M > 0, IMPLAUSIBLE + outside_M, score_M)

@@ -758,6 +758,12 @@ def test_gx_fit_objective_on_a_task_with_constraints_and_unevaluated_domains(tmp
         assert bound["predicted"][d] <= uniform_loss * 1.01 + 1e-3
     assert bound["predicted"]["downstream/gsm8k/bpb"] < 1.5 - 0.35 * np.log(0.25) - 0.2
     assert w["books"] < 0.05  # weighted but in no metric: the search gives it nothing
+    # declared as a penalty instead: a light one trades a little excess for more math
+    soft = fit_table(tmp_path / "t.csv", objective=Objective(
+        {"downstream/gsm8k/bpb": 1}, constraints={"loss/*": 0.01}, penalty=0.5), baseline_row=1,
+        folds=4, regressors=("logweight",), samples=5_000, prefer_measured=False)
+    assert soft["winner"]["stages"][0]["weights"]["math"] > w["math"] + 0.01
+    assert "(a penalty of 0.5 x the excess)" in soft["objective"]
     # the same from the command line
     assert cli.main(["fit", str(tmp_path / "t.csv"), "--objective", "downstream/gsm8k/bpb",
                      "--constraint", "loss/*=0.02", "--baseline", "1", "--regressors",
