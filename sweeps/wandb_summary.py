@@ -65,6 +65,13 @@ def summary_metrics(s: SweepData) -> dict[str, float]:
                 out[f"validate/{scale}/winner_vs_{name}/relative"] = c["relative"]
                 out[f"validate/{scale}/winner_vs_{name}/beats_by_2_sigma"] = \
                     float(c["beats_by_2_sigma"])
+            for name, c in (v.get("objective_vs") or {}).items():  # a capability's objective
+                out[f"validate/{scale}/winner_vs_{name}/objective_relative"] = c["relative"]
+                out[f"validate/{scale}/winner_vs_{name}/objective_beats_by_2_sigma"] = \
+                    float(c["beats_by_2_sigma"])
+        decision = s.validate.get("decision") or {}
+        out.update({f"validate/decision/{k}": decision[k] for k in ("pair_agreement", "spearman")
+                    if k in decision})
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
