@@ -251,7 +251,7 @@ def load_table(path: Path, weight_prefix: str = "weight/", loss_prefix: str = "l
                         "another column")
     Y_NxK = np.stack([_numeric(df, c) for c in columns.values()], 1)
     ignored = tuple(str(c) for c in df.columns if str(c).startswith(loss_prefix)
-                    and str(c)[len(loss_prefix):] not in domains)
+                    and str(c)[len(loss_prefix):] not in domains and str(c) not in columns)
     return Table(str(path), stages, domains, tuple(columns), X_NxF, Y_NxK, starts_NxS, ignored)
 
 
@@ -260,7 +260,7 @@ def _named_columns(df: pd.DataFrame, objective: Objective, losses: Sequence[str]
     """The table's columns the objective and its constraints name (a name or a glob) other
     than the domain losses; a name that matches nothing is an error listing what is there."""
     numeric = [str(c) for c in df.columns if pd.api.types.is_numeric_dtype(df[c])
-               and not str(c).startswith(loss_prefix)]
+               and str(c) not in {loss_prefix + d for d in losses}]
     found: list[str] = []
     for key in ("targets", "constraints"):
         for name in getattr(objective, key):

@@ -117,7 +117,8 @@ def validate(setup: SweepSetup, result: dict, log: Log) -> dict:
         per = {name: seed_stats([runs[f"{scale}/{same[name]}/seed{k}"] for k in seeds],
                                 setup.domains, objective)
                for name in cands}
-        tasks = sorted({k for c in per.values() for k in c["mean"] if k.startswith(DOWNSTREAM)})
+        tasks = [k for k in objective_columns(sorted({k for c in per.values() for k in c["mean"]}))
+                 if k.startswith(DOWNSTREAM)]  # each task, not their mean
         out["scales"][scale] = {
             "candidates": per, "winner_vs": comparisons(per),
             "objective_vs": comparisons(per, "objective"),
