@@ -65,9 +65,9 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
 
 
 def job_split(job: dict) -> str:
-    """Which half of each task's examples a job scores: a validation run the held-out one."""
-    return job.get("split") or ("heldout" if job["name"].startswith(("proxy/", "target/"))
-                                else "search")
+    """Which half of each task's examples a job scores: a validation run (a candidate's, or a
+    trial's at target scale for decision accuracy) the held-out one, a trial the search one."""
+    return "heldout" if job["name"].startswith(("proxy/", "target/")) else "search"
 
 
 def run_job(config: dict, sweep_dir: str, cpus: int, progress_every_s: float = 0.0) -> None:

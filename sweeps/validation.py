@@ -103,11 +103,8 @@ def validate(setup: SweepSetup, result: dict, log: Log) -> dict:
     jobs = [{"name": f"{scale}/{name}/seed{k}", "scale": scale,
              "schedule": f"validate-{name}.json", "seed": setup.proxy.seed + k}
             for scale in scales for name in cands if same[name] == name for k in seeds]
-    ranked = rank_trials(setup, v.rank_trials)
-    jobs += [{"name": f"rank/trial-{t:03d}/seed{k}", "scale": "target", "split": "search",
-              "job_type": "rank",
-              "schedule": f"trial-{t:03d}.json", "seed": setup.proxy.seed + k}
-             for t in ranked for k in range(v.rank_seeds)]
+    ranked = rank_jobs(setup, cands, same)
+    jobs += [job for names in ranked.values() for job in names if isinstance(job, dict)]
     runs = run_jobs(setup, jobs, "validate", log)
     obj = sweep_config.objective(setup.sweep)
     objective = (obj, obj.metrics(setup.domains, objective_columns(sorted(
@@ -135,21 +132,36 @@ def validate(setup: SweepSetup, result: dict, log: Log) -> dict:
     return out
 
 
-def rank_trials(setup: SweepSetup, n: int) -> list[int]:
-    """The first `n` trials that finished (the centre and the anchors among them): the
-    mixtures trained at target scale too, to measure how often the proxies' order holds."""
+def rank_jobs(setup: SweepSetup, cands: dict[str, MixtureSchedule], same: dict[str, str]
+              ) -> dict[int, list[dict | str]]:
+    """The first validate.rank_trials trials that finished (the centre and the anchors among
+    them), trained at target scale too with rank_seeds seeds and scored on the held-out half as
+    the candidates are: trial -> its jobs, or the name of a candidate's run where the trial's
+    mixture is a candidate's (an anchor, a winner that is a trial), trained once."""
     import pandas as pd
 
-    if not n:
-        return []
+    v = setup.sweep.validate
+    if not v.rank_trials:
+        return {}
     table = pd.read_csv(setup.dir / "trials.csv", keep_default_na=False)
-    return [int(t) for t in table[table["failed"] == ""]["trial"].sort_values()[:n]]
+    out: dict[int, list[dict | str]] = {}
+    for t in table[table["failed"] == ""]["trial"].sort_values()[:v.rank_trials]:
+        t = int(t)
+        twin = next((same[n] for n, c in cands.items()
+                     if c.to_dict() == setup.schedules[t].to_dict()), None)
+        out[t] = [f"target/{twin}/seed{k}" if twin and "target" in v.scales and k < v.seeds
+                  else {"name": f"target/trial-{t:03d}/seed{k}", "scale": "target",
+                        "job_type": "rank", "schedule": f"trial-{t:03d}.json",
+                        "seed": setup.proxy.seed + k}
+                  for k in range(v.rank_seeds)]
+    return out
 
 
-def decision_accuracy(setup: SweepSetup, ranked: Sequence[int], runs: dict,
+def decision_accuracy(setup: SweepSetup, ranked: dict[int, list[dict | str]], runs: dict,
                       objective: tuple[Objective, Sequence[str]]) -> dict:
-    """Proxy (the trial) vs target scale (mean over rank_seeds) on the objective, per trial:
-    the share of trial pairs both scales order alike, and the Spearman between them."""
+    """Proxy (the trial, on the search half) vs target scale (mean over rank_seeds, on the
+    held-out half) on the objective, per trial: the share of trial pairs both scales order
+    alike, and the Spearman between them."""
     import pandas as pd
 
     from sweeps.fit import spearman
@@ -158,15 +170,14 @@ def decision_accuracy(setup: SweepSetup, ranked: Sequence[int], runs: dict,
     table = pd.read_csv(setup.dir / "trials.csv").set_index("trial")
     proxy_T = objective_values(table.loc[list(ranked), [metric_key(m) for m in metrics]]
                                .to_numpy(np.float64), metrics, obj)
-    seeds = range(setup.sweep.validate.rank_seeds)
-    target_T = np.array([seed_stats([runs[f"rank/trial-{t:03d}/seed{k}"] for k in seeds],
+    target_T = np.array([seed_stats([runs[j if isinstance(j, str) else j["name"]] for j in jobs],
                                     setup.domains, objective)["mean"]["objective"] or np.nan
-                         for t in ranked])
+                         for jobs in ranked.values()])
     pairs = [(i, j) for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
     same = [np.sign(proxy_T[i] - proxy_T[j]) == np.sign(target_T[i] - target_T[j])
             for i, j in pairs]
     return {"trials": list(ranked), "proxy": proxy_T.tolist(), "target": target_T.tolist(),
-            "seeds": len(seeds), "pairs": len(pairs),
+            "seeds": setup.sweep.validate.rank_seeds, "pairs": len(pairs),
             "pair_agreement": float(np.mean(same)) if pairs else math.nan,
             "spearman": spearman(proxy_T, target_T)}
 

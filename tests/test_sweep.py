@@ -173,10 +173,15 @@ def test_a_task_objective_is_fitted_on_the_search_half_and_validated_on_the_held
                 if json.loads(p.read_text())["tracking"]["job_type"] == "validate"]
     held = [json.loads((r / "summary.json").read_text()) for r in val_runs]
     assert held and all("downstream/gsm8k@heldout/bpb" in h for h in held)
-    # decision accuracy: trials 0 and 1 at target scale too, on the search half as the proxies
+    # decision accuracy: trials 0 and 1 at target scale too; trial 1, the natural anchor, is
+    # the natural candidate's run (trained once), so its target figure is that candidate's
     decision = json.loads((swept.dir / "validate.json").read_text())["decision"]
     assert decision["trials"] == [0, 1] and decision["pairs"] == 1
     assert decision["proxy"] == pytest.approx(list(table["downstream/gsm8k/bpb"][:2]))
+    trained = {json.loads(p.read_text())["tracking"]["tags"][0]
+               for p in (swept.runs / "mixture_sweep_tiny").glob("*/config.json")}
+    assert "target/trial-000/seed0" in trained and "target/natural/seed0" in trained
+    assert "target/trial-001/seed0" not in trained
     assert decision["pair_agreement"] in (0.0, 1.0)
     text = (swept.dir / "report.txt").read_text()
     assert "winner vs natural: objective (downstream/gsm8k/bpb" in text
@@ -366,8 +371,8 @@ def test_a_runs_task_metrics_come_back_for_the_split_it_was_asked_for():
     assert downstream_values(summary, "heldout") == {"downstream/gsm8k/bpb": 2.0,
                                                      "downstream/mean/bpb": 2.0}
     assert [job_split({"name": n}) for n in ("trial-003", "target/winner/seed0",
-            "proxy/natural/seed1", "rank/trial-002/seed0", "doremi/proxy")] == \
-        ["search", "heldout", "heldout", "search", "search"]
+            "proxy/natural/seed1", "target/trial-002/seed0", "doremi/proxy")] == \
+        ["search", "heldout", "heldout", "heldout", "search"]
 
 
 def test_validation_says_when_the_winner_is_worse_beyond_seed_noise():
