@@ -228,8 +228,9 @@ def violations(Y_MxK: np.ndarray, metrics: Sequence[str], objective: Objective,
     if not on.any():
         return np.zeros(len(Y_MxK))
     base_K = np.asarray(baseline_K, np.float64)[on]
-    worse_MxK = (objective.signs(metrics)[on] * (np.asarray(Y_MxK)[:, on] - base_K)
-                 / np.abs(base_K) - x_K[on])
+    scale_K = np.where(base_K != 0, np.abs(base_K), 1.0)  # a baseline at 0: the difference
+    worse_MxK = (objective.signs(metrics)[on] * (np.asarray(Y_MxK)[:, on] - base_K) / scale_K
+                 - x_K[on])
     return np.maximum(worse_MxK, 0.0).max(1)
 
 

@@ -192,7 +192,7 @@ def constraints_met(per: dict, obj: Objective, metrics: Sequence[str]) -> dict:
         w, b = per["winner"]["mean"].get(key), per.get("natural", {}).get("mean", {}).get(key)
         if math.isnan(x) or w is None or b is None:
             continue
-        worse = (-1.0 if higher_is_better(key) else 1.0) * (w - b) / abs(b)
+        worse = (-1.0 if higher_is_better(key) else 1.0) * (w - b) / (abs(b) or 1.0)
         out[key] = {"worse": worse, "bound": float(x), "met": bool(worse <= x)}
     return out
 
@@ -214,7 +214,9 @@ def comparisons(per: dict, key: str = f"{LOSS}mean",
             continue
         gap = sign * (b["mean"][key] - w["mean"][key])
         sigma = math.sqrt(w["std"][key] ** 2 / max(w["n"], 1) + b["std"][key] ** 2 / max(b["n"], 1))
-        out[name] = {"gap": gap, "relative": gap / abs(b["mean"][key]), "sigma": sigma,
+        # a baseline at 0 (an accuracy nobody reaches) has no relative gap
+        relative = gap / abs(b["mean"][key]) if b["mean"][key] else math.nan
+        out[name] = {"gap": gap, "relative": relative, "sigma": sigma,
                      "beats_by_2_sigma": bool(gap > 2 * sigma and sigma > 0),
                      "loses_by_2_sigma": bool(-gap > 2 * sigma and sigma > 0)}
     return out
@@ -288,7 +290,8 @@ def notes(v: dict, scale: dict) -> list[str]:
     out += [f"winner vs {name}: mean loss {_versus(c)}" for name, c in scale["winner_vs"].items()]
     if scale.get("tasks_vs_natural"):
         out.append("winner vs natural per task (held-out examples): " + ", ".join(
-            f"{k[len(DOWNSTREAM):]} {c['relative']:+.1%} ({verdict(c)})"
+            f"{k[len(DOWNSTREAM):]} " + (f"{c['relative']:+.1%}" if math.isfinite(c["relative"])
+                                         else f"{c['gap']:+.3f}") + f" ({verdict(c)})"
             for k, c in scale["tasks_vs_natural"].items()))
     if scale.get("constraints"):
         out.append("constraints, measured (winner vs natural): " + ", ".join(

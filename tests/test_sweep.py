@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -386,3 +387,7 @@ def test_validation_says_when_the_winner_is_worse_beyond_seed_noise():
     assert verdict(got["natural"]) == "worse, beyond seed noise"  # 0.1 > 2 sigma = 0.033
     assert verdict(got["uniform"]) == "within seed noise"
     assert verdict(got["best_trial"]) == "beats it"
+    # an accuracy at 0 for the baseline (LAMBADA at small scale): a gap, no relative one
+    acc = comparisons({"winner": cand(0.01, 0.01), "natural": cand(0.0, 0.0)}, "loss/mean",
+                      ("natural",))["natural"]
+    assert acc["gap"] == pytest.approx(-0.01) and math.isnan(acc["relative"])
