@@ -89,5 +89,5 @@ def get_config(arg=None):
     # rank_trials: that many trials trained at target scale too: does the proxies' order hold?
     c.validate = dict(enabled=True, seeds=2 if a.objective == "loss" else 3,
                       scales=("proxy", "target"), target={}, boost=(), boost_factor=4.0,
-                      rank_trials=0, rank_seeds=1, generate=False)
+                      rank_trials=0, rank_seeds=1, generate=False, doremi=False)
     return c

@@ -105,6 +105,9 @@ class ValidateConfig:
     # the validation runs sample generative tasks (exact match, pass@k) on their held-out
     # examples; False: gold bpb only, as proxies with eval.downstream.generate=False
     generate: bool = True
+    # DoReMi's mixture (config.doremi: a reference proxy and a Group-DRO proxy) as one more
+    # baseline of a regression sweep
+    doremi: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

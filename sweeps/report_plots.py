@@ -16,7 +16,7 @@ from sweeps.sweep_dir import DOWNSTREAM, LOSS, WEIGHT, SweepData, mean_loss
 
 CANDIDATES = {"winner": "#d62728", "natural": "#7f7f7f", "uniform": "#bcbd22",
               "best_trial": "#1f77b4", "winner_no_anneal": "#ff9896",
-              "winner_boost": "#9467bd"}
+              "winner_boost": "#9467bd", "doremi": "#2ca02c"}
 ROLE_COLORS = {"fit": "#1f77b4", "held out": "#ff7f0e", "failed": "#d62728", "ok": "#1f77b4"}
 
 

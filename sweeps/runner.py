@@ -228,6 +228,10 @@ def run_sweep(sweep: SweepConfig, runs_root: Path, *, validate_winner: bool = Tr
                           result["predicted"], {"sweep": setup.dir.name})
     log(f"sweep: trials and fit took {result['seconds']['total']:.0f}s")
     if validate_winner and sweep.validate.enabled:
+        if sweep.validate.doremi and sweep.method == "regression":  # a baseline of its own
+            doremi = run_doremi(setup, log)
+            result["doremi"] = {k: doremi[k] for k in ("winner", "doremi_weights")}
+            write_json_atomic(setup.dir / "fit.json", result)
         write_json_atomic(setup.dir / "validate.json", validate(setup, result, log))
     text = format_sweep(setup.dir)
     (setup.dir / "report.txt").write_text(text + "\n")

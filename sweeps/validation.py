@@ -1,9 +1,9 @@
 """A sweep's validation: the winner against the baselines, with seeds, at proxy and at target
 scale (validate.json), and how its results are put in words (the text and HTML reports).
 
-Candidates: the winner, the natural and uniform mixtures, the best measured trial, the winner
-without its end-of-training stage (what upweighting buys) and the declared boost
-(validate.boost). The winner beats a baseline when the gap of their seed means exceeds 2 sigma
+Candidates: the winner, the natural and uniform mixtures, the best measured trial, DoReMi's
+mixture (validate.doremi), the winner without its end-of-training stage (what upweighting buys)
+and the declared boost (validate.boost). The winner beats a baseline when the gap of their seed means exceeds 2 sigma
 of seed noise. Only `validate` runs anything (lazily imported fan-out): the reports import this
 module for its words alone.
 """
@@ -36,6 +36,8 @@ def candidates(setup: SweepSetup, result: dict) -> dict[str, MixtureSchedule]:
     out = {"winner": winner, **baselines(setup)}
     if "best_trial" in result:  # a regression sweep's best proxy trial
         out["best_trial"] = setup.schedules[result["best_trial"]["trial"]]
+    if "doremi" in result:  # DoReMi's mixture, run beside the regression (validate.doremi)
+        out["doremi"] = MixtureSchedule.from_dict(result["doremi"]["winner"])
     if any(st.weights != winner.stages[0].weights for st in winner.stages[1:]):
         # the same base mixture without its end-of-training stage: what upweighting buys
         out["winner_no_anneal"] = MixtureSchedule((Stage(0.0, dict(winner.stages[0].weights)),))
@@ -198,7 +200,7 @@ def constraints_met(per: dict, obj: Objective, metrics: Sequence[str]) -> dict:
 
 
 def comparisons(per: dict, key: str = f"{LOSS}mean",
-                baselines: Sequence[str] = ("natural", "uniform", "best_trial")) -> dict:
+                baselines: Sequence[str] = ("natural", "uniform", "doremi", "best_trial")) -> dict:
     """Winner vs each baseline on `key` (the mean loss; any metric, an accuracy's sign
     flipped): the gap (> 0: the winner is better), and whether it exceeds 2 sigma of seed noise
     (sigma of a difference of two seed means)."""

@@ -47,6 +47,7 @@ def sweep_args(corpus: Path, cache: Path) -> list[str]:
             "--config.objective.targets={'downstream/gsm8k/bpb': 1.0}",
             "--config.objective.constraints={'loss/mean': 0.05}",
             "--config.validate.rank_trials=2",
+            "--config.validate.doremi=true",  # DoReMi's mixture as one more baseline
             # every progress line of a running trial reaches the driver's output
             "--config.resources.progress_every_s=0.001"]
 
@@ -137,9 +138,14 @@ def test_validation_runs_each_candidate_with_two_seeds_at_the_scale_asked(swept)
     winner, val, base_run = _winner_and_validation(swept)
     assert list(val["scales"]) == ["target"]
     cands = val["scales"]["target"]["candidates"]
-    assert set(cands) == {"winner", "natural", "uniform", "best_trial", "winner_boost", base_run}
+    assert set(cands) == {"winner", "natural", "uniform", "best_trial", "doremi",
+                          "winner_boost", base_run}
     assert all(c["n"] == 2 and c["std"]["loss/mean"] > 0 for c in cands.values())
-    assert set(val["scales"]["target"]["winner_vs"]) == {"natural", "uniform", "best_trial"}
+    assert set(val["scales"]["target"]["winner_vs"]) == {"natural", "uniform", "doremi",
+                                                         "best_trial"}
+    fit = json.loads((swept.dir / "fit.json").read_text())  # DoReMi ran beside the swarm
+    assert MixtureSchedule.load(swept.dir / "schedules" / "validate-doremi.json").to_dict() \
+        == fit["doremi"]["winner"]
     target_runs = [json.loads(p.read_text()) for p in
                    (swept.runs / "mixture_sweep_tiny").glob("*/config.json")]
     target_runs = [c for c in target_runs if c["tracking"]["job_type"] == "validate"]
@@ -162,7 +168,7 @@ def test_a_task_objective_is_fitted_on_the_search_half_and_validated_on_the_held
     target = json.loads((swept.dir / "validate.json").read_text())["scales"]["target"]
     for c in target["candidates"].values():  # the objective per seed: gsm8k's bpb itself
         assert c["mean"]["objective"] == pytest.approx(c["mean"]["downstream/gsm8k/bpb"])
-    assert set(target["objective_vs"]) == {"natural", "uniform", "best_trial"}
+    assert set(target["objective_vs"]) == {"natural", "uniform", "doremi", "best_trial"}
     assert {"downstream/gsm8k/bpb", "downstream/piqa/acc"} <= set(target["tasks_vs_natural"])
     assert set(target["constraints"]) == {"loss/mean"}
     assert target["constraints"]["loss/mean"]["bound"] == 0.05
