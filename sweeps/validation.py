@@ -266,6 +266,8 @@ def describe_upweighting(up: dict, label: str) -> str:
 
 def format_validation(v: dict, domains: Sequence[str]) -> str:
     lines = [f"validation ({v['seconds']:.0f}s): mean of seeds ± std, loss per domain"]
+    if v.get("objective") and v["objective"] != MEAN_LOSS:
+        lines.append(f"  objective: {v['objective']}")
     for scale, s in v["scales"].items():
         lines.append(f"  {scale}:")
         for name, c in s["candidates"].items():
@@ -287,14 +289,14 @@ def notes(v: dict, scale: dict) -> list[str]:
     the mean loss, per task against natural, the constraints, the end-of-training stages."""
     out = []
     if scale.get("objective_vs") and v.get("objective") != MEAN_LOSS:
-        out += [f"winner vs {name}: objective ({v['objective']}) {_versus(c)}"
+        out += [f"winner vs {name}: objective {_versus(c)}"
                 for name, c in scale["objective_vs"].items()]
     out += [f"winner vs {name}: mean loss {_versus(c)}" for name, c in scale["winner_vs"].items()]
     if scale.get("tasks_vs_natural"):
-        out.append("winner vs natural per task (held-out examples): " + ", ".join(
+        out.append("winner vs natural per task (held-out examples; + = better): " + ", ".join(
             f"{k[len(DOWNSTREAM):]} " + (f"{c['relative']:+.1%}" if math.isfinite(c["relative"])
                                          else f"{c['gap']:+.3f}") + f" ({verdict(c)})"
-            for k, c in scale["tasks_vs_natural"].items()))
+            for k, c in scale["tasks_vs_natural"].items() if headline(k)))
     if scale.get("constraints"):
         out.append("constraints, measured (winner vs natural): " + ", ".join(
             f"{k} {c['worse']:+.2%} worse (bound {c['bound']:.1%}: "
@@ -318,10 +320,17 @@ def _versus(c: dict) -> str:
             f" -> {verdict(c)}")
 
 
+def headline(key: str) -> bool:
+    """A task's gold bpb and its accuracy (acc, exact match, pass@1): the figures the text
+    report shows; validate.json and the HTML page hold every metric."""
+    return key.rsplit("/", 1)[-1] in ("bpb", "acc", "exact_match", "pass@1") \
+        and not key.startswith(f"{DOWNSTREAM}mean/")
+
+
 def _task_lines(per: dict) -> list[str]:
-    """Each candidate's task metrics, mean ± std over seeds."""
+    """Each candidate's task bpb and accuracy, mean ± std over seeds."""
     keys = sorted({k for c in per.values() for k in c["mean"]
-                   if k.startswith(DOWNSTREAM) and k != f"{DOWNSTREAM}mean/bpb"})
+                   if k.startswith(DOWNSTREAM) and headline(k)})
     if not keys:
         return []
     lines = ["    tasks (held-out examples; mean ± std over seeds):"]

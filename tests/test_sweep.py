@@ -191,9 +191,10 @@ def test_a_task_objective_is_fitted_on_the_search_half_and_validated_on_the_held
     assert "target/trial-001/seed0" not in trained
     assert decision["pair_agreement"] in (0.0, 1.0)
     text = (swept.dir / "report.txt").read_text()
-    assert "winner vs natural: objective (downstream/gsm8k/bpb" in text
+    assert "objective: downstream/gsm8k/bpb; subject to loss/mean" in text
+    assert "winner vs natural: objective " in text
     assert "decision accuracy across scales (2 trials" in text
-    assert "winner vs natural per task (held-out examples): gsm8k/bpb" in text
+    assert "winner vs natural per task (held-out examples; + = better): gsm8k/bpb" in text
 
 
 def test_the_declared_boost_is_the_winners_base_then_code_raised(swept):
