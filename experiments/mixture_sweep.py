@@ -67,7 +67,10 @@ def get_config(arg=None):
                                       final_limit=-1, shots=0, generate=False))
 
     c = ml_collections.ConfigDict()
-    c.name = f"mixture_sweep_{a.size}" + (f"_{a.objective}" if a.objective != "loss" else "")
+    # the capability objectives share one swarm (the same proxies score every task): one name,
+    # so their trials and baselines are the same runs, trained once; each objective's sweep
+    # dir differs by its fingerprint
+    c.name = f"mixture_sweep_{a.size}" + ("_tasks" if a.objective != "loss" else "")
     c.proxy = proxy
     c.target_tokens = 0  # 0 = 4x the proxy's tokens
     # trial 0 is the prior's centre, then the anchors: the baselines validation compares with
