@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sweeps.sweep_dir import LOSS, load_sweep  # noqa: E402
+from sweeps.validation import verdict  # noqa: E402
 
 
 def train_seconds(run: Path, cfg: dict) -> float:
@@ -72,7 +73,7 @@ def report(sweep_dir: Path) -> list[str]:
         for name, c in (sv.get("objective_vs") or {}).items():
             lines.append(f"{scale}: winner vs {name:<10} objective {c['relative']:+7.2%} "
                          f"(gap {c['gap']:+.4f}, 2 sigma {2 * c['sigma']:.4f}): "
-                         f"{'beats it' if c['beats_by_2_sigma'] else 'not beyond 2 sigma'}")
+                         f"{verdict(c)}")
         w, n = (cands[k]["mean"][f"{LOSS}mean"] for k in ("winner", "natural"))
         lines.append(f"{scale}: mean domain loss, winner vs natural: {w / n - 1:+.2%}")
         worse = [k for k, c in (sv.get("tasks_vs_natural") or {}).items()

@@ -80,8 +80,11 @@ def get_config(arg=None):
     c.objective = dict(targets=targets, max_worse_than_baseline=0.0, constraints=constraints)
     # prefer_measured: the best measured trial wins unless the fit predicts its own mixture
     # better by more than the fit's cross-validated error
+    # prefer_baseline (capability objectives): natural stays unless the choice leads it by more
+    # than the fit's error; one proxy's task bpb is noisy
     c.fit = dict(folds=4, regressors=("linear", "logweight", "loglinear", "lightgbm"),
-                 holdout_fraction=0.25, method="search", samples=50_000, prefer_measured=True)
+                 holdout_fraction=0.25, method="search", samples=50_000, prefer_measured=True,
+                 prefer_baseline=a.objective != "loss")
     # regression (the swarm above) or doremi: a reference proxy on the prior, then a Group-DRO
     # proxy whose domain weights, averaged over steps, are the choice (sweeps/doremi.py)
     c.method = "regression"

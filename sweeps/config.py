@@ -57,6 +57,9 @@ class FitConfig:
     # than the fit's error there: the CV error on the objective with the CV folds' models'
     # spread at that mixture (sweeps.optimize.prefer_measured)
     prefer_measured: bool = True
+    # then the natural mixture (its anchor trial) wins unless the choice leads its measured
+    # objective by more than that error: no move off the default without evidence
+    prefer_baseline: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

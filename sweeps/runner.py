@@ -137,8 +137,14 @@ def fit_and_choose(setup: SweepSetup, table, log: Log) -> dict:
     winner, predicted, choice = optimize.prefer_measured(
         result, objective, (winner, predicted),
         (setup.schedules[best_trial], float(measured_N.min())), label, enabled=f.prefer_measured)
+    t = setup.fixed.get("natural", -1)
+    if f.prefer_baseline and t in set(ok["trial"]):
+        winner, predicted, choice = optimize.prefer_baseline(
+            result, objective, (winner, predicted, choice),
+            (setup.schedules[t], float(measured_N[list(ok["trial"]).index(t)])),
+            f"trial {t} (natural)")
     if choice["from"] != "fit":
-        log(f"sweep: {optimize.describe_choice(choice)}: the winner is {label}")
+        log(f"sweep: {optimize.describe_choice(choice)}: the winner is {choice['from']}")
     # the report's predicted-vs-actual plot: every finished trial, fitted and held out
     pred_ok = result.predict(np.stack([fit_lib.features(setup.schedules[t], setup.domains)
                                        for t in ok["trial"]]))

@@ -783,3 +783,20 @@ def test_gx_fit_objective_on_a_task_with_constraints_and_unevaluated_domains(tmp
             (["--objective", "math=x"], "--objective 'math=x': 'x' is not a number")):
         assert cli.main(["fit", str(tmp_path / "t.csv"), *args]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_prefer_baseline_keeps_natural_unless_the_choice_leads_it_beyond_the_fits_error(law_fit):
+    from sweeps.optimize import describe_choice, prefer_baseline
+
+    natural = MixtureSchedule.constant({"web": 0.5, "code": 0.3, "math": 0.2})
+    trial = MixtureSchedule.constant({"web": 0.2, "code": 0.3, "math": 0.5})
+    choice = {"from": "trial 3", "measured": 3.00, "margin": 0.10}
+    kept, _, why = prefer_baseline(law_fit, Objective(), (trial, {}, choice), (natural, 3.05),
+                                   "trial 1 (natural)")
+    assert kept is natural and why["from"] == "trial 1 (natural)" and why["kept_baseline"]
+    assert why["lead_over_baseline"] == pytest.approx(0.05)
+    assert "the baseline is kept (fit.prefer_baseline)" in describe_choice(
+        {**why, "predicted_gain": 0.0, "best_measured": "trial 3"})
+    moved, _, why = prefer_baseline(law_fit, Objective(), (trial, {}, choice), (natural, 3.2),
+                                    "trial 1 (natural)")
+    assert moved is trial and why["from"] == "trial 3" and not why.get("kept_baseline")
