@@ -102,7 +102,8 @@ class ValidateConfig:
     boost: tuple[str, ...] = ()
     boost_factor: float = 4.0
     # decision accuracy across scales: the first `rank_trials` finished trials trained at target
-    # scale too (`rank_seeds` seeds each); how often the proxies' order on the objective holds
+    # scale too (`rank_seeds` seeds each, scored on the held-out half); how often the proxies'
+    # order on the objective holds there
     rank_trials: int = 0
     rank_seeds: int = 1
     # the validation runs sample generative tasks (exact match, pass@k) on their held-out
