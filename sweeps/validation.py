@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sweeps.sweep_setup import SweepSetup
 
 Log = Callable[[str], None]
+CANONICAL = ("natural", "uniform", "doremi", "winner", "best_trial")  # who names a shared run
 UPWEIGHTING = (("upweighting", "the winner's end-of-training stage"),
                ("boost", "declared boost (validate.boost)"))
 
@@ -97,9 +98,12 @@ def validate(setup: SweepSetup, result: dict, log: Log) -> dict:
     cands = candidates(setup, result)
     for name, schedule in cands.items():
         schedule.validate(setup.domains).dump(setup.dir / "schedules" / f"validate-{name}.json")
-    # a candidate equal to an earlier one (the winner kept a measured trial: best_trial, or an
-    # anchor such as uniform) is the same run: trained once, reported under both names
-    same = {name: next(n for n in cands if cands[n].to_dict() == cands[name].to_dict())
+    # candidates with one mixture (a winner that is an anchor or the best trial) are the same
+    # runs: trained once, reported under both names, and named after the baseline first — a
+    # run's name is in its identity, so the anchors' runs are the same in every sweep of the
+    # swarm, whichever winner each objective picks
+    order = sorted(cands, key=lambda n: CANONICAL.index(n) if n in CANONICAL else len(CANONICAL))
+    same = {name: next(n for n in order if cands[n].to_dict() == cands[name].to_dict())
             for name in cands}
     scales, seeds = v.scales, range(v.seeds)
     jobs = [{"name": f"{scale}/{name}/seed{k}", "scale": scale,
