@@ -211,10 +211,11 @@ def _check(s: SweepConfig) -> None:
         raise UserError(f"config.fit.regressors={f.regressors}: choose from "
                         f"{', '.join(fit_lib.REGRESSORS)}")
     check_resources(s.resources)
-    if s.validate.rank_trials == 1 or s.validate.rank_trials < 0 or s.validate.rank_seeds < 1:
-        raise UserError(f"config.validate.rank_trials={s.validate.rank_trials}, rank_seeds="
-                        f"{s.validate.rank_seeds}: rank_trials is 0 (off) or >= 2 (pairs to "
-                        "order), rank_seeds >= 1")
+    if s.validate.rank_trials == 1 or s.validate.rank_trials < 0:
+        raise UserError(f"config.validate.rank_trials={s.validate.rank_trials}: 0 (off) or >= 2 "
+                        "(pairs of trials to order)")
+    if s.validate.rank_seeds < 1:
+        raise UserError(f"config.validate.rank_seeds={s.validate.rank_seeds}: at least 1")
     if s.validate.seeds < 1:
         raise UserError(f"config.validate.seeds={s.validate.seeds}: at least 1")
     scales = s.validate.scales
