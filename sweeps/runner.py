@@ -137,12 +137,12 @@ def fit_and_choose(setup: SweepSetup, table, log: Log) -> dict:
     winner, predicted, choice = optimize.prefer_measured(
         result, objective, (winner, predicted),
         (setup.schedules[best_trial], float(measured_N.min())), label, enabled=f.prefer_measured)
-    t = setup.fixed.get("natural", -1)
-    if f.prefer_baseline and t in set(ok["trial"]):
+    natural = setup.fixed.get("natural", -1)  # the anchor trial, measured like the others
+    if f.prefer_baseline and natural in set(ok["trial"]):
         winner, predicted, choice = optimize.prefer_baseline(
             result, objective, (winner, predicted, choice),
-            (setup.schedules[t], float(measured_N[list(ok["trial"]).index(t)])),
-            f"trial {t} (natural)")
+            (setup.schedules[natural], float(measured_N[list(ok["trial"]).index(natural)])),
+            f"trial {natural} (natural)")
     if choice["from"] != "fit":
         log(f"sweep: {optimize.describe_choice(choice)}: the winner is {choice['from']}")
     # the report's predicted-vs-actual plot: every finished trial, fitted and held out
