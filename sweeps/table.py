@@ -244,7 +244,8 @@ def load_table(path: Path, weight_prefix: str = "weight/", loss_prefix: str = "l
     X_NxF = np.concatenate(blocks + [starts_NxS[:, 1:]], 1)
     losses = [d for d in domains if f"{loss_prefix}{d}" in df.columns]
     columns = {d: f"{loss_prefix}{d}" for d in losses}
-    columns.update({c: c for c in _named_columns(df, objective, losses, loss_prefix)})
+    columns.update({c: c for c in _named_columns(df, objective, losses, loss_prefix,
+                                                 weight_prefix, start_prefix)})
     if not columns:
         raise UserError(f"{_where(df)}: nothing to predict: no {loss_prefix}<domain> column for "
                         f"the weighted domains ({', '.join(domains)}) and no --objective naming "
@@ -256,17 +257,21 @@ def load_table(path: Path, weight_prefix: str = "weight/", loss_prefix: str = "l
 
 
 def _named_columns(df: pd.DataFrame, objective: Objective, losses: Sequence[str],
-                   loss_prefix: str) -> list[str]:
+                   loss_prefix: str, weight_prefix: str, start_prefix: str) -> list[str]:
     """The table's columns the objective and its constraints name (a name or a glob) other
-    than the domain losses; a name that matches nothing is an error listing what is there."""
+    than the domain losses; a name that matches nothing is an error listing what is there. A
+    glob skips columns that are means of others (`downstream/mean/bpb`): `downstream/*/bpb`
+    means the tasks."""
     numeric = [str(c) for c in df.columns if pd.api.types.is_numeric_dtype(df[c])
-               and str(c) not in {loss_prefix + d for d in losses}]
+               and str(c) not in {loss_prefix + d for d in losses}
+               and not str(c).startswith((weight_prefix, start_prefix))]
     found: list[str] = []
     for key in ("targets", "constraints"):
         for name in getattr(objective, key):
             if matching(name, losses):
                 continue
-            hits = [c for c in numeric if fnmatch.fnmatchcase(c, name)]
+            hits = [c for c in numeric if fnmatch.fnmatchcase(c, name)
+                    and not (c != name and "mean" in c.split("/"))]
             if not hits:
                 raise UserError(f"{_where(df)}: objective {key} {name!r}: no such column "
                                 f"(loss columns: {', '.join(loss_prefix + d for d in losses) or 'none'}; "

@@ -710,6 +710,7 @@ def task_table(path, n: int, seed: int) -> None:
     cols["downstream/gsm8k/bpb"] = 1.5 - 0.3 * np.log(W[:, 2]) - 0.05 * np.log(W[:, 1])
     cols["downstream/gsm8k/exact_match"] = 0.1 * W[:, 2]
     cols["downstream/arc_easy/bpb"] = 1.2 - 0.1 * np.log(W[:, 0])
+    cols["downstream/mean/bpb"] = (cols["downstream/gsm8k/bpb"] + cols["downstream/arc_easy/bpb"]) / 2
     pd.DataFrame(cols).to_csv(path, index=False)
 
 
@@ -751,6 +752,9 @@ def test_gx_fit_objective_on_a_task_with_constraints_and_unevaluated_domains(tmp
     bound = fit_table(tmp_path / "t.csv", objective=Objective(
         {"downstream/gsm8k/bpb": 1}, constraints={"loss/*": 0.01}), baseline_row=1, folds=4,
         regressors=("logweight",), samples=5_000, prefer_measured=False)
+    suite = fit_table(tmp_path / "t.csv", objective=Objective({"downstream/*/bpb": 1}), folds=4,
+                      regressors=("logweight",), samples=2_000)
+    assert suite["metrics"][3:] == ["downstream/gsm8k/bpb", "downstream/arc_easy/bpb"]  # no mean
     w_free, w = free["winner"]["stages"][0]["weights"], bound["winner"]["stages"][0]["weights"]
     assert w_free["math"] > w["math"] > 0.4  # the constraint binds, math still raised
     uniform_loss = 3.0 - 0.1 * np.log(0.25)
@@ -776,7 +780,7 @@ def test_gx_fit_objective_on_a_task_with_constraints_and_unevaluated_domains(tmp
     for args, says in (
             (["--objective", "downstream/mbpp/bpb"], "objective targets 'downstream/mbpp/bpb': "
              "no such column (loss columns: loss/web, loss/code, loss/math; other numeric "
-             "columns: weight/web"),
+             "columns: downstream/gsm8k/bpb, downstream/gsm8k/exact_match"),
             (["--objective", "math", "--constraint", "loss/*=0.02"], "name its row with "
              "--baseline ROW"),
             (["--constraint", "loss/*=0.02", "--baseline", "99"], "--baseline 99: not a row"),
