@@ -11,8 +11,9 @@ varied (`space.anneal_start`) and a fit that sees starts, the search is repeated
 spread over the range they tried and the best is kept; otherwise the template's starts stay.
 
 The constraints ("no domain's loss, or task's bpb, predicted worse than the baseline's by more
-than x": fit.Objective) rank every feasible schedule before any infeasible one; among infeasible ones the least violation
-wins, with a warning, so a sweep always ends with a usable winner.json.
+than x": fit.Objective) rank every feasible schedule before any infeasible one; among infeasible
+ones the least violation wins, with a warning, so a sweep always ends with a usable winner.json
+(or, with the objective's `penalty`, add penalty x the worst excess to its score).
 """
 
 from __future__ import annotations

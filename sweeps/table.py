@@ -273,9 +273,10 @@ def _named_columns(df: pd.DataFrame, objective: Objective, losses: Sequence[str]
             hits = [c for c in numeric if fnmatch.fnmatchcase(c, name)
                     and not (c != name and "mean" in c.split("/"))]
             if not hits:
+                listed = ", ".join(loss_prefix + d for d in losses) or "none"
                 raise UserError(f"{_where(df)}: objective {key} {name!r}: no such column "
-                                f"(loss columns: {', '.join(loss_prefix + d for d in losses) or 'none'}; "
-                                f"other numeric columns: {', '.join(numeric) or 'none'})")
+                                f"(loss columns: {listed}; other numeric columns: "
+                                f"{', '.join(numeric) or 'none'})")
             found += [c for c in hits if c not in found]
     return found
 

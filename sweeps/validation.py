@@ -3,9 +3,10 @@ scale (validate.json), and how its results are put in words (the text and HTML r
 
 Candidates: the winner, the natural and uniform mixtures, the best measured trial, DoReMi's
 mixture (validate.doremi), the winner without its end-of-training stage (what upweighting buys)
-and the declared boost (validate.boost). The winner beats a baseline when the gap of their seed means exceeds 2 sigma
-of seed noise. Only `validate` runs anything (lazily imported fan-out): the reports import this
-module for its words alone.
+and the declared boost (validate.boost). The winner beats a baseline when the gap of their seed
+means exceeds 2 sigma of seed noise; on the mean loss, on the objective, and per task. Only
+`validate` runs anything (lazily imported fan-out): the reports import this module for its
+words alone.
 """
 
 from __future__ import annotations

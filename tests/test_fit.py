@@ -87,7 +87,8 @@ def test_objective_mean_targets_and_errors():
     np.testing.assert_allclose(objective_values(Y, DOMAINS, Objective()), [2.0, 2.0])
     np.testing.assert_allclose(objective_values(Y, DOMAINS, Objective({"web": 3, "code": 1})),
                                [1.25, 2.25])
-    with pytest.raises(UserError, match=r"objective.targets.wiki: no such metric \(available: loss/web, loss/code"):
+    with pytest.raises(UserError, match=r"objective.targets.wiki: no such metric "
+                       r"\(available: loss/web, loss/code"):
         Objective({"wiki": 1.0}).check(DOMAINS)
     with pytest.raises(UserError, match=r"objective.targets.web=-1"):
         Objective({"web": -1}).check(DOMAINS)
@@ -710,7 +711,8 @@ def task_table(path, n: int, seed: int) -> None:
     cols["downstream/gsm8k/bpb"] = 1.5 - 0.3 * np.log(W[:, 2]) - 0.05 * np.log(W[:, 1])
     cols["downstream/gsm8k/exact_match"] = 0.1 * W[:, 2]
     cols["downstream/arc_easy/bpb"] = 1.2 - 0.1 * np.log(W[:, 0])
-    cols["downstream/mean/bpb"] = (cols["downstream/gsm8k/bpb"] + cols["downstream/arc_easy/bpb"]) / 2
+    cols["downstream/mean/bpb"] = (cols["downstream/gsm8k/bpb"]
+                                   + cols["downstream/arc_easy/bpb"]) / 2
     pd.DataFrame(cols).to_csv(path, index=False)
 
 
@@ -722,7 +724,8 @@ def test_objective_over_task_metrics_with_signs_patterns_and_parse():
     acc = Objective({"downstream/gsm8k/exact_match": 1.0, "loss/math": 1.0})
     np.testing.assert_allclose(acc.weight_vector(metrics), [0, 0.5, 0, -0.5, 0])  # higher: better
     np.testing.assert_allclose(Objective().weight_vector(metrics), [0.5, 0.5, 0, 0, 0])
-    parsed = Objective.parse("downstream/*/bpb=2,math", ["loss/*=0.01", "downstream/arc_easy/bpb=0.05"])
+    parsed = Objective.parse("downstream/*/bpb=2,math",
+                             ["loss/*=0.01", "downstream/arc_easy/bpb=0.05"])
     assert dict(parsed.targets) == {"downstream/*/bpb": 2.0, "math": 1.0}
     np.testing.assert_allclose(parsed.bounds(metrics), [0.01, 0.01, np.nan, np.nan, 0.05])
     assert "subject to loss/* no more than 1.0% worse" in parsed.describe()
