@@ -58,8 +58,8 @@ def job_config(sweep_dir: Path, job: dict) -> gc_config.ExperimentConfig:
     exp["model"] = gc_config.declared_model(exp["model"])
     # the trials score their tasks' search half, the validation the held-out half the search
     # never saw (gemini_core.eval.task_examples: split)
-    exp["eval"]["downstream"]["split"] = job_split(job)
-    if job_split(job) == "heldout":  # the validation reports accuracies too, or not
+    split = exp["eval"]["downstream"]["split"] = job_split(job)
+    if split == "heldout":  # the validation reports accuracies too, or not
         exp["eval"]["downstream"]["generate"] = meta["sweep"]["validate"].get("generate", True)
     return gc_config.from_config_dict(exp)
 

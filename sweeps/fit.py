@@ -49,6 +49,7 @@ import numpy as np
 from gemini_core.data.mixture import MixtureSchedule
 from gemini_core.errors import UserError
 from sweeps.regressors import REGRESSORS, Regressor, as_2d, make_regressor
+from sweeps.sweep_dir import LOSS
 
 MIN_TRIALS = 4
 
@@ -64,7 +65,6 @@ def features(schedule: MixtureSchedule, domains: Sequence[str]) -> np.ndarray:
 # objective
 
 
-LOSS = "loss/"
 # the last part of a metric's name says its direction: these are better when higher
 HIGHER_IS_BETTER = ("acc", "acc_norm", "exact_match")
 
@@ -81,9 +81,13 @@ def higher_is_better(metric: str) -> bool:
 
 def matching(pattern: str, metrics: Sequence[str]) -> list[int]:
     """Indices of the metrics a name (`math`, `loss/math`, `downstream/gsm8k/bpb`) or a glob
-    pattern (`downstream/*/bpb`, `loss/*`) names."""
+    pattern (`downstream/*/bpb`, `loss/*`) names. A glob never matches a mean of other metrics
+    (`loss/mean`, `downstream/mean/bpb`): `downstream/*/bpb` means the tasks, not their mean as
+    one more; naming a mean matches it."""
     key = metric_key(pattern)
-    return [i for i, m in enumerate(metrics) if fnmatch.fnmatchcase(metric_key(m), key)]
+    return [i for i, m in enumerate(metrics)
+            if fnmatch.fnmatchcase(metric_key(m), key)
+            and (metric_key(m) == key or "mean" not in metric_key(m).split("/"))]
 
 
 def _check_weight(where: str, w) -> None:
@@ -220,18 +224,23 @@ def objective_values(Y_MxK: np.ndarray, metrics: Sequence[str], objective: Objec
     return Y_MxK @ objective.weight_vector(metrics)
 
 
-def violations(Y_MxK: np.ndarray, metrics: Sequence[str], objective: Objective,
-               baseline_K: np.ndarray) -> np.ndarray:
-    """(M,) how far each row breaks its worst constraint (relative to the baseline); 0 = none."""
-    x_K = objective.bounds(metrics)
-    on = ~np.isnan(x_K)
+def worsening(Y_MxK: np.ndarray, baseline_K: np.ndarray, sign_K: np.ndarray) -> np.ndarray:
+    """(M, K) each metric's change against the baseline relative to it, > 0 = worse
+    (`Objective.signs`); against a baseline at 0 (an accuracy nobody reaches), the difference."""
+    base_K = np.asarray(baseline_K, np.float64)
+    scale_K = np.where(base_K != 0, np.abs(base_K), 1.0)
+    return sign_K * (np.asarray(Y_MxK, np.float64) - base_K) / scale_K
+
+
+def violations(Y_MxK: np.ndarray, baseline_K: np.ndarray, sign_K: np.ndarray,
+               bound_K: np.ndarray) -> np.ndarray:
+    """(M,) how far each row breaks its worst constraint (`Objective.bounds`: NaN = none),
+    relative to the baseline; 0 = none broken."""
+    on = ~np.isnan(bound_K)
     if not on.any():
         return np.zeros(len(Y_MxK))
-    base_K = np.asarray(baseline_K, np.float64)[on]
-    scale_K = np.where(base_K != 0, np.abs(base_K), 1.0)  # a baseline at 0: the difference
-    worse_MxK = (objective.signs(metrics)[on] * (np.asarray(Y_MxK)[:, on] - base_K) / scale_K
-                 - x_K[on])
-    return np.maximum(worse_MxK, 0.0).max(1)
+    excess_MxK = worsening(np.asarray(Y_MxK)[:, on], np.asarray(baseline_K)[on], sign_K[on])
+    return np.maximum(excess_MxK - bound_K[on], 0.0).max(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,9 @@ class _Scorer:
             if missing:
                 raise UserError(f"baseline: no value for {', '.join(missing)}")
             self.baseline_K = np.array([float(baseline[m]) for m in result.metrics])
+            # fixed for the search: not matched again at every scoring of a batch
+            self.sign_K = objective.signs(result.metrics)
+            self.bound_K = objective.bounds(result.metrics)
 
     def features(self, W_MxSxD: np.ndarray) -> np.ndarray:
         M = len(W_MxSxD)
@@ -114,8 +117,7 @@ class _Scorer:
             pred_MxD = self.result.predict(self.features(W_MxSxD[i:i + _CHUNK]))
             score_M = pred_MxD @ self.weight_K
             if self.baseline_K is not None:
-                violation_M = violations(pred_MxD, self.result.metrics, self.objective,
-                                         self.baseline_K)
+                violation_M = violations(pred_MxD, self.baseline_K, self.sign_K, self.bound_K)
                 score_M = (score_M + self.objective.penalty * violation_M
                            if self.objective.penalty > 0 else
                            np.where(violation_M > 0, INFEASIBLE + violation_M, score_M))

@@ -22,7 +22,6 @@ a spreadsheet shows data rows; CSV errors also give the file line).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from pathlib import Path
 from typing import Sequence
@@ -259,19 +258,17 @@ def load_table(path: Path, weight_prefix: str = "weight/", loss_prefix: str = "l
 def _named_columns(df: pd.DataFrame, objective: Objective, losses: Sequence[str],
                    loss_prefix: str, weight_prefix: str, start_prefix: str) -> list[str]:
     """The table's columns the objective and its constraints name (a name or a glob) other
-    than the domain losses; a name that matches nothing is an error listing what is there. A
-    glob skips columns that are means of others (`downstream/mean/bpb`): `downstream/*/bpb`
-    means the tasks."""
-    numeric = [str(c) for c in df.columns if pd.api.types.is_numeric_dtype(df[c])
+    than the domain losses (`fit.matching`: a glob skips means of others); a name that matches
+    nothing is an error listing what is there."""
+    numeric = [str(c) for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and "/" in str(c)
                and str(c) not in {loss_prefix + d for d in losses}
-               and not str(c).startswith((weight_prefix, start_prefix))]
+               and not str(c).startswith((weight_prefix, start_prefix))]  # metrics are paths
     found: list[str] = []
     for key in ("targets", "constraints"):
         for name in getattr(objective, key):
             if matching(name, losses):
                 continue
-            hits = [c for c in numeric if fnmatch.fnmatchcase(c, name)
-                    and not (c != name and "mean" in c.split("/"))]
+            hits = [numeric[i] for i in matching(name, numeric)]
             if not hits:
                 listed = ", ".join(loss_prefix + d for d in losses) or "none"
                 raise UserError(f"{_where(df)}: objective {key} {name!r}: no such column "

@@ -19,7 +19,7 @@ import numpy as np
 
 from gemini_core.data.mixture import MixtureSchedule, Stage
 from sweeps import space as space_lib
-from sweeps.fit import Objective, higher_is_better, metric_key, objective_values
+from sweeps.fit import Objective, higher_is_better, metric_key, objective_values, worsening
 from sweeps.sweep_dir import DOWNSTREAM, LOSS, objective_columns
 
 if TYPE_CHECKING:
@@ -192,14 +192,13 @@ def decision_accuracy(setup: SweepSetup, ranked: dict[int, list[dict | str]], ru
 def constraints_met(per: dict, obj: Objective, metrics: Sequence[str]) -> dict:
     """Each constrained metric: the winner's seed mean against natural's, and whether it stays
     within the declared bound (measured, where the search had predictions)."""
-    x_K = obj.bounds(metrics)
     out = {}
-    for m, x in zip(metrics, x_K):
+    for m, x, sign in zip(metrics, obj.bounds(metrics), obj.signs(metrics)):
         key = metric_key(m)
         w, b = per["winner"]["mean"].get(key), per.get("natural", {}).get("mean", {}).get(key)
         if math.isnan(x) or w is None or b is None:
             continue
-        worse = (-1.0 if higher_is_better(key) else 1.0) * (w - b) / (abs(b) or 1.0)
+        worse = float(worsening(np.array([[w]]), np.array([b]), np.array([sign]))[0, 0])
         out[key] = {"worse": worse, "bound": float(x), "met": bool(worse <= x)}
     return out
 

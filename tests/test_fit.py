@@ -734,7 +734,8 @@ def test_objective_over_task_metrics_with_signs_patterns_and_parse():
     rows = np.array([base_K, base_K * [1.005, 1, 1, 1, 1], base_K * [1, 1.02, 1, 1, 1],
                      base_K * [1, 1, 1, 0.9, 1]])
     guard = Objective({"math": 1}, constraints={"loss/*": 0.01, "*/exact_match": 0.05})
-    np.testing.assert_allclose(fitmod.violations(rows, metrics, guard, base_K),
+    np.testing.assert_allclose(fitmod.violations(rows, base_K, guard.signs(metrics),
+                                                 guard.bounds(metrics)),
                                [0, 0, 0.01, 0.05], atol=1e-12)
     with pytest.raises(UserError, match=r"objective.targets.downstream/gsm8k/pass@1: no such "
                        r"metric \(available: loss/web, loss/math, downstream/gsm8k/bpb"):
