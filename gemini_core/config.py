@@ -22,17 +22,19 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from gemini_core.data import modality
+from gemini_core.data.modality import ModalityDomain
 from gemini_core.data.synthetic import SyntheticDomain, check_declared
 from gemini_core.errors import UserError
 from gemini_core.eval.settings import EvalConfig, check_downstream
-from gemini_core.model.options import ATTENTION, REMAT, RopeScaling
+from gemini_core.model.options import ATTENTION, REMAT, EncoderConfig, MediaTable, RopeScaling
 from gemini_core.names import check_name
 
 MISSING = dataclasses.MISSING
 DEFAULT_DOMAINS = ("books", "wiki", "math", "code", "web", "multilingual")
 NAMED_WEIGHTS = ("natural", "uniform")  # resolved from the data: token shares, or 1/D each
 # ModelConfig fields that follow from data fields, never set under config.model
-FILLED_FROM_DATA = ("vocab_size", "document_mask")
+FILLED_FROM_DATA = ("vocab_size", "document_mask", "media")
 
 # every integer field: step, token and FLOP arithmetic mixes ints and floats, exact up to 2**53
 # (a larger step count would also send the schedule's float boundary search into a long loop)
@@ -58,8 +60,16 @@ class ModelConfig:
     attention: str = "auto"  # auto | dense | blockwise | cudnn (gemini_core.model.attention)
     remat: str = "none"  # none | full | a jax.checkpoint_policies name: what backward recomputes
     scan_layers: bool = False  # one block scanned over stacked weights (in the identity)
+    # encoders of the modality domains' media (gemini_core.model.media): name -> encoder
+    encoders: Mapping[str, EncoderConfig] = dataclasses.field(default_factory=dict)
     vocab_size: int = 0  # filled from data.tokenizer.vocab_size: one source of truth
     document_mask: bool = False  # filled from data.document_mask
+    media: tuple[MediaTable, ...] = ()  # filled from the modality domains' prepared data
+
+    def __hash__(self) -> int:
+        # a model config is static in jitted graphs; `encoders` is a mapping, hashed by items
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
     @property
     def qk_dim(self) -> int:
@@ -100,6 +110,13 @@ class DataConfig:
     # document's EOS (segments follow from the tokens: EOS starts a document)
     document_mask: bool = False
     synthetic: Mapping[str, SyntheticDomain] = dataclasses.field(default_factory=dict)
+    # image and audio domains (gemini_core.data.modality), each also listed in `domains`
+    modalities: Mapping[str, ModalityDomain] = dataclasses.field(default_factory=dict)
+
+    @property
+    def text_domains(self) -> tuple[str, ...]:
+        """The domains read from the data root and tokenized: all but the modality ones."""
+        return tuple(d for d in self.domains if d not in self.modalities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +366,9 @@ def _check_model(m: ModelConfig) -> None:
     _one_of(f"{p}.attention", m.attention, ATTENTION)
     _one_of(f"{p}.remat", m.remat, REMAT)
     m.rope.check(f"{p}.rope")
+    for name, encoder in m.encoders.items():
+        check_name(f"{p}.encoders.{name}", name)
+        encoder.check(f"{p}.encoders.{name}")
 
 
 def require_data_root(d: DataConfig) -> None:
@@ -397,6 +417,11 @@ def check_data(d: DataConfig) -> None:
     _positive(f"{p}.seq_len", d.seq_len)
     _positive(f"{p}.max_epochs", d.max_epochs)
     check_declared(d.synthetic, d.domains)
+    for name in set(d.synthetic) & set(d.modalities):
+        raise UserError(f"{p}.modalities.{name}: also declared under {p}.synthetic")
+    if d.domains and not d.text_domains:
+        raise UserError(f"{p}.domains: every domain is a modality domain; the tokenizer needs "
+                        "at least one text domain")
     _non_negative(f"{p}.num_workers", d.num_workers)
     _one_of(f"{p}.on_bad_record", d.on_bad_record, ("error", "skip"))
     if not d.domains:
@@ -534,6 +559,7 @@ def from_config_dict(cfg: ml_collections.ConfigDict | Mapping) -> ExperimentConf
     exp = dataclasses.replace(exp, model=model)
     _check_model(exp.model)
     check_data(exp.data)
+    modality.check_declared(exp.data.modalities, exp.data.domains, exp.model.encoders)
     _check_train(exp.train)
     _check_optimizer(exp.optimizer, exp.train)
     _check_mixture(exp.mixture, exp.data.domains, exp.train.batch_size * exp.data.seq_len)
@@ -553,7 +579,10 @@ def declared_model(model_json: Mapping) -> dict:
 
 def model_from_json(model_json: Mapping) -> ModelConfig:
     """A run's config.json model section as the typed config (fields it predates: defaults)."""
-    return ModelConfig(**{**model_json, "rope": RopeScaling(**model_json.get("rope", {}))})
+    return ModelConfig(**{
+        **model_json, "rope": RopeScaling(**model_json.get("rope", {})),
+        "encoders": {k: EncoderConfig(**v) for k, v in model_json.get("encoders", {}).items()},
+        "media": tuple(MediaTable(**t) for t in model_json.get("media", ()))})
 
 
 def to_json_dict(obj: Any) -> Any:

@@ -92,9 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Sample from RUN's newest checkpoint: greedy by default; "
                         "--temperature, --top-k and --top-p sample, seeded by --seed.")
     ge.add_argument("run", help="run id (a unique prefix is enough) or run directory")
-    src = ge.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt; its completion streams to stdout")
+    src = ge.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one prompt; its completion streams to stdout (after "
+                     "--image/--audio when given)")
     src.add_argument("--prompts", help="a JSON-lines file, one object per prompt (see --field)")
+    media = ge.add_mutually_exclusive_group()
+    media.add_argument("--image", help="a multimodal run: describe this image (.png, .pgm, .npy, "
+                       "IDX), optionally continuing --prompt")
+    media.add_argument("--audio", help="a multimodal run: describe this recording (mono PCM WAV "
+                       "at the training rate), optionally continuing --prompt")
     ge.add_argument("--field", default="prompt", help="--prompts: the prompt's field (default: prompt)")
     ge.add_argument("--out", default=None, help="--prompts: where the completions go (default: FILE.completions.jsonl beside it)")
     ge.add_argument("--max-new-tokens", type=int, default=128)
@@ -360,12 +366,22 @@ def cmd_generate(args) -> int:
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               stop=stop).validate("gx generate")
     prompts = Path(args.prompts) if args.prompts else None
+    media = ("image", args.image) if args.image else ("audio", args.audio) if args.audio else None
+    if media is None and args.prompt is None and prompts is None:
+        raise UserError("gx generate: give --prompt, --prompts, --image or --audio")
+    if media is not None and prompts is not None:
+        raise UserError(f"--{media[0]} with --prompts: one item at a time (--prompt continues it)")
+    if media is not None and not Path(media[1]).is_file():
+        raise UserError(f"--{media[0]}={media[1]}: no such file")
     if prompts is not None:
         completions.read_prompts(prompts, args.field)  # its mistakes before the checkpoint loads
     run = find_run(runs_root(args.runs_root), args.run)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - stdout is the completion's
     loaded = load_run(run, log=log)
-    if prompts is None:
+    if media is not None:
+        completions.describe_media(loaded, media[0], Path(media[1]), args.prompt or "", sampling,
+                                   log=log)
+    elif prompts is None:
         completions.stream_one(loaded, args.prompt, sampling, log=log)
     else:
         out = Path(args.out) if args.out else prompts.with_name(

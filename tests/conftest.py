@@ -50,7 +50,7 @@ SLOWEST_FIRST = ("test_recipe", "test_scaling", "test_sweep", "test_curation", "
                  "test_faults", "test_distill", "test_multihost", "test_lm_eval", "test_sandbox",
                  "test_run", "test_model", "test_contamination", "test_generate", "test_needle",
                  "test_layer_stack", "test_layer_layout", "test_attention", "test_long_stage",
-                 "test_doremi", "test_sweep_failures", "test_selftrain")
+                 "test_doremi", "test_sweep_failures", "test_selftrain", "test_multimodal")
 
 
 # modules of half a minute or more on 2 cores (real Ray, training in subprocesses, whole

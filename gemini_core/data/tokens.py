@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from gemini_core.config import DataConfig
-from gemini_core.data import synthetic
+from gemini_core.data import modality, synthetic
 from gemini_core.data.sources import (
     BadRecords,
     domain_file,
@@ -65,6 +65,7 @@ class PreparedData:
     token_bytes: np.ndarray  # (vocab_size,) UTF-8 bytes per token id
     sample_weights: dict[str, float]  # what the tokenizer's sample was drawn with
     root: Path  # the data root read: data.root, or the cache's with synthetic domains
+    media: modality.MediaData | None = None  # the modality domains' tables and labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +234,37 @@ def report(manifest: dict, log: Log, skipped: bool = True) -> None:
 
 
 def prepare_data(data: DataConfig, sample_weights: Mapping[str, float] | str,
-                 cache_root: Path, log: Log = print) -> PreparedData:
+                 cache_root: Path, log: Log = print,
+                 encoders: Mapping | None = None) -> PreparedData:
     """Tokenizer (trained or cached) and token arrays (encoded or cached) for `data` (its
-    synthetic domains generated into the cache first: gemini_core.data.synthetic)."""
+    synthetic domains generated into the cache first: gemini_core.data.synthetic); with
+    modality domains, their token arrays and media tables too (built with `encoders`,
+    config.model.encoders: gemini_core.data.modality)."""
+    if not data.modalities:
+        return _prepare_text(data, sample_weights, cache_root, log)
+    text = dataclasses.replace(data, domains=data.text_domains, modalities={})
+    if not isinstance(sample_weights, str):  # the tokenizer's sample: the text domains' share
+        kept = {d: w for d, w in sample_weights.items() if d in text.domains}
+        total = sum(kept.values())
+        sample_weights = ({d: w / total for d, w in kept.items()} if total > 0 else "uniform")
+    prepared = _prepare_text(text, sample_weights, cache_root, log)
+    ordered = {d: data.modalities[d] for d in data.domains if d in data.modalities}
+    media = modality.prepare_media(ordered, encoders or {}, prepared.tokenizer, cache_root, log)
+    manifest = {**prepared.manifest,
+                "domains": {d: prepared.manifest["domains"].get(d) or media.entries[d]
+                            for d in data.domains},
+                "media": {"format": modality.FORMAT, "dir": media.dir.name}}
+    for name, splits in media.entries.items():
+        log(f"data: {name:<14}{splits['train']['tokens']:>14,}{splits['valid']['tokens']:>14,}"
+            f"{splits['train']['bytes_per_token']:>13.2f}  ({data.modalities[name].kind})")
+    return dataclasses.replace(
+        prepared, manifest=manifest, manifest_hash=manifest_hash(manifest), media=media,
+        train={d: prepared.train.get(d, media.train.get(d)) for d in data.domains},
+        valid={d: prepared.valid.get(d, media.valid.get(d)) for d in data.domains})
+
+
+def _prepare_text(data: DataConfig, sample_weights: Mapping[str, float] | str,
+                  cache_root: Path, log: Log = print) -> PreparedData:
     data = synthetic.materialize(data, cache_root)
     root, cache_root = Path(data.root), Path(cache_root)
     files = {split: getattr(data, f"{split}_file") for split in SPLITS}

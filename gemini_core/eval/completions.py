@@ -1,4 +1,5 @@
-"""`gx generate RUN`: completions of a run's checkpoint for one prompt (streamed) or a file.
+"""`gx generate RUN`: completions of a run's checkpoint for one prompt (streamed) or a file,
+or a description of an image or a recording (`--image`/`--audio`, a multimodal run).
 
 A prompts file is JSON lines, one object per prompt with the text under `field` (default
 "prompt"); the completions go to JSON lines in the same order, each with the prompt's other
@@ -14,10 +15,19 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from gemini_core.config import model_from_json
+from gemini_core.data import modality
 from gemini_core.errors import UserError
 from gemini_core.eval.loaded_run import LoadedRun
 from gemini_core.eval.task_examples import read_records
-from gemini_core.model.generate import Completion, SamplingConfig, generate
+from gemini_core.model.generate import (
+    Completion,
+    Decoder,
+    SamplingConfig,
+    TextStream,
+    fit_prompts,
+    generate,
+)
 
 Log = Callable[[str], None]
 
@@ -74,3 +84,43 @@ def complete_file(loaded: LoadedRun, path: Path, out: Path, sampling: SamplingCo
     return len(rows)
 
 
+
+
+def describe_media(loaded: LoadedRun, modality_name: str, path: Path, prompt: str,
+                   sampling: SamplingConfig, out: TextIO = sys.stdout, log: Log = print
+                   ) -> Completion:
+    """The completion (streamed to `out`) of a document that starts with the image or
+    recording at `path` (in the scratch row of the run's first table of that modality), then
+    `prompt`."""
+    model_cfg = model_from_json(loaded.cfg["model"])
+    tables = [t for t in model_cfg.media if t.modality == modality_name]
+    if not tables:
+        have = ", ".join(sorted({t.modality for t in model_cfg.media})) or "none"
+        raise UserError(f"--{modality_name}: {loaded.run.run_id} has no {modality_name} "
+                        f"encoder (its media: {have})")
+    table = tables[0]
+    features, used = modality.file_features(table, model_cfg.encoders[table.encoder], path)
+    model = loaded.model
+    index = list(model_cfg.media).index(table)
+    var = model.media.tables[index]
+    scratch = table.items - 1
+    var[...] = var[...].at[scratch].set(features.astype(var[...].dtype))
+    tok = loaded.tokenizer
+    ids = (modality.prompt_ids(table, scratch, used, tok.vocab_size, tok.eos_id)
+           + (tok.encode(prompt) if prompt else []))
+    [(ids, _)] = fit_prompts([ids], loaded.seq_len, sampling.max_new_tokens, log)
+
+    def show(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    stream = TextStream(tok, sampling.stop, show)
+    [row] = Decoder(model, loaded.layout).generate_ids(
+        [ids], sampling, eos_id=tok.eos_id, batch_size=1,
+        on_token=lambda _, token: stream.push(token))
+    done = Completion(text=stream.finish(), tokens=tuple(row.tokens),
+                      finish_reason=row.finish_reason, prompt_tokens=len(ids), truncated=0)
+    out.write("\n")
+    log(f"[{done.finish_reason}: {len(done.tokens)} new tokens after {used} {modality_name} "
+        f"tokens from {path}]")
+    return done

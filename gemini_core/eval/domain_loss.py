@@ -24,11 +24,15 @@ class EvalSet:
 
     windows: Mapping[str, np.ndarray]  # domain -> tokens_Nx(T+1) int32
     target_bytes: Mapping[str, int]  # domain -> UTF-8 bytes of all predicted tokens
+    # domain -> targets the loss counts: all, or a modality domain's text tokens (ids at or
+    # above the text vocabulary are markers and media references, never predicted)
+    target_tokens: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, valid: Mapping[str, np.ndarray], token_bytes_V: np.ndarray, *, seq_len: int,
               batch_size: int, batches: int) -> "EvalSet":
-        windows, target_bytes = {}, {}
+        windows, target_bytes, target_tokens = {}, {}, {}
+        V = len(token_bytes_V)
         for domain, tokens in valid.items():
             n = min(batches * batch_size, len(tokens) // (seq_len + 1))
             if n == 0:
@@ -36,8 +40,11 @@ class EvalSet:
                                 f"than one evaluation window of seq_len+1={seq_len + 1}")
             w_NxT1 = np.asarray(tokens[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
             windows[domain] = w_NxT1
-            target_bytes[domain] = int(token_bytes_V[w_NxT1[:, 1:]].sum())
-        return cls(windows, target_bytes)
+            text_NxT = w_NxT1[:, 1:] < V
+            target_bytes[domain] = int(np.where(
+                text_NxT, token_bytes_V[np.minimum(w_NxT1[:, 1:], V - 1)], 0).sum())
+            target_tokens[domain] = int(text_NxT.sum())
+        return cls(windows, target_bytes, target_tokens)
 
     @property
     def tokens(self) -> int:
@@ -51,7 +58,7 @@ def evaluate(eval_fn: EvalFn, state, evalset: EvalSet, batch_size: int) -> dict[
         nll = 0.0
         for i in range(0, len(w_NxT1), batch_size):
             nll += float(np.asarray(eval_fn(state, w_NxT1[i:i + batch_size]), np.float64).sum())
-        targets = w_NxT1.shape[0] * (w_NxT1.shape[1] - 1)
+        targets = evalset.target_tokens.get(domain) or w_NxT1.shape[0] * (w_NxT1.shape[1] - 1)
         metrics[f"eval/{domain}/loss"] = nll / targets
         metrics[f"eval/{domain}/bpb"] = nll / math.log(2) / evalset.target_bytes[domain]
     domains = list(evalset.windows)

@@ -37,7 +37,7 @@ import numpy as np
 
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.errors import UserError
-from gemini_core.eval import metrics, sandbox, scoring, task_examples
+from gemini_core.eval import media_tasks, metrics, sandbox, scoring, task_examples
 from gemini_core.eval.loaded_run import load_run
 from gemini_core.eval.tasks import Example, TaskSpec, check_split, load_tasks, metric_names
 from gemini_core.eval.tasks import exact_match as spec_exact_match
@@ -89,6 +89,7 @@ class Model:
     tokenizer: Tokenizer
     seq_len: int
     layout: Layout | None = None
+    media: Any = None  # gemini_core.data.modality.MediaData: media_choice tasks' items
 
 
 def task_specs(items: Sequence[str] | str, *, shots: int = -1, declared=None,
@@ -219,7 +220,28 @@ def evaluate_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log = 
                    ) -> list[TaskResult]:
     """Every task's requests scored in one pass (their batches shared, so a handful of compiled
     shapes serve all tasks), then each task's generation and metrics. A task's seconds: its
-    loading, its share of the scoring pass (by requests) and its own generation."""
+    loading, its share of the scoring pass (by requests) and its own generation. Media tasks
+    (media_choice) score their items' captions on their own (gemini_core.eval.media_tasks)."""
+    media = {spec.name: _media_choice(m, spec, s, log)
+             for spec in specs if spec.kind == "media_choice"}
+    text = _text_tasks(m, [spec for spec in specs if spec.kind != "media_choice"], s, log)
+    return [media[spec.name] if spec.name in media else next(text) for spec in specs]
+
+
+def _media_choice(m: Model, spec: TaskSpec, s: Settings, log: Log) -> TaskResult:
+    t0 = time.perf_counter()
+    values, n = media_tasks.evaluate(m.model, m.tokenizer, m.seq_len, m.media, spec, s.limit,
+                                     s.batch_size, m.layout, log)
+    result = TaskResult(spec.name, spec.kind, values, n, time.perf_counter() - t0, 0)
+    log(f"  {spec.name}: " + ", ".join(f"{k} {v.value:.4g}" for k, v in values.items())
+        + f" ({n} examples, {result.seconds:.1f} s)")
+    return result
+
+
+def _text_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log):
+    """An iterator over the text tasks' results, in order."""
+    if not specs:
+        return iter(())
     t0 = time.perf_counter()
     loaded = [task_examples.load_examples(spec, s.limit) for spec in specs]
     requests = [_requests(spec, ex) for spec, ex in zip(specs, loaded)]
@@ -241,7 +263,7 @@ def evaluate_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log = 
         log(f"  {spec.name}: " + ", ".join(f"{k} {v.value:.4g}" for k, v in values.items())
             + f" ({result.examples} examples, {result.seconds:.1f} s)")
         results.append(result)
-    return results
+    return iter(results)
 
 
 def evaluate_task(m: Model, spec: TaskSpec, s: Settings, log: Log = print) -> TaskResult:
@@ -324,7 +346,7 @@ def evaluate_run_tasks(run: RunDir, items: Sequence[str] | str, settings: Settin
         raise UserError(f"--limit={settings.limit}: must be >= 0 (0 = every example)")
     specs = task_specs(items, shots=settings.shots, split=split, split_key="--split")
     loaded = load_run(run, log=lambda msg: log(f"eval: {msg}"))
-    m = Model(loaded.model, loaded.tokenizer, loaded.seq_len, loaded.layout)
+    m = Model(loaded.model, loaded.tokenizer, loaded.seq_len, loaded.layout, loaded.media())
     log(f"{run.run_id} at step {loaded.step}: {len(specs)} task(s)")
     results = evaluate_tasks(m, specs, settings, log)
     write_results(run, loaded.step, {r.task: task_record(r, spec, settings)
@@ -358,22 +380,23 @@ class InTraining:
     settings: Settings
     final_settings: Settings
     every_steps: int
+    media: Any = None  # the run's MediaData, for media_choice tasks
 
     @classmethod
     def from_config(cls, dc: Any, specs: Sequence[TaskSpec], tokenizer: Tokenizer, seq_len: int,
-                    layout: Layout | None, seed: int) -> "InTraining | None":
+                    layout: Layout | None, seed: int, media: Any = None) -> "InTraining | None":
         if not specs:
             return None
         s = Settings(limit=dc.limit, shots=dc.shots, batch_size=dc.batch_size,
                      max_new_tokens=dc.max_new_tokens, seed=seed, generate=dc.generate)
         final = dataclasses.replace(s, limit=dc.limit if dc.final_limit < 0 else dc.final_limit)
-        return cls(tuple(specs), tokenizer, seq_len, layout, s, final, dc.every_steps)
+        return cls(tuple(specs), tokenizer, seq_len, layout, s, final, dc.every_steps, media)
 
     def due(self, done: int, total: int) -> bool:
         return bool(self.every_steps) and done % self.every_steps == 0 and done < total
 
     def evaluate(self, model: Any, *, final: bool, log: Log) -> list[TaskResult]:
-        m = Model(model, self.tokenizer, self.seq_len, self.layout)
+        m = Model(model, self.tokenizer, self.seq_len, self.layout, self.media)
         return evaluate_tasks(m, self.specs, self.final_settings if final else self.settings,
                               log)
 
@@ -396,7 +419,7 @@ def add_missing_tasks(run: RunDir, dc: Any, specs: Sequence[TaskSpec], seed: int
         + ", ".join(s.name for s in missing))
     loaded = load_run(run, log)
     tasks = InTraining.from_config(dc, missing, loaded.tokenizer, loaded.seq_len, loaded.layout,
-                                   seed)
+                                   seed, loaded.media())
     results = tasks.evaluate(loaded.model, final=True, log=log)
     summary.update(tasks.record(run, loaded.step, results)["metrics"])  # all tasks' mean too
     run.write_summary(summary)

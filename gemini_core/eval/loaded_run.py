@@ -15,6 +15,7 @@ from typing import Any, Callable
 from flax import nnx
 
 from gemini_core.config import MeshConfig, OptimizerConfig, model_from_json
+from gemini_core.data.modality import load_media
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.errors import DamagedCheckpoint, DamagedFile, UserError
 from gemini_core.runs.checkpoint import Checkpointer
@@ -49,6 +50,17 @@ class LoadedRun:
     @property
     def seq_len(self) -> int:
         return int(self.cfg["data"]["seq_len"])
+
+    def media(self):
+        """The run's modality data (gemini_core.data.modality.MediaData), None without any:
+        its held-out items' labels and captions, from the data cache the run recorded."""
+        path = self.cfg.get("paths", {}).get("media_cache")
+        if not self.cfg["model"].get("media"):
+            return None
+        if not path or not (Path(path) / "manifest.json").is_file():
+            raise UserError(f"{self.run.path}: its media data {path!r} is gone (the data cache "
+                            "was removed): rerun the config to rebuild it")
+        return load_media(Path(path))
 
 
 def run_config(run: RunDir) -> dict:

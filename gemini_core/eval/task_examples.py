@@ -113,7 +113,7 @@ def _matches(spec: TaskSpec, rec: _Record, filters: Mapping[str, Any], key: str)
     return True
 
 
-def _split(spec: TaskSpec, n: int) -> list[int]:
+def split_positions(spec: TaskSpec, n: int) -> list[int]:
     """The positions (sorted) of `spec.split`'s half of n records. Seeded apart from `limit`'s
     shuffle, so that a limit within a half is as random as one over all records."""
     if spec.split == "all":
@@ -127,7 +127,7 @@ def _split(spec: TaskSpec, n: int) -> list[int]:
     return sorted(half)
 
 
-def _select(spec: TaskSpec, n: int, limit: int) -> list[int]:
+def select_positions(spec: TaskSpec, n: int, limit: int) -> list[int]:
     if not limit or limit >= n:
         return list(range(n))
     if spec.limit_from == "first":
@@ -145,9 +145,10 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
     if not mine:
         raise UserError(f"{spec.where}.filter={dict(spec.filter)!r}: selects none of the "
                         f"{len(records)} records of {spec.path}")
-    pool = _split(spec, len(mine))
+    pool = split_positions(spec, len(mine))
     # `limit` picks positions within the half; the examples keep their positions in `mine`
-    chosen = [pool[j] for j in _select(spec, len(pool), spec.limit if limit is None else limit)]
+    chosen = [pool[j] for j in select_positions(spec, len(pool),
+                                                 spec.limit if limit is None else limit)]
     shots = _Shots(spec, mine) if spec.num_fewshot else None
     return [_example(spec, i, mine[i], shots) for i in chosen]
 

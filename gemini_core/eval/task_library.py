@@ -133,6 +133,10 @@ _DECLARATIONS: dict[str, dict] = {
     ),
 }
 
+# zero-shot classification by caption ranking (gemini_core.data.modality's held-out items)
+_DECLARATIONS["fashion_mnist"] = dict(path="", kind="media_choice", domain="image_caption")
+_DECLARATIONS["spoken_digits"] = dict(path="", kind="media_choice", domain="audio_transcript")
+
 for _lang in XCOPA_LANGS:
     _DECLARATIONS[f"xcopa_{_lang}"] = dict(base="xcopa", filter={"split": "test", "lang": _lang})
 

@@ -13,6 +13,10 @@ gemini_core.eval.metrics. The kinds, and what each example carries for its score
   pass@k, bpb.
 - last_word (LAMBADA): the passage split at its last space, `gold` = " " + the last word; acc
   (the greedy decode reproduces it), ppl, bpb.
+- media_choice (fashion_mnist, spoken_digits): the held-out items of a modality domain
+  (`domain`, gemini_core.data.modality), each an image or recording followed by the domain's
+  evaluation caption of each label; acc (the gold caption is the most likely), bpb of the gold
+  caption. The items and labels come from the run's media data, not from a file (no `path`).
 
 Where declarations come from, in `load_tasks(items)` (names and files may be mixed):
 - a shipped name (gemini_core.eval.task_library);
@@ -48,7 +52,7 @@ from gemini_core.eval import task_templates as tt
 from gemini_core.eval.settings import TASK_SPLITS
 from gemini_core.experiment import user_frame
 
-KINDS = ("multiple_choice", "generate", "code", "last_word")
+KINDS = ("multiple_choice", "generate", "code", "last_word", "media_choice")
 ENV_ROOT = "GX_BENCHMARKS"
 
 
@@ -56,7 +60,8 @@ ENV_ROOT = "GX_BENCHMARKS"
 class TaskSpec:
     name: str  # the metric prefix: downstream/<name>/<metric>
     path: str  # jsonl or jsonl.gz; relative to the benchmarks root (absolute after load_tasks)
-    kind: str  # multiple_choice | generate | code | last_word
+    kind: str  # multiple_choice | generate | code | last_word | media_choice
+    domain: str = ""  # media_choice: the modality domain whose held-out items are scored
     prompt: str = ""  # template; last_word: the whole passage ("{text}")
     # records used: field path -> a value, or a list of values (any of them)
     filter: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -272,6 +277,8 @@ def _to_spec(decl: dict, where: str, root: Path) -> TaskSpec:
     spec = to_dataclass(decl, TaskSpec, where)
     spec = dataclasses.replace(spec, where=where)
     check_spec(spec)
+    if spec.kind == "media_choice":  # its items are the run's media data
+        return spec
     path = _data_path(spec.path, root, f"{where}.path")
     fewshot = (_data_path(spec.fewshot_path, root, f"{where}.fewshot_path")
                if spec.fewshot_path else "")
@@ -329,6 +336,9 @@ def check_spec(spec: TaskSpec) -> None:
     """Everything that can be checked without reading the data."""
     w = spec.where
     _one_of(f"{w}.kind", spec.kind, KINDS)
+    if spec.kind == "media_choice" and not spec.domain:
+        raise UserError(f"{w}.domain='': a media_choice task names the modality domain whose "
+                        "held-out items it scores")
     for key, allowed in (("label_type", ("index", "match")), ("norm_length", ("chars", "bytes")),
                          ("answer_select", ("first", "last")),
                          ("fewshot_sampler", ("random", "first_n")),
@@ -370,9 +380,9 @@ def check_spec(spec: TaskSpec) -> None:
         _template(spec, name)
     for i, choice in enumerate(spec.choices):
         _check_template_value(spec, f"choices[{i}]", choice)
-    if not spec.prompt:
+    if not spec.prompt and spec.kind != "media_choice":  # its prompt is the item's media
         raise UserError(f"{w}.prompt='': declare the prompt template")
-    {"multiple_choice": _check_mc, "generate": _check_generate, "code": _check_code,
+    {"media_choice": lambda s: None, "multiple_choice": _check_mc, "generate": _check_generate, "code": _check_code,
      "last_word": lambda s: None}[spec.kind](spec)
 
 
@@ -427,6 +437,8 @@ def metric_names(spec: TaskSpec, generate: bool = True) -> tuple[str, ...]:
     generate or code task reports its gold answer's bpb alone."""
     if spec.kind == "multiple_choice":
         return ("acc", "acc_norm", "bpb")
+    if spec.kind == "media_choice":
+        return ("acc", "bpb")
     if not generate and spec.kind in ("generate", "code"):
         return ("bpb",)
     if spec.kind == "generate":

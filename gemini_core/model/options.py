@@ -59,3 +59,46 @@ class RopeScaling:
         if self.attention_factor != 0 and self.method != "yarn":
             raise UserError(f"{path}.attention_factor={self.attention_factor!r}: only yarn "
                             f"scales attention, {path}.method={self.method!r}")
+
+
+MODALITIES = ("image", "audio")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """`model.encoders.<name>`: a small encoder whose outputs are soft tokens in the decoder's
+    sequence (gemini_core.model.media). Images: square patches of `patch` pixels, a linear
+    embedding plus learned row and column embeddings. Audio: log-mel frames of 10 ms, stacked
+    `frames_per_token` at a time, a linear embedding plus a learned position per soft token."""
+    modality: str  # image | audio
+    patch: int = 7  # image: patch side in pixels (must divide the image side)
+    n_mels: int = 40  # audio: mel bands
+    frames_per_token: int = 4  # audio: 10 ms frames per soft token
+    max_tokens: int = 32  # audio: soft tokens per recording at most (longer ones are cut)
+
+    def check(self, path: str) -> None:
+        if self.modality not in MODALITIES:
+            raise UserError(f"{path}.modality={self.modality!r}: must be one of "
+                            f"{', '.join(MODALITIES)}")
+        for name in ("patch", "n_mels", "frames_per_token", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{path}.{name}={value!r}: must be a whole number >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaTable:
+    """Filled from data (never declared): one modality domain's media table, as the model holds
+    it. Reference id `first_id + item·slots + slot` is soft token `slot` of row `item`."""
+    domain: str
+    encoder: str  # its name under model.encoders
+    modality: str
+    first_id: int
+    items: int  # rows: the domain's train and held-out items, then one scratch row
+    slots: int  # soft tokens per item
+    features: int  # values per soft token
+    grid: int = 0  # image: patches per side (slots = grid²)
+
+    @property
+    def end_id(self) -> int:
+        return self.first_id + self.items * self.slots

@@ -46,6 +46,7 @@ from flax import nnx
 from gemini_core.config import ModelConfig
 from gemini_core.data.tokenizer import EOS_ID
 from gemini_core.model import attention as attention_lib
+from gemini_core.model.media import MediaEmbed
 from gemini_core.model.rope import apply_rope, rope_at
 from gemini_core.scale.sharding import constrain
 
@@ -220,14 +221,28 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
         self.head_DxV = (None if cfg.tie_embeddings else
                          _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, pdt))
+        # last, so a text model's parameters draw the same random numbers as they always did
+        self.media = (MediaEmbed(cfg.media, V, D, cfg.init_std, pdt, rngs=rngs) if cfg.media
+                      else None)
 
     def embed(self, tokens_BxL: jax.Array) -> jax.Array:
         """Token embeddings, flattened to (B·L, D)."""
         # Gemma scales the embedding by sqrt(D): with std-0.02 init (which the tied head needs
         # for ~uniform initial logits) the unscaled input would be drowned by the first block's
         # residual updates. A constant, fused into the gather.
-        x_NxD = self.embed_VxD[...][tokens_BxL.reshape(-1)] * math.sqrt(self.cfg.d_model)
+        ids_N = tokens_BxL.reshape(-1)
+        if self.media is None:
+            x_NxD = self.embed_VxD[...][ids_N] * math.sqrt(self.cfg.d_model)
+            return constrain(x_NxD.astype(self.cfg.dtype), ("tokens", None))
+        # ids at or above V are markers and media references: the encoders embed them
+        text_N = ids_N < self.cfg.vocab_size
+        x_NxD = self.embed_VxD[...][jnp.where(text_N, ids_N, 0)] * math.sqrt(self.cfg.d_model)
+        x_NxD = jnp.where(text_N[:, None], x_NxD, self.media(ids_N).astype(x_NxD.dtype))
         return constrain(x_NxD.astype(self.cfg.dtype), ("tokens", None))
+
+    def target_mask(self, targets: jax.Array) -> jax.Array | None:
+        """Which targets the loss counts: text tokens (None: all, a model without media)."""
+        return None if self.media is None else targets < self.cfg.vocab_size
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin of shape positions.shape + (K,), scaled as `model.rope` says."""
@@ -327,10 +342,16 @@ class Transformer(nnx.Module):
         return self.logits(self.hidden(tokens_BxL)).reshape(B, L, -1)
 
     def token_nll(self, tokens_BxL: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-        """Next-token negative log-likelihood in nats, (B, L), without (B, L, V) reshapes."""
+        """Next-token negative log-likelihood in nats, (B, L), without (B, L, V) reshapes; 0 at
+        targets the loss does not count (`target_mask`)."""
         B, L = tokens_BxL.shape
         logits_NxV = self.logits(self.hidden(tokens_BxL))
-        return cross_entropy(logits_NxV, targets_BxL.reshape(-1)).reshape(B, L)
+        mask_BxL = self.target_mask(targets_BxL)
+        if mask_BxL is None:
+            return cross_entropy(logits_NxV, targets_BxL.reshape(-1)).reshape(B, L)
+        # markers and media references are inputs only: their targets count zero
+        nll_N = cross_entropy(logits_NxV, jnp.where(mask_BxL, targets_BxL, 0).reshape(-1))
+        return jnp.where(mask_BxL, nll_N.reshape(B, L), 0.0)
 
 
 def stacked_block(blocks: list[Block]) -> Block:

@@ -84,9 +84,16 @@ def count_params(state_or_cfg: State | ModelConfig) -> int:
 
 
 def mean_nll(model: Transformer, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean NLL over the batch, per-row mean NLL_B): the rows give per-domain train loss."""
+    """(mean NLL over the batch, per-row mean NLL_B): the rows give per-domain train loss.
+    Means over the targets the model counts (text only, with media)."""
     nll_BxT = model.token_nll(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
-    return jnp.mean(nll_BxT), jnp.mean(nll_BxT, axis=-1)
+    mask_BxT = model.target_mask(tokens_BxT1[:, 1:])
+    if mask_BxT is None:
+        return jnp.mean(nll_BxT), jnp.mean(nll_BxT, axis=-1)
+    # a multimodal batch: the mean over the text targets it holds
+    count_B = jnp.sum(mask_BxT, axis=-1, dtype=jnp.float32)
+    return (jnp.sum(nll_BxT) / jnp.maximum(jnp.sum(count_B), 1.0),
+            jnp.sum(nll_BxT, axis=-1) / jnp.maximum(count_B, 1.0))
 
 
 def make_train_step(graphdef: nnx.GraphDef, layout: Layout | None = None) -> TrainFn:

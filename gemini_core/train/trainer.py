@@ -30,7 +30,7 @@ from gemini_core.data.tokens import PreparedData, prepare_data
 from gemini_core.errors import Preempted, UserError
 from gemini_core.eval import downstream
 from gemini_core.eval.domain_loss import EvalSet, evaluate, format_table
-from gemini_core.model import attention
+from gemini_core.model import attention, media
 from gemini_core.runs.checkpoint import Checkpointer
 from gemini_core.runs.rundir import RunDir, fingerprint, run_id
 from gemini_core.runs.tracking import Tracker
@@ -130,6 +130,9 @@ def identity(cfg: ExperimentConfig, schedule: MixtureSchedule, manifest_hash: st
     for section in ("model", "data"):
         _pop_at_default(resolved[section], "document_mask", False)
     _pop_at_default(resolved["data"], "synthetic", {})
+    _pop_at_default(resolved["data"], "modalities", {})
+    _pop_at_default(resolved["model"], "encoders", {})
+    _pop_at_default(resolved["model"], "media", [])
     return resolved
 
 
@@ -165,7 +168,10 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print,
                         f"run trains its own objective and cannot also be distilled")
     declared = declared_schedule(cfg)
     data = prepare_data(cfg.data, tokenizer_sample_weights(cfg, declared),
-                        cache_root(cfg, runs_root), log=log)
+                        cache_root(cfg, runs_root), log=log, encoders=cfg.model.encoders)
+    if data.media is not None:  # the model's media tables follow from the prepared data
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 media=data.media.tables))
     schedule = resolve_schedule(declared, data, cfg.data.domains)
     if context_stages.is_staged(schedule, cfg.data.seq_len) and (objective or cfg.distill.teacher):
         what = (f"config.distill.teacher={cfg.distill.teacher!r}" if cfg.distill.teacher
@@ -231,7 +237,9 @@ def run_experiment(cfg: ExperimentConfig, runs_root: Path, *, force: bool = Fals
                       # to the real domains (`gx eval --data` takes it)
                       "paths": {"data_root": str(p.data.root.absolute()),
                                 "schedule": cfg.data.schedule, "data_cache": str(p.data.dir),
-                                "tokenizer": str(p.data.tokenizer.path)},
+                                "tokenizer": str(p.data.tokenizer.path),
+                                **({"media_cache": str(p.data.media.dir)} if p.data.media
+                                   else {})},
                       "placement": placement(cfg, layout)})
     run.set_status("running")
     distributed.barrier("gx-run-start")  # no process writes checkpoints into a folder being removed
@@ -374,6 +382,8 @@ def _train(p: Prepared, log: Log) -> dict:
     layout = p.layout or sharding.Layout.from_config(cfg.mesh)
     _check_batch(cfg, layout)
     graphdef, state = step_fns.init_state(cfg.model, cfg.optimizer, total, cfg.seed, layout)
+    if p.data.media is not None:  # the tables are data: written in, never initialised
+        state = media.with_tables(graphdef, state, p.data.media.features)
     if p.objective is not None:  # the loop's state (objective.LoopState): checkpointed whole
         state = {"state": state, "carry": p.objective.init_carry(layout)}
     ckpt = Checkpointer(run.checkpoints, keep=tc.keep_checkpoints)
@@ -394,7 +404,8 @@ def _train(p: Prepared, log: Log) -> dict:
                        flops.mesh_peak_flops(layout.mesh),
                        extra=p.objective.log_metrics if p.objective is not None else None)
         tasks = downstream.InTraining.from_config(
-            cfg.eval.downstream, p.tasks, p.data.tokenizer, seq_len, layout, cfg.seed)
+            cfg.eval.downstream, p.tasks, p.data.tokenizer, seq_len, layout, cfg.seed,
+            p.data.media)
         try:
             final_eval, state = _loop(p, state, graphdef, start, sampler, evalset, ckpt, meter,
                                       guard, tasks)
