@@ -59,7 +59,8 @@ def setup_sweep(sweep: SweepConfig, runs_root: Path, log: Log = print) -> SweepS
     check_proxy_data(sweep, running=True)
     proxy = trial_base(proxy_config(sweep))
     cache = trainer.cache_root(proxy, runs_root)
-    data = prepare_data(proxy.data, proxy.data.tokenizer.sample_weights, cache, log=log)
+    data = prepare_data(proxy.data, proxy.data.tokenizer.sample_weights, cache, log=log,
+                        encoders=proxy.model.encoders)
     domains = proxy.data.domains
     tokens = {d: int(len(data.train[d])) for d in domains}
     proxy_tokens = proxy.train.steps * proxy.train.batch_size * proxy.data.seq_len

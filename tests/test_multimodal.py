@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemini_core.data import modality
+from gemini_core.data import media_data
 from gemini_core.model.options import EncoderConfig, MediaTable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def only_run(runs: Path):
 
 def test_patches_are_the_images_blocks_in_row_major_order():
     x_NxHxW = np.arange(2 * 28 * 28, dtype=np.int64).reshape(2, 28, 28) % 251
-    p = modality.patchify(x_NxHxW.astype(np.uint8), 7, "here")
+    p = media_data.patchify(x_NxHxW.astype(np.uint8), 7, "here")
     assert p.shape == (2, 16, 49)
     for n, slot in ((0, 0), (1, 5), (1, 15)):
         r, c = divmod(slot, 4)
@@ -145,24 +145,24 @@ def test_patches_are_the_images_blocks_in_row_major_order():
 def test_stream_holds_markers_references_caption_and_eos():
     table = MediaTable(domain="d", encoder="audio", modality="audio", first_id=1004, items=5,
                        slots=8, features=64)
-    items = modality.Items(np.zeros((2, 8, 64), np.float16), np.array([3, 8]), np.array([0, 1]))
-    tokens, starts = modality.stream(items, 2, table, [[7, 8], [9]], text_vocab=1000, eos=1)
+    items = media_data.Items(np.zeros((2, 8, 64), np.float16), np.array([3, 8]), np.array([0, 1]))
+    tokens, starts = media_data.stream(items, 2, table, [[7, 8], [9]], text_vocab=1000, eos=1)
     first = [1002, 1004 + 2 * 8, 1004 + 2 * 8 + 1, 1004 + 2 * 8 + 2, 1003, 7, 8, 1]
     assert tokens[:len(first)].tolist() == first
     assert starts.tolist() == [0, len(first)]
     second = tokens[len(first):]
     assert second[0] == 1002 and second[-2:].tolist() == [9, 1]
     assert second[1:9].tolist() == list(range(1004 + 3 * 8, 1004 + 4 * 8))
-    assert modality.prompt_ids(table, 2, 3, 1000, 1) == [1, *first[:5]]
+    assert media_data.prompt_ids(table, 2, 3, 1000, 1) == [1, *first[:5]]
 
 
 def test_audio_features_stack_frames_and_mark_long_recordings_cut():
     enc = EncoderConfig(modality="audio", n_mels=16, frames_per_token=4, max_tokens=8)
     t = np.arange(8000) / 8000  # 1 s: 99 frames of 10 ms -> 25 tokens, more than 8
-    feats, used, cut = modality.audio_features(np.sin(2 * np.pi * 440 * t).astype(np.float32),
+    feats, used, cut = media_data.audio_features(np.sin(2 * np.pi * 440 * t).astype(np.float32),
                                                enc)
     assert feats.shape == (8, 64) and feats.dtype == np.float16 and used == 8 and cut
-    short, used, cut = modality.audio_features(np.zeros(800, np.float32) + 0.1, enc)
+    short, used, cut = media_data.audio_features(np.zeros(800, np.float32) + 0.1, enc)
     assert (used, cut) == (3, False)  # 0.1 s: 9 frames -> 3 tokens, the rest zero padding
     assert not np.any(short[3:])
 
@@ -274,7 +274,7 @@ def test_the_media_sources_content_is_part_of_the_run_identity(trained, sources,
 
 
 def test_the_checkpoint_holds_the_media_tables_and_gx_eval_reproduces_the_accuracy(trained):
-    from gemini_core.data.modality import load_media
+    from gemini_core.data.media_data import load_media
     from gemini_core.eval.loaded_run import load_run
     tmp, _, run, _ = trained
     loaded = load_run(run, log=lambda _: None)

@@ -51,7 +51,12 @@ def loaded() -> dict[str, tuple[tasks.TaskSpec, list[tasks.Example]]]:
 
 
 def test_every_shipped_task_loads_with_its_record_count(loaded):
-    assert set(tasks.shipped_names()) == set(COUNTS)
+    # and the modality tasks, whose items are a multimodal run's (tests/test_multimodal.py)
+    media = {"fashion_mnist": "image_caption", "spoken_digits": "audio_transcript"}
+    assert set(tasks.shipped_names()) == set(COUNTS) | set(media)
+    for spec in tasks.load_tasks(list(media)):
+        assert (spec.kind, spec.domain) == ("media_choice", media[spec.name])
+        assert tasks.metric_names(spec) == ("acc", "bpb")
     for name, (spec, examples) in loaded.items():
         assert len(examples) == COUNTS[name], name
         assert [e.index for e in examples] == list(range(COUNTS[name]))
@@ -385,7 +390,8 @@ def test_bad_input_errors_name_file_line_and_field(tmp_path):
 def test_bad_declarations_name_the_key_path(tmp_path):
     good = {"q": "q", "a": "A", "b": "B", "y": 1}
     with pytest.raises(UserError, match=r"unknown task 'arc_esay' \(known: arc_challenge, "
-                                        r"arc_easy, gsm8k, humaneval, lambada, mbpp, piqa, xcopa"):
+                                        r"arc_easy, fashion_mnist, gsm8k, humaneval, lambada, "
+                                        r"mbpp, piqa, spoken_digits, xcopa"):
         tasks.load_tasks(["arc_esay"])
     with pytest.raises(UserError, match=r"declare\.bad\.path='/nope/x\.jsonl': no such file"):
         declare(tmp_path, [good], path="/nope/x.jsonl")

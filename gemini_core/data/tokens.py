@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from gemini_core.config import DataConfig
-from gemini_core.data import modality, synthetic
+from gemini_core.data import media_data, modality, synthetic
 from gemini_core.data.sources import (
     BadRecords,
     domain_file,
@@ -65,7 +65,7 @@ class PreparedData:
     token_bytes: np.ndarray  # (vocab_size,) UTF-8 bytes per token id
     sample_weights: dict[str, float]  # what the tokenizer's sample was drawn with
     root: Path  # the data root read: data.root, or the cache's with synthetic domains
-    media: modality.MediaData | None = None  # the modality domains' tables and labels
+    media: media_data.MediaData | None = None  # the modality domains' tables and labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def prepare_data(data: DataConfig, sample_weights: Mapping[str, float] | str,
         sample_weights = ({d: w / total for d, w in kept.items()} if total > 0 else "uniform")
     prepared = _prepare_text(text, sample_weights, cache_root, log)
     ordered = {d: data.modalities[d] for d in data.domains if d in data.modalities}
-    media = modality.prepare_media(ordered, encoders or {}, prepared.tokenizer, cache_root, log)
+    media = media_data.prepare_media(ordered, encoders or {}, prepared.tokenizer, cache_root, log)
     manifest = {**prepared.manifest,
                 "domains": {d: prepared.manifest["domains"].get(d) or media.entries[d]
                             for d in data.domains},

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from gemini_core.config import model_from_json
-from gemini_core.data import modality
+from gemini_core.data import media_data
 from gemini_core.errors import UserError
 from gemini_core.eval.loaded_run import LoadedRun
 from gemini_core.eval.task_examples import read_records
@@ -99,14 +99,14 @@ def describe_media(loaded: LoadedRun, modality_name: str, path: Path, prompt: st
         raise UserError(f"--{modality_name}: {loaded.run.run_id} has no {modality_name} "
                         f"encoder (its media: {have})")
     table = tables[0]
-    features, used = modality.file_features(table, model_cfg.encoders[table.encoder], path)
+    features, used = media_data.file_features(table, model_cfg.encoders[table.encoder], path)
     model = loaded.model
     index = list(model_cfg.media).index(table)
     var = model.media.tables[index]
     scratch = table.items - 1
     var[...] = var[...].at[scratch].set(features.astype(var[...].dtype))
     tok = loaded.tokenizer
-    ids = (modality.prompt_ids(table, scratch, used, tok.vocab_size, tok.eos_id)
+    ids = (media_data.prompt_ids(table, scratch, used, tok.vocab_size, tok.eos_id)
            + (tok.encode(prompt) if prompt else []))
     [(ids, _)] = fit_prompts([ids], loaded.seq_len, sampling.max_new_tokens, log)
 

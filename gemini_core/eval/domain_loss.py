@@ -74,10 +74,11 @@ def format_table(metrics: Mapping[str, float], epochs: Mapping[str, float] | Non
         domains = [k.split("/")[1] for k in metrics
                    if k.startswith("eval/") and k.endswith("/loss")]
     domains = [d for d in domains if d != "mean"] + ["mean"]
-    head = f"{'domain':<14}{'loss':>9}{'bpb':>9}" + (f"{'epochs':>9}" if epochs else "")
+    w = max(14, max(map(len, domains)) + 2)
+    head = f"{'domain':<{w}}{'loss':>9}{'bpb':>9}" + (f"{'epochs':>9}" if epochs else "")
     rows = [head, "-" * len(head)]
     for d in domains:
-        row = f"{d:<14}{metrics[f'eval/{d}/loss']:>9.4f}{metrics[f'eval/{d}/bpb']:>9.4f}"
+        row = f"{d:<{w}}{metrics[f'eval/{d}/loss']:>9.4f}{metrics[f'eval/{d}/bpb']:>9.4f}"
         if epochs:
             row += f"{epochs[d]:>9.2f}" if d in epochs else f"{'':>9}"
         rows.append(row)

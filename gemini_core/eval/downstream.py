@@ -89,7 +89,7 @@ class Model:
     tokenizer: Tokenizer
     seq_len: int
     layout: Layout | None = None
-    media: Any = None  # gemini_core.data.modality.MediaData: media_choice tasks' items
+    media: Any = None  # gemini_core.data.media_data.MediaData: media_choice tasks' items
 
 
 def task_specs(items: Sequence[str] | str, *, shots: int = -1, declared=None,

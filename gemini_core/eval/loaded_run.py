@@ -15,7 +15,7 @@ from typing import Any, Callable
 from flax import nnx
 
 from gemini_core.config import MeshConfig, OptimizerConfig, model_from_json
-from gemini_core.data.modality import load_media
+from gemini_core.data.media_data import load_media
 from gemini_core.data.tokenizer import Tokenizer
 from gemini_core.errors import DamagedCheckpoint, DamagedFile, UserError
 from gemini_core.runs.checkpoint import Checkpointer
@@ -52,7 +52,7 @@ class LoadedRun:
         return int(self.cfg["data"]["seq_len"])
 
     def media(self):
-        """The run's modality data (gemini_core.data.modality.MediaData), None without any:
+        """The run's modality data (gemini_core.data.media_data.MediaData), None without any:
         its held-out items' labels and captions, from the data cache the run recorded."""
         path = self.cfg.get("paths", {}).get("media_cache")
         if not self.cfg["model"].get("media"):

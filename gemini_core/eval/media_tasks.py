@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gemini_core.data.modality import MediaData, prompt_ids
+from gemini_core.data.media_data import MediaData, prompt_ids
 from gemini_core.errors import UserError
 from gemini_core.eval import metrics, scoring
 from gemini_core.eval.task_examples import select_positions, split_positions

@@ -382,8 +382,8 @@ def check_spec(spec: TaskSpec) -> None:
         _check_template_value(spec, f"choices[{i}]", choice)
     if not spec.prompt and spec.kind != "media_choice":  # its prompt is the item's media
         raise UserError(f"{w}.prompt='': declare the prompt template")
-    {"media_choice": lambda s: None, "multiple_choice": _check_mc, "generate": _check_generate, "code": _check_code,
-     "last_word": lambda s: None}[spec.kind](spec)
+    {"media_choice": lambda s: None, "multiple_choice": _check_mc, "generate": _check_generate,
+     "code": _check_code, "last_word": lambda s: None}[spec.kind](spec)
 
 
 def _check_template_value(spec: TaskSpec, key: str, template: str) -> None:
