@@ -58,7 +58,8 @@ def get_config(arg=None):
                    checkpoint_every=max(1, steps // 4))
     tasks = () if text_only else ("fashion_mnist", "spoken_digits")
     # in training: 500 held-out items per task at each eval; at the end: every one of them
-    c.eval = dict(downstream=dict(tasks=tasks, every_steps=0 if size == "tiny" else steps // 4,
+    c.eval = dict(downstream=dict(tasks=tasks, every_steps=0 if size == "tiny" or text_only
+                                  else steps // 4,
                                   limit=500 if size != "tiny" else 20,
                                   final_limit=0 if size != "tiny" else 20))
     c.tracking = dict(wandb=True, project="gemini-core", job_type="multimodal")

@@ -8,7 +8,7 @@ an objective over the modality tasks and the text.
 The objective is the caption bits per byte of the two modality tasks (smooth where a small
 proxy's accuracy still sits near chance), with the text held within 2% of the natural
 mixture's mean domain loss. Every proxy scores both tasks on a fixed part of their search half
-of the held-out items; the validation (3 seeds, against the natural and the uniform mixture)
+of the held-out items; the validation (2 seeds, against the natural and the uniform mixture)
 scores the other half. docs/multimodal.md has the results.
 """
 
@@ -22,7 +22,7 @@ MULTIMODAL = str(Path(__file__).resolve().parents[1].parent / "shared" / "multim
 TEXT = ("books", "wiki", "math", "code", "web", "multilingual")
 
 PROXIES = {  # d_model, layers, heads, steps, batch, seq, vocab, trials
-    "small": (64, 2, 2, 500, 16, 128, 2048, 16),
+    "small": (64, 2, 2, 400, 16, 128, 2048, 12),
     "tiny": (32, 1, 2, 24, 4, 64, 384, 6),
 }
 TASKS = ("fashion_mnist", "spoken_digits")
@@ -73,7 +73,7 @@ def get_config(arg=None):
                  prefer_baseline=False)
     c.method = "regression"
     c.resources = dict(cpus_per_trial=1, max_concurrent=0, max_failures=1)
-    c.validate = dict(enabled=True, seeds=3 if a.size != "tiny" else 1,
+    c.validate = dict(enabled=True, seeds=2 if a.size != "tiny" else 1,
                       scales=("proxy",) if a.size == "tiny" else ("proxy", "target"),
                       target={}, boost=(), rank_trials=0, rank_seeds=1, generate=False,
                       doremi=False)

@@ -267,7 +267,10 @@ def render_html(s: SweepData, svgs: dict[str, str | None] | None = None) -> str:
                        "DoReMi sweep: no regression, nothing predicted." if s.doremi else
                        "fit.json has no per-trial predictions (a sweep fitted before they were "
                        "recorded): no predicted-vs-actual plot.")
-        + f'<div class="scroll">{_fit_table(s)}</div></section>',
+        + f'<div class="scroll">{_fit_table(s)}</div>'
+        + _figure_html("tradeoff", svgs, "The trade-off the objective makes: each trial's "
+                       "objective (its task metrics, as weighted) against its mean domain loss.",
+                       "") + "</section>",
         '<section id="winner"><h2>Winner</h2>' + _choice_note(s)
         + f'<div class="scroll">{_winner_table(s)}</div>'
         + _figure_html("schedule", svgs, "The winner's weights over training "

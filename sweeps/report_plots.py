@@ -200,6 +200,36 @@ def plot_decision(s: SweepData) -> str | None:
     return _svg(fig, "decision")
 
 
+def plot_tradeoff(s: SweepData) -> str | None:
+    """An objective over task metrics against the text: each trial's objective targets (their
+    declared weights' mean, sign as recorded) vs its mean domain loss, coloured by the weight of
+    the modality domains where the proxy has any. None for a loss-only objective."""
+    targets = (s.meta.get("sweep", {}).get("objective") or {}).get("targets") or {}
+    cols = {c: w for c, w in targets.items() if c in s.table.columns and c != f"{LOSS}mean"}
+    if not cols:
+        return None
+    ok = s.table[s.table["failed"] == ""] if "failed" in s.table.columns else s.table
+    total = sum(cols.values())
+    y = sum(ok[c] * w for c, w in cols.items()) / total
+    media = list((s.meta.get("proxy", {}).get("data", {}).get("modalities") or {}))
+    weights = [c for c in ok.columns if c.startswith(WEIGHT) and c.split("/")[-1] in media
+               and c.split("/")[1] == "s0"]
+    fig, (ax,) = _figure(5.5, 4.2)
+    if weights:
+        dots = ax.scatter(ok[f"{LOSS}mean"], y, c=ok[weights].sum(axis=1), cmap="viridis", s=36,
+                          zorder=3)
+        fig.colorbar(dots, ax=ax, label="weight of " + " + ".join(media))
+    else:
+        ax.scatter(ok[f"{LOSS}mean"], y, color=ROLE_COLORS["ok"], s=36, zorder=3)
+    for t, px, py in zip(ok["trial"].astype(int), ok[f"{LOSS}mean"], y):
+        ax.annotate(str(t), (px, py), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("mean domain loss (text and captions)")
+    ax.set_ylabel(" + ".join(f"{w / total:g}·{c.removeprefix(DOWNSTREAM)}"
+                             for c, w in cols.items()), fontsize=8)
+    ax.set_title("trials: the objective against the mean loss", fontsize=10)
+    return _svg(fig, "tradeoff")
+
+
 def _curve(run_dir: Path | None) -> tuple[list[int], list[float]]:
     from gemini_core.runs.metrics import read_metrics
 
@@ -271,8 +301,11 @@ def plot_winner_schedule(s: SweepData) -> str:
 
 def plots(s: SweepData) -> dict[str, str | None]:
     """name -> inline SVG (None where the sweep has nothing to draw), in page order."""
-    return {"weights": plot_trial_weights(s), "fit": plot_predicted_vs_actual(s),
-            "validation": plot_validation(s), "decision": plot_decision(s),
-            "curves": plot_loss_curves(s),
-            "schedule": plot_winner_schedule(s)}
+    out = {"weights": plot_trial_weights(s), "fit": plot_predicted_vs_actual(s),
+           "validation": plot_validation(s), "decision": plot_decision(s),
+           "curves": plot_loss_curves(s), "schedule": plot_winner_schedule(s)}
+    tradeoff = plot_tradeoff(s)  # only for an objective over task metrics: else no section
+    if tradeoff is not None:
+        out["tradeoff"] = tradeoff
+    return out
 

@@ -202,6 +202,19 @@ def test_a_reference_embeds_as_its_patch_through_the_encoder_and_markers_have_th
     np.testing.assert_allclose(x_NxD[0], np.asarray(model.embed_VxD[...])[5] * 4.0, rtol=1e-6)
 
 
+def test_parameter_counts_include_the_encoders_and_leave_the_tables_out():
+    from gemini_core.config import OptimizerConfig
+    from gemini_core.scale import flops
+    from gemini_core.train import step_fns
+    model, table = small_model()
+    _, state = step_fns.init_state(model.cfg, OptimizerConfig(lr=1e-3), 10, 0)
+    counts = flops.param_counts(model.cfg)
+    # markers 4·D, the image encoder's F·D map and its rows and columns (2·grid·D)
+    assert counts["media"] == 4 * 16 + 4 * 16 + 2 * 2 * 16
+    assert step_fns.count_params(state) == counts["total"]
+    assert state["model"]["media"]["tables"][0][...].size == 3 * 4 * 4  # state, not counted
+
+
 def test_loss_counts_text_targets_only_and_training_leaves_the_tables_alone():
     import jax
     import jax.numpy as jnp

@@ -215,6 +215,26 @@ def test_downstream_columns_go_into_the_table_and_the_report(sweep_dir):
     assert '<td data-v="1.503">1.503</td>' in html
 
 
+def test_an_objective_over_tasks_gets_a_tradeoff_plot_of_its_trials(sweep_dir):
+    import dataclasses
+
+    from sweeps import report
+    from sweeps.sweep_dir import load_sweep
+
+    data = load_sweep(sweep_dir)
+    assert 'id="plot-tradeoff"' not in report.render_html(data)  # domain losses: no trade-off
+    meta = json.loads(json.dumps(data.meta))
+    meta["sweep"]["objective"] = {"targets": {"downstream/piqa/bpb": 1.0}}
+    html = report.render_html(dataclasses.replace(data, meta=meta))
+    figure = re.search(r'<figure id="plot-tradeoff" class="plot">(.*?)</figure>', html, re.S)
+    assert figure, "no trade-off plot"
+    svg = figure.group(1)
+    assert "piqa/bpb" in svg and "mean domain loss" in svg
+    finished = [str(t) for t, f in zip(data.table["trial"], data.table["failed"]) if not f]
+    labels = re.findall(r">(\d+)</text>", svg)
+    assert set(finished) <= set(labels), (finished, labels)  # every finished trial is a point
+
+
 def test_the_validation_shows_the_objective_every_task_the_constraints_and_decisions(
         sweep_dir):
     from sweeps import report

@@ -124,7 +124,7 @@ def audio_features(samples_T: np.ndarray, encoder: EncoderConfig) -> tuple[np.nd
 
 
 def audio_items(paths: Sequence[Path], encoder: EncoderConfig, n_labels: int,
-                log: Log) -> Items:
+                encoder_name: str, log: Log) -> Items:
     feats, used, labels, cut = [], [], [], 0
     for path in paths:
         f, u, was_cut = audio_features(media.read_wav(path, rate=AUDIO_RATE), encoder)
@@ -137,7 +137,7 @@ def audio_items(paths: Sequence[Path], encoder: EncoderConfig, n_labels: int,
     if cut:
         log(f"data: {cut} of {len(paths)} recordings in {paths[0].parent} are longer than "
             f"{encoder.max_tokens} soft tokens x {encoder.frames_per_token} frames of 10 ms: "
-            "cut (config.model.encoders.<name>.max_tokens)")
+            f"cut (config.model.encoders.{encoder_name}.max_tokens)")
     return Items(np.stack(feats), np.array(used, np.int32), labels_N)
 
 
@@ -154,7 +154,8 @@ def read_items(name: str, spec: ModalityDomain, encoder: EncoderConfig, log: Log
     if spec.kind == "image_caption":
         return {split: image_items(*paths, encoder, n, spec.encoder)
                 for split, paths in files.items()}
-    return {split: audio_items(paths, encoder, n, log) for split, paths in files.items()}
+    return {split: audio_items(paths, encoder, n, spec.encoder, log)
+            for split, paths in files.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def evaluate_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log = 
     (media_choice) score their items' captions on their own (gemini_core.eval.media_tasks)."""
     media = {spec.name: _media_choice(m, spec, s, log)
              for spec in specs if spec.kind == "media_choice"}
-    text = _text_tasks(m, [spec for spec in specs if spec.kind != "media_choice"], s, log)
+    text = iter(_text_tasks(m, [spec for spec in specs if spec.kind != "media_choice"], s, log))
     return [media[spec.name] if spec.name in media else next(text) for spec in specs]
 
 
@@ -238,10 +238,10 @@ def _media_choice(m: Model, spec: TaskSpec, s: Settings, log: Log) -> TaskResult
     return result
 
 
-def _text_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log):
-    """An iterator over the text tasks' results, in order."""
+def _text_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log
+                ) -> list[TaskResult]:
     if not specs:
-        return iter(())
+        return []
     t0 = time.perf_counter()
     loaded = [task_examples.load_examples(spec, s.limit) for spec in specs]
     requests = [_requests(spec, ex) for spec, ex in zip(specs, loaded)]
@@ -263,7 +263,7 @@ def _text_tasks(m: Model, specs: Sequence[TaskSpec], s: Settings, log: Log):
         log(f"  {spec.name}: " + ", ".join(f"{k} {v.value:.4g}" for k, v in values.items())
             + f" ({result.examples} examples, {result.seconds:.1f} s)")
         results.append(result)
-    return iter(results)
+    return results
 
 
 def evaluate_task(m: Model, spec: TaskSpec, s: Settings, log: Log = print) -> TaskResult:

@@ -50,7 +50,7 @@ from gemini_core.model.media import MediaEmbed
 from gemini_core.model.rope import apply_rope, rope_at
 from gemini_core.scale.sharding import constrain
 
-LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
+LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "media")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,

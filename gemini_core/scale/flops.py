@@ -35,13 +35,26 @@ def block_params(cfg: ModelConfig) -> int:
     return attention + mlp + norms
 
 
+def media_params(cfg: ModelConfig) -> int:
+    """The encoders' parameters (gemini_core.model.media): the four marker embeddings, and per
+    encoder its features-to-D map and its positions (image: rows and columns; audio: slots).
+    Input embeddings like the token table: counted in the total, not in the FLOPs' N."""
+    if not cfg.media:
+        return 0
+    D = cfg.d_model
+    first = {t.encoder: t for t in reversed(cfg.media)}  # an encoder is built from its first
+    return 4 * D + sum(t.features * D + (2 * t.grid if t.modality == "image" else t.slots) * D
+                       for t in first.values())
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     D, V = cfg.d_model, cfg.vocab_size
     embedding = V * D
     head = 0 if cfg.tie_embeddings else D * V
     non_embedding = cfg.num_layers * block_params(cfg) + D + head  # + final norm
-    return {"total": embedding + non_embedding, "embedding": embedding,
-            "non_embedding": non_embedding}
+    media = media_params(cfg)
+    return {"total": embedding + non_embedding + media, "embedding": embedding,
+            "non_embedding": non_embedding, "media": media}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

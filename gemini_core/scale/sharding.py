@@ -43,7 +43,8 @@ ACTIVATION_AXES = ("batch", "length")
 # the residual stream flattened to (B·L, D): its rows are split like batch, then length (row
 # b·L + l: batch-major, so the mesh axes of batch come first)
 TOKENS = "tokens"
-PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp")
+# media: an encoder's input features (gemini_core.model.media)
+PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "media")
 LOGICAL_AXES = ACTIVATION_AXES + PARAM_AXES
 PRESET_RULE = "preset"  # a rules value meaning "what the preset says"
 

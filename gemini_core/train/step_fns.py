@@ -80,7 +80,9 @@ def count_params(state_or_cfg: State | ModelConfig) -> int:
     if isinstance(state_or_cfg, ModelConfig):
         from gemini_core.scale.flops import param_counts
         return param_counts(state_or_cfg)["total"]
-    return sum(int(x.size) for x in jax.tree.leaves(state_or_cfg["model"]))
+    # parameters only: a multimodal model's media tables are state, not parameters
+    params = nnx.filter_state(state_or_cfg["model"], nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
 def mean_nll(model: Transformer, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -163,6 +163,9 @@ def prepare(cfg: ExperimentConfig, runs_root: Path, log: Log = print,
     # a kernel this machine cannot run (cuDNN off a GPU): said before any data is read
     attention.resolve(cfg.model.attention, jax.default_backend(), cfg.data.seq_len,
                       dtype=cfg.model.dtype)
+    if cfg.distill.teacher and cfg.data.modalities:
+        raise UserError(f"config.distill.teacher={cfg.distill.teacher!r}: distilling a student "
+                        "with modality domains (config.data.modalities) is not supported")
     if objective is not None and cfg.distill.teacher:
         raise UserError(f"config.distill.teacher={cfg.distill.teacher!r}: a {objective.suffix} "
                         f"run trains its own objective and cannot also be distilled")
