@@ -260,7 +260,9 @@ def test_the_report_page_is_self_contained_with_every_section_and_plot(swept):
     for section in ("trials", "fit", "winner", "validation", "curves"):
         assert f'<section id="{section}">' in text, section
     figures = re.findall(r'<figure id="plot-(\w+)" class="plot"><svg\b', text)
-    assert figures == ["weights", "fit", "schedule", "validation", "decision", "curves"], figures
+    # its objective is a task's bpb: the trade-off against the mean loss is drawn too
+    assert figures == ["weights", "fit", "tradeoff", "schedule", "validation", "decision",
+                       "curves"], figures
     assert text.count("<tr class=") == TRIALS and "held-out Spearman" in text
     assert re.search(r"<p id='choice'>choice: (fit|trial \d)", text)  # where the winner came from
 
