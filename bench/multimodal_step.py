@@ -88,16 +88,18 @@ def main() -> int:
         return metrics["loss"]
 
     model = nnx.merge(graphdef, holder["state"]).model
-    embed_def, embed_state = nnx.split(model.media)
+    # copies: the train steps donate (and so delete) the state's own buffers
+    embed_def, params, tables = nnx.split(model.media, nnx.Param, ...)
+    params, tables = jax.tree.map(jnp.copy, (params, tables))
 
     @jax.jit
-    def encoders(embed_state, ids):
+    def encoders(params, tables, ids):
         def f(params):
-            return jnp.sum(nnx.merge(embed_def, params)(ids) ** 2)
-        return jax.grad(f)(embed_state)
+            return jnp.sum(nnx.merge(embed_def, params, tables)(ids) ** 2)
+        return jax.grad(f)(params)
 
     def encoder_step(i):
-        return encoders(embed_state, jnp.asarray(batches[i][:, :-1].reshape(-1)))
+        return encoders(params, tables, jnp.asarray(batches[i][:, :-1].reshape(-1)))
 
     t_step = median_s(step, args.steps)
     t_text = median_s(text_step, args.steps)
