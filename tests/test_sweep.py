@@ -272,7 +272,8 @@ def test_the_report_page_renders_in_chromium(swept, chromium, tmp_path):
 
     page = tmp_path / "report.html"
     page.write_text(swept.report_html, encoding="utf-8")
-    check_report_page(chromium, page, tmp_path / "profile", plots=6)  # the decision plot too
+    # the decision plot and the trade-off plot of its task objective too
+    check_report_page(chromium, page, tmp_path / "profile", plots=7)
 
 
 def test_the_sweeps_wandb_summary_read_back_from_disk(swept, tmp_path):
