@@ -162,8 +162,9 @@ def read_items(name: str, spec: ModalityDomain, encoder: EncoderConfig, log: Log
 # token streams
 
 
-def table_layout(domain: str, spec: ModalityDomain, encoder: EncoderConfig, items: Items,
-                 n_items: int, first_id: int) -> MediaTable:
+def table_layout(domain: str, spec: ModalityDomain, items: Items, n_items: int,
+                 first_id: int) -> MediaTable:
+    """The table of `n_items` items shaped like `items`, and a scratch row, from `first_id`."""
     S, F = items.features_NxSxF.shape[1:]
     grid = int(round(S ** 0.5)) if spec.modality == "image" else 0
     return MediaTable(domain=domain, encoder=spec.encoder, modality=spec.modality,
@@ -231,7 +232,7 @@ def prepare_media(modalities: Mapping[str, ModalityDomain], encoders: Mapping[st
             encoder = encoders[spec.encoder]
             items = read_items(name, spec, encoder, log)
             n_train, n_valid = len(items["train"].labels_N), len(items["valid"].labels_N)
-            table = table_layout(name, spec, encoder, items["train"], n_train + n_valid, first_id)
+            table = table_layout(name, spec, items["train"], n_train + n_valid, first_id)
             first_id += table.items * table.slots
             features = np.concatenate([items["train"].features_NxSxF,
                                        items["valid"].features_NxSxF,
@@ -241,26 +242,8 @@ def prepare_media(modalities: Mapping[str, ModalityDomain], encoders: Mapping[st
                      "captions": [spec.eval_caption(y) for y in range(len(spec.label_names()))]}
             rng = np.random.default_rng(spec.seed)
             for split, first_item in (("train", 0), ("valid", n_train)):
-                split_items = items[split]
-                labels = split_items.labels_N.tolist()
-                if split == "train":  # a template drawn per item; held-out items get the first
-                    texts = [spec.caption_templates()[t].format(label=spec.label_names()[y])
-                             for t, y in zip(rng.integers(0, len(spec.caption_templates()),
-                                                          len(labels)).tolist(), labels)]
-                else:
-                    texts = [spec.eval_caption(y) for y in labels]
-                captions = tokenizer.encode_batch(texts, os.cpu_count() or 1)
-                tokens, _ = stream(split_items, first_item, table, captions, V, tokenizer.eos_id)
-                tokens.tofile(tmp / f"{name}.{split}.bin")
-                np.save(tmp / f"{name}.{split}.labels.npy", split_items.labels_N)
-                np.save(tmp / f"{name}.{split}.used.npy", split_items.used_N)
-                caption_bytes = sum(len(t.encode("utf-8")) for t in texts)
-                text_tokens = sum(map(len, captions))
-                entry["splits"][split] = {
-                    "file": spec.kind, "array": f"{name}.{split}.bin", "documents": len(labels),
-                    "tokens": int(len(tokens)), "bytes": caption_bytes,
-                    "bytes_per_token": round(caption_bytes / max(text_tokens, 1), 4),
-                    "text_tokens": text_tokens, "first_item": first_item, "bad_records": {}}
+                entry["splits"][split] = write_split(name, spec, table, items[split], split,
+                                                     first_item, rng, tokenizer, tmp)
             manifest["domains"][name] = entry
             tr = entry["splits"]["train"]
             log(f"data: {name}: {n_train:,} train + {n_valid:,} held-out {spec.modality} items "
@@ -273,6 +256,31 @@ def prepare_media(modalities: Mapping[str, ModalityDomain], encoders: Mapping[st
     if not built:
         log(f"data: reusing media arrays {final}")
     return load_media(final)
+
+
+def write_split(name: str, spec: ModalityDomain, table: MediaTable, items: Items, split: str,
+                first_item: int, rng: np.random.Generator, tokenizer, out: Path) -> dict:
+    """One split's token stream, labels and used slots into `out`; its manifest entry (the
+    form of gemini_core.data.tokens' entries). Training items draw a caption template each;
+    held-out items get the first, the one the tasks rank."""
+    labels = items.labels_N.tolist()
+    templates, names = spec.caption_templates(), spec.label_names()
+    if split == "train":
+        drawn = rng.integers(0, len(templates), len(labels)).tolist()
+        texts = [templates[t].format(label=names[y]) for t, y in zip(drawn, labels)]
+    else:
+        texts = [spec.eval_caption(y) for y in labels]
+    captions = tokenizer.encode_batch(texts, os.cpu_count() or 1)
+    tokens, _ = stream(items, first_item, table, captions, tokenizer.vocab_size, tokenizer.eos_id)
+    tokens.tofile(out / f"{name}.{split}.bin")
+    np.save(out / f"{name}.{split}.labels.npy", items.labels_N)
+    np.save(out / f"{name}.{split}.used.npy", items.used_N)
+    caption_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    text_tokens = sum(map(len, captions))
+    return {"file": spec.kind, "array": f"{name}.{split}.bin", "documents": len(labels),
+            "tokens": int(len(tokens)), "bytes": caption_bytes,
+            "bytes_per_token": round(caption_bytes / max(text_tokens, 1), 4),
+            "text_tokens": text_tokens, "first_item": first_item, "bad_records": {}}
 
 
 def load_media(path: Path) -> MediaData:
