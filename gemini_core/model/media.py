@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemini_core.data.modality import MARKERS
 from gemini_core.model.options import MediaTable
 from gemini_core.scale.sharding import constrain
 
 # the encoders' input normalisation: Fashion-MNIST's pixel statistics on a 0-1 scale; audio
 # features are normalised per recording when the table is built
 PIXEL_MEAN, PIXEL_STD = 0.286, 0.353
-MARKERS = 4
 
 
 class MediaState(nnx.Variable):

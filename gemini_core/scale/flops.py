@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gemini_core.config import ModelConfig
+from gemini_core.data.modality import MARKERS
 
 # dense bf16 peaks (FLOP/s) per chip, by device_kind prefix: accelerator MFU is quoted against
 # these whatever the matmul dtype. CPU peaks are measured instead.
@@ -43,7 +44,7 @@ def media_params(cfg: ModelConfig) -> int:
         return 0
     D = cfg.d_model
     first = {t.encoder: t for t in reversed(cfg.media)}  # an encoder is built from its first
-    return 4 * D + sum(t.features * D + (2 * t.grid if t.modality == "image" else t.slots) * D
+    return MARKERS * D + sum(t.features * D + (2 * t.grid if t.modality == "image" else t.slots) * D
                        for t in first.values())
 
 
