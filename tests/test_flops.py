@@ -32,7 +32,8 @@ def test_peer_config_a_by_hand():
     assert block == 950_784
     assert non_embedding == 5_900_544  # what torch_lm.py prints for this config
     counts = flops.param_counts(PEER_A)
-    assert counts == {"total": 7_997_696, "embedding": embedding, "non_embedding": non_embedding}
+    assert counts == {"total": 7_997_696, "embedding": embedding, "non_embedding": non_embedding,
+                      "media": 0}  # a text model: no encoders
     assert nnx_param_count(PEER_A) == counts["total"]
 
     attention = 12 * L * H * K * T    # 3,145,728 per token: QK^T and AV, fwd + bwd
